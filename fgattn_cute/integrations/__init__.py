@@ -1,0 +1,1 @@
+"""Integrations (a diffusers attention processor, a torch.library custom op): not written yet."""
