@@ -1,0 +1,275 @@
+"""Compile the sm90 kernel once per static configuration; cache it in memory and on disk.
+
+Batch, heads, sequence lengths, the number of query tiles and the list capacity are dynamic
+(symbolic sizes and strides), so one compile serves every problem shape. The static key is
+(arch, head dim, dtype, q_tile, gather engine, tile_n, stages).
+
+On a machine without a GPU set CUTE_DSL_ARCH=sm_90a: compiling needs no GPU and no CUDA
+toolkit (the DSL wheel carries NVVM and ptxas). The disk cache holds the exported object of
+each compile under a directory named by a fingerprint of the kernel sources, the DSL and
+tvm-ffi versions and the Python version, so editing a kernel never loads a stale binary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+from collections import Counter
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+ENGINES = ("cpasync", "tma")
+DEFAULT_ENGINE = "cpasync"
+_EXPORT_NAME = "fgattn_fwd_sm90"
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Everything that is static in one compiled forward kernel."""
+
+    head_dim: int
+    dtype: str  # "bfloat16" or "float16"
+    q_tile: int = 128
+    engine: str = DEFAULT_ENGINE
+    tile_n: int = 128
+    num_stages: int = 2
+
+    def __post_init__(self):
+        if self.head_dim not in (64, 128):
+            raise ValueError(f"head_dim must be 64 or 128, got {self.head_dim}")
+        if self.dtype not in ("bfloat16", "float16"):
+            raise ValueError(f"dtype must be 'bfloat16' or 'float16', got {self.dtype!r}")
+        if self.q_tile not in (64, 128):
+            raise ValueError(f"q_tile must be 64 or 128, got {self.q_tile}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.tile_n not in (64, 128):
+            raise ValueError(f"tile_n must be 64 or 128, got {self.tile_n}")
+        if self.num_stages not in (2, 3, 4):
+            raise ValueError(f"num_stages must be 2, 3 or 4, got {self.num_stages}")
+
+
+def default_config(head_dim: int, dtype: str, q_tile: int, engine: str | None = None):
+    """The tile configuration used unless the caller names one."""
+    # hdim 128: Q 32 KiB + 2 stages x (K + V) 64 KiB; hdim 64 fits 3 stages in the same room.
+    stages = 2 if head_dim == 128 else 3
+    return KernelConfig(head_dim, dtype, q_tile, engine or DEFAULT_ENGINE, 128, stages)
+
+
+def all_configs():
+    """Every configuration the package ships (CI compiles each one)."""
+    return [
+        default_config(d, dt, qt, e)
+        for d in (64, 128)
+        for dt in ("bfloat16", "float16")
+        for qt in (128, 64)
+        for e in ENGINES
+    ]
+
+
+def target_arch() -> str:
+    """sm_90a from CUTE_DSL_ARCH, else from the current CUDA device."""
+    arch = os.environ.get("CUTE_DSL_ARCH")
+    if arch:
+        return arch
+    import torch
+
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return f"sm_{major}{minor}a"
+    raise RuntimeError(
+        "no CUDA device to compile for: set CUTE_DSL_ARCH=sm_90a to compile without a GPU"
+    )
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
+
+
+@lru_cache(maxsize=1)
+def source_fingerprint() -> str:
+    """Hash of the kernel sources and the toolchain that turns them into machine code."""
+    h = hashlib.sha256()
+    kernels = Path(__file__).resolve().parent.parent / "kernels"
+    for path in sorted(kernels.glob("*.py")) + [Path(__file__).resolve()]:
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    for dist in ("nvidia-cutlass-dsl", "apache-tvm-ffi"):
+        h.update(f"{dist}={_version(dist)}".encode())
+    h.update(f"py{sys.version_info.major}.{sys.version_info.minor}".encode())
+    return h.hexdigest()[:16]
+
+
+def cache_dir() -> Path | None:
+    """On-disk cache location (FGATTN_CACHE_DIR; FGATTN_CACHE_DIR=off disables it)."""
+    root = os.environ.get("FGATTN_CACHE_DIR")
+    if root == "off":
+        return None
+    base = Path(root) if root else Path(tempfile.gettempdir()) / "fgattn_cute_cache"
+    return base / source_fingerprint()
+
+
+def _fake_args(config: KernelConfig):
+    """Fake tensors with symbolic sizes and strides, in the order the kernel takes them."""
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass import Float32, Int32
+
+    dtype = {"bfloat16": cutlass.BFloat16, "float16": cutlass.Float16}[config.dtype]
+    b, h, seqlen_q, seqlen_k = (cute.sym_int32() for _ in range(4))
+    n_q_tiles, capacity = cute.sym_int32(), cute.sym_int32()
+
+    def tokens(seqlen):
+        # [B, S, H, D]: any strides that keep 16-byte alignment, head dim contiguous.
+        stride = tuple(cute.sym_int64(divisibility=8) for _ in range(3)) + (1,)
+        shape = (b, seqlen, h, config.head_dim)
+        return cute.runtime.make_fake_tensor(dtype, shape, stride=stride, assumed_align=16)
+
+    def compact(dt, shape, align):
+        order = tuple(reversed(range(len(shape))))
+        return cute.runtime.make_fake_compact_tensor(
+            dt, shape, stride_order=order, assumed_align=align
+        )
+
+    return (
+        tokens(seqlen_q),
+        tokens(seqlen_k),
+        tokens(seqlen_k),
+        tokens(seqlen_q),
+        compact(Float32, (b, h, seqlen_q), 4),
+        compact(Int32, (b, h, n_q_tiles, capacity), 16),
+        compact(Int32, (b, h, n_q_tiles), 4),
+        Float32(1.0),
+        cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
+    )
+
+
+def _build(config: KernelConfig, arch: str):
+    """Trace and compile one configuration (seconds)."""
+    os.environ.setdefault("CUTE_DSL_ARCH", arch)
+    import cutlass
+    import cutlass.cute as cute
+
+    from fgattn_cute.kernels.fg_fwd_sm90 import FgAttentionForwardSm90
+
+    dtype = {"bfloat16": cutlass.BFloat16, "float16": cutlass.Float16}[config.dtype]
+    kernel = FgAttentionForwardSm90(
+        dtype,
+        config.head_dim,
+        q_tile=config.q_tile,
+        tile_n=config.tile_n,
+        num_stages=config.num_stages,
+        engine=config.engine,
+    )
+    return cute.compile(kernel, *_fake_args(config), options="--enable-tvm-ffi")
+
+
+def _key_name(config: KernelConfig, arch: str) -> str:
+    fields = "-".join(f"{v}" for v in asdict(config).values())
+    return f"{arch}-{fields}"
+
+
+_memory_cache: dict = {}
+_lock = threading.Lock()
+
+
+def compile_fwd(config: KernelConfig, arch: str | None = None):
+    """The compiled kernel for `config`: from memory, else from disk, else compiled now."""
+    arch = arch or target_arch()
+    key = (arch, config)
+    fn = _memory_cache.get(key)
+    if fn is not None:
+        return fn
+    with _lock:
+        fn = _memory_cache.get(key)
+        if fn is None:
+            fn = _load_from_disk(config, arch)
+        if fn is None:
+            compiled = _build(config, arch)
+            _save_to_disk(compiled, config, arch)
+            fn = compiled
+        _memory_cache[key] = fn
+    return fn
+
+
+def _load_from_disk(config: KernelConfig, arch: str):
+    root = cache_dir()
+    if root is None:
+        return None
+    path = root / f"{_key_name(config, arch)}.o"
+    if not path.is_file():
+        return None
+    try:
+        import cutlass.cute as cute
+
+        module = cute.runtime.load_module(str(path), enable_tvm_ffi=True)
+        return getattr(module, _EXPORT_NAME)
+    except Exception:  # a truncated or foreign entry is a miss: recompile and replace it
+        return None
+
+
+def _save_to_disk(compiled, config: KernelConfig, arch: str) -> None:
+    root = cache_dir()
+    if root is None:
+        return
+    final = root / f"{_key_name(config, arch)}.o"
+    tmp = root / f".{final.name}.{os.getpid()}.tmp.o"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        compiled.export_to_c(object_file_path=str(tmp), function_name=_EXPORT_NAME)
+        os.replace(tmp, final)
+    except Exception:
+        # The disk cache is an optimisation; the in-memory compile is still good.
+        tmp.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------ machine-code inspection
+def _nvdisasm() -> str:
+    try:
+        import nvidia.cu13  # noqa: F401  (the nvidia-cuda-nvdisasm wheel)
+    except ImportError:
+        pass
+    import nvidia
+
+    for root in nvidia.__path__:
+        for sub in ("cu13/bin/nvdisasm", "cuda_nvdisasm/bin/nvdisasm"):
+            path = Path(root) / sub
+            if path.is_file():
+                return str(path)
+    raise FileNotFoundError("nvdisasm not found: pip install 'nvidia-cuda-nvdisasm>=13.4,<14'")
+
+
+def sass_of(config: KernelConfig, arch: str = "sm_90a") -> str:
+    """Disassembly of a fresh compile of `config` (not the cache: the cubin is needed)."""
+    os.environ.setdefault("CUTE_DSL_ARCH", arch)
+    compiled = _build(config, arch)
+    cubin = compiled.artifacts.CUBIN
+    if isinstance(cubin, str):
+        cubin = Path(cubin).read_bytes()
+    if not cubin:
+        raise RuntimeError("the compile kept no cubin: set CUTE_DSL_KEEP=cubin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run(
+            [_nvdisasm(), "-c", f.name], capture_output=True, text=True, check=True
+        ).stdout
+
+
+def sass_histogram(sass: str) -> Counter:
+    """Counts of the instructions that tell whether the kernel is built as intended."""
+    pattern = (
+        r"\b(HGMMA\.[\w.]+|UTMALDG[\w.]*|UTMASTG[\w.]*|LDGSTS[\w.]*|LDL[\w.]*|STL[\w.]*"
+        r"|ARRIVES[\w.]*|USETMAXREG[\w.]*)"
+    )
+    return Counter(re.findall(pattern, sass))

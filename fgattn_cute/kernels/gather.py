@@ -1,0 +1,169 @@
+"""Gather engines: copy the K/V rows named by a key list into packed, 128B-swizzled smem tiles.
+
+Both engines fill one stage of `tile_n` rows x `head_dim` columns per call, row r of the stage
+holding key `indices[base + r]`, in the K-major layout that wgmma reads (8 x 64-element
+swizzle atoms, 64-column chunks one after another). Slots past the list's count are padding.
+
+- TmaRowGather: one bulk tensor copy per (row, 64-column chunk), from a TMA descriptor whose box
+  is a single row. The hardware applies the 128B swizzle from the absolute shared-memory
+  address, so each row may land at any 128-byte aligned offset of a 1024-byte aligned tile.
+  Padding rows use coordinate -1: out of range, zero-filled, and still counted in the bytes.
+- CpAsyncGather: 16 bytes per thread, 8 threads per 128-byte chunk of a row, all 128 producer
+  threads; row addresses formed in 64 bits. Padding slots read row 0 (any valid row would do:
+  the consumer masks them to -inf before the softmax).
+
+Each lane loads the index of one row with a coalesced load and hands it to the lanes that copy
+that row with a warp shuffle, so no copy waits on its own global load.
+"""
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Int32, Int64, const_expr
+from cutlass.cute.nvgpu import cpasync
+
+WARP = 32
+CHUNK = 64  # elements per 128-byte row chunk for 16-bit types
+
+
+class TmaRowGather:
+    """Row gather with one-row TMA boxes, issued by the lanes of `num_warps` producer warps."""
+
+    def __init__(self, tile_n: int, head_dim: int, dtype, num_warps: int = 4):
+        assert tile_n % (num_warps * WARP) == 0 or tile_n == num_warps * WARP // 2
+        self.tile_n = tile_n
+        self.head_dim = head_dim
+        self.num_chunks = head_dim // CHUNK
+        self.num_warps = num_warps
+        self.rows_per_warp = tile_n // num_warps
+        self.stage_bytes = tile_n * head_dim * dtype.width // 8
+
+    @staticmethod
+    def make_atom(mX: cute.Tensor, swizzle):
+        """TMA atom and coordinate tensor for one-row boxes of 64 columns over (S, D, H, B)."""
+        row_box = cute.make_composed_layout(swizzle, 0, cute.make_layout((1, CHUNK), stride=(CHUNK, 1)))
+        return cpasync.make_tiled_tma_atom(
+            cpasync.CopyBulkTensorTileG2SOp(), mX, row_box, (1, CHUNK)
+        )
+
+    def partition(self, atom, gX: cute.Tensor, sX: cute.Tensor):
+        """Per-(row, chunk) views: gmem coordinates (box, S, D/64) and smem (box, tile_n, D/64, stage).
+
+        gX: (S, D) coordinate tensor of one (head, batch); sX: (tile_n, D, stages) swizzled tile.
+        """
+        g_rows = cute.flat_divide(gX, (1, CHUNK))  # (1, 64, S, D/64)
+        # Rebuild the stage tile as (1, 64, row, chunk, stage) on the swizzled pointer: row r,
+        # chunk c starts at element r * 64 + c * tile_n * 64 of the stage (8 x 64 atoms, rows
+        # first), which is exactly where the swizzle-by-address of the hardware expects it.
+        stage_elems = self.tile_n * self.head_dim
+        s_rows_layout = cute.make_layout(
+            (1, CHUNK, self.tile_n, self.num_chunks, cute.size(sX, mode=[2])),
+            stride=(CHUNK, 1, CHUNK, self.tile_n * CHUNK, stage_elems),
+        )
+        s_rows = cute.make_tensor(sX.iterator, s_rows_layout)
+        s_part, g_part = cpasync.tma_partition(
+            atom,
+            0,
+            cute.make_layout(1),
+            cute.group_modes(s_rows, 0, 2),
+            cute.group_modes(g_rows, 0, 2),
+        )
+        return g_part, s_part
+
+    @cute.jit
+    def load_stage(
+        self,
+        atom: cute.CopyAtom,
+        g_part: cute.Tensor,
+        s_part: cute.Tensor,
+        indices: cute.Tensor,
+        first_slot: Int32,
+        count: Int32,
+        stage: Int32,
+        full_barrier: cute.Pointer,
+        warp: Int32,
+        lane: Int32,
+    ):
+        """Issue the copies of this warp's rows of one stage onto `full_barrier`."""
+        slot = first_slot + warp * self.rows_per_warp + lane
+        row_index = Int32(-1)
+        if slot < count:
+            row_index = indices[slot]
+        for r in cutlass.range_constexpr(self.rows_per_warp):
+            key = cute.arch.shuffle_sync(row_index, r)
+            for c in cutlass.range_constexpr(self.num_chunks):
+                cute.copy(
+                    atom,
+                    g_part[None, key, c],
+                    s_part[None, warp * self.rows_per_warp + r, c, stage],
+                    tma_bar_ptr=full_barrier,
+                )
+
+
+class CpAsyncGather:
+    """Row gather with 16-byte cp.async copies from all 128 producer threads."""
+
+    def __init__(self, tile_n: int, head_dim: int, dtype, num_threads: int = 128):
+        self.tile_n = tile_n
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.num_threads = num_threads
+        self.elems_per_copy = 128 // dtype.width
+        self.threads_per_chunk = CHUNK // self.elems_per_copy  # 8
+        self.rows_per_pass = num_threads // self.threads_per_chunk  # 16
+        self.passes = tile_n // self.rows_per_pass
+        # The index hand-off below gives each warp 4 rows per pass and one index per lane.
+        assert num_threads == 128 and self.threads_per_chunk == 8 and self.passes <= 8
+
+    def tiled_copy(self) -> cute.TiledCopy:
+        """(16 rows x 8 threads) of 16-byte cp.async copies; built inside the jit trace."""
+        atom = cute.make_copy_atom(
+            cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL),
+            self.dtype,
+            num_bits_per_copy=128,
+        )
+        thread_layout = cute.make_ordered_layout(
+            (self.rows_per_pass, self.threads_per_chunk), order=(1, 0)
+        )
+        return cute.make_tiled_copy_tv(
+            atom, thread_layout, cute.make_layout((1, self.elems_per_copy))
+        )
+
+    @cute.jit
+    def load_stage(
+        self,
+        mX: cute.Tensor,
+        sX_stage: cute.Tensor,
+        indices: cute.Tensor,
+        first_slot: Int32,
+        count: Int32,
+        tidx: Int32,
+    ):
+        """Issue this thread's copies of one stage. mX: (S, D) of one (head, batch)."""
+        tiled_copy = self.tiled_copy()
+        thr_copy = tiled_copy.get_slice(tidx)
+        tXsX = thr_copy.partition_D(sX_stage)  # (CPY, passes, chunks)
+        tXcX = thr_copy.partition_S(cute.make_identity_tensor((self.tile_n, self.head_dim)))
+        warp = tidx // WARP
+        lane = tidx % WARP
+        # Thread t copies row 16 p + t // 8 in pass p, so warp w covers rows 16 p + 4 w + j
+        # (j < 4): lane 4 p + j of the same warp loads that row's index.
+        row_in_tile = self.rows_per_pass * (lane // 4) + 4 * warp + lane % 4
+        slot = first_slot + row_in_tile
+        row_index = Int32(0)
+        if row_in_tile < self.tile_n and slot < count:
+            row_index = indices[slot]
+        base_addr = mX.iterator.toint()
+        row_bytes = Int64(mX.layout.stride[0]) * (self.dtype.width // 8)
+        col_bytes = tXcX[0, 0, 0][1] * (self.dtype.width // 8)
+        for p in cutlass.range_constexpr(self.passes):
+            key = cute.arch.shuffle_sync(row_index, 4 * p + lane // self.threads_per_chunk)
+            row_addr = base_addr + Int64(key) * row_bytes + Int64(col_bytes)
+            for c in cutlass.range_constexpr(cute.size(tXsX, mode=[2])):
+                src_ptr = cute.make_ptr(
+                    self.dtype,
+                    row_addr + c * CHUNK * (self.dtype.width // 8),
+                    cute.AddressSpace.gmem,
+                    assumed_align=16,
+                )
+                src = cute.make_tensor(src_ptr, tXsX[None, p, c].layout)
+                cute.copy(tiled_copy, src, tXsX[None, p, c])

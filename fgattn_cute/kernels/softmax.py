@@ -1,0 +1,78 @@
+"""Online softmax over wgmma accumulators, in base 2 with the softmax scale folded in.
+
+Each thread of a consumer warpgroup holds 2 rows of the 64-row tile (rows r and r + 8 of its
+warp's 16) and a quarter of each row's columns; the 4 threads of a quad share a row, so row
+reductions finish with two butterfly shuffles.
+"""
+
+import math
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32
+
+from fgattn_cute.kernels.carry import DslCarried
+from fgattn_cute.kernels.layout import acc_rows_cols
+
+LN2 = math.log(2.0)
+
+
+class OnlineSoftmax(DslCarried):
+    """Running row max and row sum of exp2(scale_log2 * s - scale_log2 * max)."""
+
+    _dsl_fields = ("scale_log2", "row_max", "row_sum")
+
+    def __init__(self, scale_log2: Float32, num_rows: int):
+        self.scale_log2 = scale_log2
+        self.num_rows = num_rows
+        self.row_max = cute.make_rmem_tensor(num_rows, Float32)
+        self.row_sum = cute.make_rmem_tensor(num_rows, Float32)
+        self.row_max.fill(-Float32.inf)
+        self.row_sum.fill(0.0)
+
+    @cute.jit
+    def step(self, acc_S: cute.Tensor) -> cute.Tensor:
+        """Turn scores into unnormalised probabilities in place; return the factor for O."""
+        s_rc = acc_rows_cols(acc_S)
+        rescale = cute.make_rmem_tensor(self.num_rows, Float32)
+        for r in cutlass.range_constexpr(self.num_rows):
+            row = s_rc[r, None].load()
+            new_max = row.reduce(cute.ReductionOp.MAX, self.row_max[r], 0)
+            new_max = cute.arch.warp_reduction_max(new_max, threads_in_group=4)
+            # A row that has seen only masked (-inf) scores keeps max -inf: subtract 0 instead,
+            # so exp2(-inf) = 0 rather than exp2(nan).
+            safe_max = new_max if new_max != -Float32.inf else Float32(0.0)
+            max_scaled = safe_max * self.scale_log2
+            probs = cute.math.exp2(row * self.scale_log2 - max_scaled, fastmath=True)
+            rescale[r] = cute.math.exp2(
+                (self.row_max[r] - safe_max) * self.scale_log2, fastmath=True
+            )
+            self.row_sum[r] = probs.reduce(
+                cute.ReductionOp.ADD, self.row_sum[r] * rescale[r], 0
+            )
+            self.row_max[r] = new_max
+            s_rc[r, None].store(probs)
+        return rescale
+
+    @cute.jit
+    def finish(self) -> cute.Tensor:
+        """Sum the quad's partial row sums; return 1 / row_sum (0 for empty rows).
+
+        Afterwards row_sum holds the natural-log LSE of each row (-inf for empty rows).
+        """
+        inv_sum = cute.make_rmem_tensor(self.num_rows, Float32)
+        for r in cutlass.range_constexpr(self.num_rows):
+            total = cute.arch.warp_reduction_sum(self.row_sum[r], threads_in_group=4)
+            empty = total == 0.0 or total != total
+            inv_sum[r] = Float32(0.0) if empty else cute.arch.rcp_approx(total)
+            lse = (self.row_max[r] * self.scale_log2 + cute.math.log2(total, fastmath=True)) * LN2
+            self.row_sum[r] = -Float32.inf if empty else lse
+        return inv_sum
+
+
+@cute.jit
+def scale_rows(acc: cute.Tensor, factor: cute.Tensor):
+    """Multiply each accumulator row of this thread by factor[row]."""
+    acc_rc = acc_rows_cols(acc)
+    for r in cutlass.range_constexpr(cute.size(factor)):
+        acc_rc[r, None].store(acc_rc[r, None].load() * factor[r])
