@@ -29,14 +29,12 @@ def lists_from_mask(mask):
 
 
 def block_to_key_mask(block_mask, k_block, seqlen_k):
-    B, H, T, _ = block_mask.shape
-    mask = torch.zeros(B, H, T, seqlen_k, dtype=torch.bool)
-    for b in range(B):
-        for h in range(H):
-            for t in range(T):
-                for j in range(seqlen_k):
-                    mask[b, h, t, j] = bool(block_mask[b, h, t, j // k_block])
-    return mask
+    rows = block_mask.tolist()
+    return torch.tensor(
+        [[[[row[j // k_block] for j in range(seqlen_k)] for row in head] for head in batch]
+         for batch in rows],
+        dtype=torch.bool,
+    ).reshape(*block_mask.shape[:3], seqlen_k)
 
 
 def assert_index_matches(index, lists, capacity=None):
