@@ -63,6 +63,30 @@ def _check_cute_supported(q, index):
         )
 
 
+def _check_cute_layout(q, k, v, index):
+    """Raise ValueError unless the tensors have the layout the kernel loads: q, k, v with
+    16-byte aligned data and strides (other than the head dim's 1) that are multiples of 16 bytes
+    (TMA and cp.async move 16-byte pieces); index tensors contiguous."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        step = 16 // t.element_size()
+        if any(s % step for s in t.stride()[:3]):
+            raise ValueError(
+                f"{name}: expected strides of [B, S, H] that are multiples of 16 bytes "
+                f"({step} elements) for backend='cute', got strides {tuple(t.stride())}"
+            )
+        if t.data_ptr() % 16:
+            raise ValueError(
+                f"{name}: expected a 16-byte aligned data pointer for backend='cute', got "
+                f"address {t.data_ptr():#x}"
+            )
+    for name, t in (("index.indices", index.indices), ("index.counts", index.counts)):
+        if not t.is_contiguous():
+            raise ValueError(
+                f"{name}: expected a contiguous tensor for backend='cute', got strides "
+                f"{tuple(t.stride())} for shape {tuple(t.shape)}"
+            )
+
+
 def _choose_backend(backend, device):
     if backend != "auto":
         return backend
@@ -121,6 +145,7 @@ def sparse_attention(q, k, v, index, softmax_scale=None, return_lse=False, backe
     chosen = _choose_backend(backend, q.device)
     if chosen == "cute":
         _check_cute_supported(q, index)
+        _check_cute_layout(q, k, v, index)
     index.validate("index.")  # contents, once per untrusted index (one host sync)
 
     if chosen == "reference":

@@ -390,3 +390,41 @@ def test_return_lse_type():
     q, k, v = _qkv()
     with pytest.raises(TypeError, match=r"^return_lse: expected a bool"):
         fg.sparse_attention(q, k, v, _index()[0], return_lse=1)
+
+
+# ------------------------------------------------------------------------- cute layout
+
+
+def test_cute_layout_accepts_builder_output_and_fused_qkv():
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(B, SQ, 3, H, D, generator=gen).to(torch.bfloat16)
+    q, k, v = qkv.unbind(2)
+    index, _ = _index(sk=SQ)
+    interface._check_cute_layout(q, k, v, index)
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+def test_cute_layout_stride_not_16_bytes(which):
+    args = dict(zip("qkv", _qkv(), strict=True))
+    t = args[which]
+    wide = torch.zeros(*t.shape[:3], D + 1, dtype=t.dtype)
+    args[which] = wide[..., :D]  # row stride D + 1 elements: not a multiple of 16 bytes
+    with pytest.raises(ValueError, match=rf"^{which}: expected strides .* multiples of 16 bytes"):
+        interface._check_cute_layout(args["q"], args["k"], args["v"], _index()[0])
+
+
+def test_cute_layout_misaligned_pointer():
+    q, k, v = _qkv()
+    flat = torch.zeros(q.numel() + 8, dtype=q.dtype)
+    q = flat[1 : q.numel() + 1].view(q.shape)  # 2-byte offset
+    with pytest.raises(ValueError, match=r"^q: expected a 16-byte aligned data pointer"):
+        interface._check_cute_layout(q, k, v, _index()[0])
+
+
+def test_cute_layout_index_not_contiguous():
+    q, k, v = _qkv()
+    index = _index()[0]
+    wide = torch.zeros(*index.indices.shape[:3], 256, dtype=torch.int32)
+    index.indices = wide[..., :128]
+    with pytest.raises(ValueError, match=r"^index\.indices: expected a contiguous tensor"):
+        interface._check_cute_layout(q, k, v, index)
