@@ -428,3 +428,13 @@ def test_cute_layout_index_not_contiguous():
     index.indices = wide[..., :128]
     with pytest.raises(ValueError, match=r"^index\.indices: expected a contiguous tensor"):
         interface._check_cute_layout(q, k, v, index)
+
+
+def test_cute_path_validates_untrusted_index_before_launch(monkeypatch):
+    q, k, v = _qkv()
+    index = _untrusted(_index()[0])
+    index.indices[0, 0, 1, 0] = SK
+    monkeypatch.setattr(interface, "_is_hopper", lambda device: True)
+    monkeypatch.setattr(interface, "_cute_forward", lambda *a: pytest.fail("launched"))
+    with pytest.raises(ValueError, match=r"^index\.indices: .*index\.indices\[0, 0, 1, 0\]"):
+        fg.sparse_attention(q, k, v, index, backend="cute")
