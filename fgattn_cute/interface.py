@@ -19,6 +19,7 @@ BACKENDS = ("auto", "cute", "reference")
 CUTE_HEAD_DIMS = (64, 128)
 CUTE_Q_TILES = (64, 128)
 CUTE_DTYPES = (torch.bfloat16, torch.float16)
+ENGINES = ("cpasync", "tma", "hybrid")  # fgattn_cute.host.compile.ENGINES, without its import
 
 
 def _device_capability(device):
@@ -101,13 +102,20 @@ def _choose_backend(backend, device):
     )
 
 
-def _cute_forward(q, k, v, index, softmax_scale, return_lse):
+def _cute_forward(q, k, v, index, softmax_scale, return_lse, engine=None):
     """Run the sm90 kernel on validated inputs. Returns (out in q's dtype [B, Sq, H, D], lse
     float32 [B, H, Sq] or None when not return_lse)."""
-    raise NotImplementedError("the sm90 kernel has not landed yet")
+    from .host.launch import run_fwd_sm90
+
+    out, lse = run_fwd_sm90(
+        q, k, v, index.indices, index.counts, index.q_tile, softmax_scale, engine=engine
+    )
+    return out, (lse if return_lse else None)
 
 
-def sparse_attention(q, k, v, index, softmax_scale=None, return_lse=False, backend="auto"):
+def sparse_attention(
+    q, k, v, index, softmax_scale=None, return_lse=False, backend="auto", *, engine=None
+):
     """Fine-grained (M x 1) sparse attention.
 
     For every query q in tile t = q // index.q_tile, attend to the keys listed in
@@ -137,12 +145,16 @@ def sparse_attention(q, k, v, index, softmax_scale=None, return_lse=False, backe
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if engine is not None and engine not in ENGINES:
+        raise ValueError(f"engine: expected None or one of {ENGINES}, got {engine!r}")
     if backend == "reference":
         dtypes, note = (torch.bfloat16, torch.float16, torch.float32), ""
     else:
         dtypes, note = CUTE_DTYPES, " (torch.float32 only with backend='reference')"
     scale = _checks.check_all(q, k, v, index, softmax_scale, return_lse, dtypes, note)
     chosen = _choose_backend(backend, q.device)
+    if engine is not None and chosen != "cute":
+        raise ValueError(f"engine: only the CuTe kernel has gather engines, got backend {chosen!r}")
     if chosen == "cute":
         _check_cute_supported(q, index)
         _check_cute_layout(q, k, v, index)
@@ -153,5 +165,5 @@ def sparse_attention(q, k, v, index, softmax_scale=None, return_lse=False, backe
         if return_lse:
             return res[0].to(q.dtype), res[1]
         return res.to(q.dtype)
-    out, lse = _cute_forward(q, k, v, index, scale, return_lse)
+    out, lse = _cute_forward(q, k, v, index, scale, return_lse, engine)
     return (out, lse) if return_lse else out

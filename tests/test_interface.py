@@ -88,13 +88,13 @@ def test_trusted_index_contents_are_not_rechecked(monkeypatch):
 
 def test_cute_backend_dispatches_to_cute_forward(monkeypatch):
     """On a (pretend) Hopper GPU, backend auto and cute call _cute_forward with the resolved
-    scale; the placeholder raises NotImplementedError until the kernel lands."""
+    scale and the engine."""
     q, k, v = _qkv()
     index, _ = _index()
     monkeypatch.setattr(interface, "_is_hopper", lambda device: True)
     seen = []
 
-    def fake(q_, k_, v_, index_, scale, return_lse):
+    def fake(q_, k_, v_, index_, scale, return_lse, engine=None):
         seen.append((scale, return_lse))
         return torch.zeros_like(q_), torch.zeros(B, H, SQ) if return_lse else None
 
@@ -108,19 +108,13 @@ def test_cute_backend_dispatches_to_cute_forward(monkeypatch):
     assert interface._choose_backend("auto", torch.device("cuda", 0)) == "cute"
 
 
-def test_cute_forward_placeholder_raises_not_implemented(monkeypatch):
-    """Until the sm90 kernel lands, the cute path says so; retires itself once it has."""
+def test_engine_argument_is_checked(monkeypatch):
     q, k, v = _qkv()
     index, _ = _index()
-    monkeypatch.setattr(interface, "_is_hopper", lambda device: True)
-    try:
-        fg.sparse_attention(q, k, v, index, backend="cute")
-    except NotImplementedError as e:
-        assert "has not landed" in str(e)
-    except Exception:
-        pytest.skip("the sm90 kernel has landed (it cannot run on CPU tensors)")
-    else:
-        pytest.skip("the sm90 kernel has landed")
+    with pytest.raises(ValueError, match="engine"):
+        fg.sparse_attention(q, k, v, index, engine="warp")
+    with pytest.raises(ValueError, match="engine"):
+        fg.sparse_attention(q, k, v, index, backend="reference", engine="tma")
 
 
 # ------------------------------------------------------------------------- backend errors

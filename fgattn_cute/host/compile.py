@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
-ENGINES = ("cpasync", "tma")
+ENGINES = ("cpasync", "tma", "hybrid")
 DEFAULT_ENGINE = "cpasync"
 _EXPORT_NAME = "fgattn_fwd_sm90"
 

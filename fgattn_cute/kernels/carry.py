@@ -23,7 +23,7 @@ class DslCarried:
     def __new_from_mlir_values__(self, values):
         rebuilt = copy.copy(self)
         start = 0
-        for name, size in zip(self._dsl_fields, self._dsl_sizes):
+        for name, size in zip(self._dsl_fields, self._dsl_sizes, strict=True):
             field = cutlass.new_from_mlir_values(getattr(self, name), values[start : start + size])
             setattr(rebuilt, name, field)
             start += size

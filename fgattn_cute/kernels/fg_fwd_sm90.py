@@ -38,8 +38,9 @@ LOG2_E = math.log2(math.e)
 WARPGROUP = 128
 # Named hardware barriers (0 is __syncthreads).
 BARRIER_EPILOGUE = 1
+BARRIER_SCHED = 2  # and 3: one per consumer warpgroup
 
-Engine = Literal["tma", "cpasync"]
+Engine = Literal["cpasync", "tma", "hybrid"]
 
 
 class FgAttentionForwardSm90:
@@ -62,8 +63,8 @@ class FgAttentionForwardSm90:
             raise ValueError(f"q_tile must be 64 or 128, got {q_tile}")
         if tile_n not in (64, 128):
             raise ValueError(f"tile_n must be 64 or 128, got {tile_n}")
-        if engine not in ("tma", "cpasync"):
-            raise ValueError(f"engine must be 'tma' or 'cpasync', got {engine!r}")
+        if engine not in ("cpasync", "tma", "hybrid"):
+            raise ValueError(f"engine must be 'cpasync', 'tma' or 'hybrid', got {engine!r}")
         self.dtype = dtype
         self.head_dim = head_dim
         self.tile_m = q_tile
@@ -75,16 +76,23 @@ class FgAttentionForwardSm90:
         self.num_threads = self.num_mma_threads + WARPGROUP
         # Producer registers go to the consumers. The gather keeps a warp's row indices live
         # (one per lane, shuffled per copy), so it gets 40 rather than FA3's 24.
+        # The hybrid engine keeps a key per lane for each of its two gathers: 56.
         if self.num_mma_wg == 1:
             self.producer_regs, self.mma_regs = 56, 256
+        elif engine == "hybrid":
+            self.producer_regs, self.mma_regs = 56, 224
         else:
             self.producer_regs, self.mma_regs = 40, 232
-        self.tma_gather = TmaRowGather(tile_n, head_dim, dtype) if engine == "tma" else None
-        self.cp_gather = CpAsyncGather(tile_n, head_dim, dtype) if engine == "cpasync" else None
+        # How each tensor's rows are gathered: "hybrid" takes K by TMA rows and V by cp.async,
+        # two different hardware paths working side by side.
+        self.k_method = "tma" if engine in ("tma", "hybrid") else "cpasync"
+        self.v_method = "tma" if engine == "tma" else "cpasync"
+        self.tma_gather = TmaRowGather(tile_n, head_dim, dtype)
+        self.cp_gather = CpAsyncGather(tile_n, head_dim, dtype)
         self.stage_bytes = tile_n * head_dim * dtype.width // 8
         self.q_bytes = q_tile * head_dim * dtype.width // 8
         smem = self.q_bytes + 2 * num_stages * self.stage_bytes + 1024
-        if smem > 227 * 1024:
+        if smem > 232448:
             raise ValueError(f"{num_stages} stages need {smem} bytes of shared memory (> 227 KiB)")
 
     # ---------------------------------------------------------------- host side
@@ -146,10 +154,17 @@ class FgAttentionForwardSm90:
         tma_atom_O, tma_O = cpasync.make_tiled_tma_atom(
             cpasync.CopyBulkTensorTileS2GOp(), mO, sQ_layout, (self.tile_m, self.head_dim)
         )
-        tma_atom_K, tma_K, tma_atom_V, tma_V = None, None, None, None
-        if const_expr(self.engine == "tma"):
-            tma_atom_K, tma_K = TmaRowGather.make_atom(mK, sKV_layout.inner)
-            tma_atom_V, tma_V = TmaRowGather.make_atom(mV, sKV_layout.inner)
+        # Row boxes for gathering; whole (tile_n, D) boxes for stages whose keys are one
+        # contiguous run (dense lists, block masks), which then cost one copy per stage.
+        sKV_stage = cute.select(sKV_layout, mode=[0, 1])
+        atom_K_row, tma_K_row = TmaRowGather.make_atom(mK, sKV_layout.inner)
+        atom_V_row, tma_V_row = TmaRowGather.make_atom(mV, sKV_layout.inner)
+        atom_K_tile, tma_K_tile = cpasync.make_tiled_tma_atom(
+            cpasync.CopyBulkTensorTileG2SOp(), mK, sKV_stage, (self.tile_n, self.head_dim)
+        )
+        atom_V_tile, tma_V_tile = cpasync.make_tiled_tma_atom(
+            cpasync.CopyBulkTensorTileG2SOp(), mV, sKV_stage, (self.tile_n, self.head_dim)
+        )
 
         stages = self.num_stages
 
@@ -172,15 +187,15 @@ class FgAttentionForwardSm90:
         grid = (n_q_tiles, cute.size(mQ.shape[2]), cute.size(mQ.shape[3]))
         self.kernel(
             tma_Q,
-            mK if const_expr(self.engine == "cpasync") else tma_K,
-            mV if const_expr(self.engine == "cpasync") else tma_V,
+            mK,
+            mV,
+            (tma_K_row, tma_K_tile, tma_V_row, tma_V_tile),
             tma_O,
             mLSE,
             mIndices,
             mCounts,
             tma_atom_Q,
-            tma_atom_K,
-            tma_atom_V,
+            (atom_K_row, atom_K_tile, atom_V_row, atom_V_tile),
             tma_atom_O,
             Float32(softmax_scale * LOG2_E),
             cute.size(mQ.shape[0]),
@@ -204,13 +219,13 @@ class FgAttentionForwardSm90:
         mQ: cute.Tensor,
         mK: cute.Tensor,
         mV: cute.Tensor,
+        tma_KV: tuple,
         mO: cute.Tensor,
         mLSE: cute.Tensor,
         mIndices: cute.Tensor,
         mCounts: cute.Tensor,
         tma_atom_Q: cute.CopyAtom,
-        tma_atom_K: cute.CopyAtom | None,
-        tma_atom_V: cute.CopyAtom | None,
+        atoms_KV: tuple,
         tma_atom_O: cute.CopyAtom,
         scale_log2: Float32,
         seqlen_q: Int32,
@@ -225,9 +240,8 @@ class FgAttentionForwardSm90:
         if warp_idx == 0:
             cpasync.prefetch_descriptor(tma_atom_Q)
             cpasync.prefetch_descriptor(tma_atom_O)
-            if const_expr(self.engine == "tma"):
-                cpasync.prefetch_descriptor(tma_atom_K)
-                cpasync.prefetch_descriptor(tma_atom_V)
+            for atom in atoms_KV:
+                cpasync.prefetch_descriptor(atom)
 
         smem = cutlass.utils.SmemAllocator()
         storage = smem.allocate(SharedStorage)
@@ -236,12 +250,11 @@ class FgAttentionForwardSm90:
         ring_v = StageRing(storage.bar_v.data_ptr(), self.num_stages)
         if warp_idx == 0:
             with cute.arch.elect_one():
-                # TMA: one expect-tx arrival per fill; cp.async: one arrival per producer thread.
-                full_arrivals = 1 if const_expr(self.engine == "tma") else WARPGROUP
+                # TMA rows: one expect-tx arrival per fill; cp.async: one per producer thread.
                 empty_arrivals = self.num_mma_threads // 32
                 cute.arch.mbarrier_init(bar_q, 1)
-                ring_k.init(full_arrivals, empty_arrivals)
-                ring_v.init(full_arrivals, empty_arrivals)
+                ring_k.init(self.full_arrivals(self.k_method), empty_arrivals)
+                ring_v.init(self.full_arrivals(self.v_method), empty_arrivals)
         cute.arch.mbarrier_init_fence()
         cute.arch.barrier()
 
@@ -254,7 +267,7 @@ class FgAttentionForwardSm90:
         if warp_idx < 4:
             cute.arch.setmaxregister_decrease(self.producer_regs)
             self.produce(
-                mQ, mK, mV, sQ, sK, sV, tma_atom_Q, tma_atom_K, tma_atom_V,
+                mQ, mK, mV, tma_KV, sQ, sK, sV, tma_atom_Q, atoms_KV,
                 bar_q, ring_k, ring_v, indices, count, m_block, head, batch,
             )
         else:
@@ -264,18 +277,21 @@ class FgAttentionForwardSm90:
                 count, scale_log2, seqlen_q, m_block, head, batch,
             )
 
+    def full_arrivals(self, method: str) -> int:
+        return 1 if method == "tma" else WARPGROUP
+
     @cute.jit
     def produce(
         self,
         mQ: cute.Tensor,
         mK: cute.Tensor,
         mV: cute.Tensor,
+        tma_KV: tuple,
         sQ: cute.Tensor,
         sK: cute.Tensor,
         sV: cute.Tensor,
         tma_atom_Q: cute.CopyAtom,
-        tma_atom_K: cute.CopyAtom | None,
-        tma_atom_V: cute.CopyAtom | None,
+        atoms_KV: tuple,
         bar_q: cute.Pointer,
         ring_k: StageRing,
         ring_v: StageRing,
@@ -302,41 +318,115 @@ class FgAttentionForwardSm90:
                 cute.arch.mbarrier_arrive_and_expect_tx(bar_q, self.q_bytes)
             cute.copy(tma_atom_Q, tQgQ, tQsQ, tma_bar_ptr=bar_q)
 
+        tma_K_row, tma_K_tile, tma_V_row, tma_V_tile = tma_KV
+        atom_K_row, atom_K_tile, atom_V_row, atom_V_tile = atoms_KV
+        gK_rows, sK_rows = self.tma_gather.partition(
+            atom_K_row, tma_K_row[None, None, head, batch], sK
+        )
+        gV_rows, sV_rows = self.tma_gather.partition(
+            atom_V_row, tma_V_row[None, None, head, batch], sV
+        )
+        gK_tile = tma_K_tile[None, None, head, batch]
+        gV_tile = tma_V_tile[None, None, head, batch]
+        mK_bh = mK[None, None, head, batch]
+        mV_bh = mV[None, None, head, batch]
+
+        # The keys of stage n + 1 are loaded while stage n is issued, so no copy waits on a
+        # round trip for its index.
         n_blocks = cute.ceil_div(count, self.tile_n)
-        if const_expr(self.engine == "tma"):
-            gK_part, sK_part = self.tma_gather.partition(tma_atom_K, mK[None, None, head, batch], sK)
-            gV_part, sV_part = self.tma_gather.partition(tma_atom_V, mV[None, None, head, batch], sV)
-            for n in cutlass.range(n_blocks, unroll=1):
-                stage, phase = ring_k.stage_phase(n)
-                first_slot = n * self.tile_n
-                ring_k.wait_empty(stage, phase)
-                if warp == 0:
-                    with cute.arch.elect_one():
-                        ring_k.expect_bytes(stage, self.stage_bytes)
-                self.tma_gather.load_stage(
-                    tma_atom_K, gK_part, sK_part, indices, first_slot, count, stage,
-                    ring_k.full + stage, warp, lane,
+        keys = self.fetch_stage_keys(indices, 0, count, warp, lane)
+        for n in cutlass.range(n_blocks, unroll=1):
+            next_keys = keys
+            if n + 1 < n_blocks:
+                next_keys = self.fetch_stage_keys(
+                    indices, (n + 1) * self.tile_n, count, warp, lane
                 )
-                ring_v.wait_empty(stage, phase)
-                if warp == 0:
-                    with cute.arch.elect_one():
-                        ring_v.expect_bytes(stage, self.stage_bytes)
-                self.tma_gather.load_stage(
-                    tma_atom_V, gV_part, sV_part, indices, first_slot, count, stage,
-                    ring_v.full + stage, warp, lane,
+            first_key, last_key, tma_key, cp_key = keys
+            stage, phase = ring_k.stage_phase(n)
+            # A full stage whose keys form one run (the lists are strictly ascending) loads as
+            # a single (tile_n, D) box; last_key is -1 for a partial stage.
+            contiguous = last_key - first_key == self.tile_n - 1
+            ring_k.wait_empty(stage, phase)
+            self.load_stage(
+                self.k_method, ring_k, stage, contiguous, first_key, atom_K_tile, gK_tile,
+                sK, atom_K_row, gK_rows, sK_rows, mK_bh, tma_key, cp_key, tidx, warp,
+            )
+            ring_v.wait_empty(stage, phase)
+            self.load_stage(
+                self.v_method, ring_v, stage, contiguous, first_key, atom_V_tile, gV_tile,
+                sV, atom_V_row, gV_rows, sV_rows, mV_bh, tma_key, cp_key, tidx, warp,
+            )
+            keys = next_keys
+
+    @cute.jit
+    def fetch_stage_keys(
+        self, indices: cute.Tensor, first_slot: Int32, count: Int32, warp: Int32, lane: Int32
+    ):
+        """(first key, last key or -1 if the stage is partial, this lane's key for each engine
+        in use). Loads only; the values are consumed one iteration later."""
+        first_key = indices[first_slot]
+        last_key = Int32(-1)
+        if first_slot + self.tile_n <= count:
+            last_key = indices[first_slot + self.tile_n - 1]
+        tma_key = Int32(-1)
+        cp_key = Int32(0)
+        if const_expr("tma" in (self.k_method, self.v_method)):
+            tma_key = self.tma_gather.fetch_key(indices, first_slot, count, warp, lane)
+        if const_expr("cpasync" in (self.k_method, self.v_method)):
+            cp_key = self.cp_gather.fetch_key(indices, first_slot, count, warp, lane)
+        return first_key, last_key, tma_key, cp_key
+
+    @cute.jit
+    def load_stage(
+        self,
+        method: cutlass.Constexpr[str],
+        ring: StageRing,
+        stage: Int32,
+        contiguous: cutlass.Boolean,
+        first_key: Int32,
+        atom_tile: cute.CopyAtom,
+        g_tile: cute.Tensor,
+        sX: cute.Tensor,
+        atom_row: cute.CopyAtom,
+        g_rows: cute.Tensor,
+        s_rows: cute.Tensor,
+        mX: cute.Tensor,
+        tma_key: Int32,
+        cp_key: Int32,
+        tidx: Int32,
+        warp: Int32,
+    ):
+        """Fill one stage of K or V and make its completion land on ring.full[stage]."""
+        full = ring.full + stage
+        if contiguous:
+            if warp == 0:
+                gX = cute.local_tile(
+                    cute.domain_offset((first_key, 0), g_tile),
+                    (self.tile_n, self.head_dim),
+                    (0, 0),
                 )
+                tXsX, tXgX = cpasync.tma_partition(
+                    atom_tile, 0, cute.make_layout(1),
+                    cute.group_modes(sX[None, None, stage], 0, 2), cute.group_modes(gX, 0, 2),
+                )
+                with cute.arch.elect_one():
+                    if const_expr(method == "tma"):
+                        cute.arch.mbarrier_arrive_and_expect_tx(full, self.stage_bytes)
+                    else:
+                        cute.arch.mbarrier_expect_tx(full, self.stage_bytes)
+                cute.copy(atom_tile, tXgX, tXsX, tma_bar_ptr=full)
+            if const_expr(method == "cpasync"):
+                # The barrier counts one arrival per producer thread; the bytes come by TMA.
+                cute.arch.mbarrier_arrive(full)
         else:
-            mK_bh = mK[None, None, head, batch]
-            mV_bh = mV[None, None, head, batch]
-            for n in cutlass.range(n_blocks, unroll=1):
-                stage, phase = ring_k.stage_phase(n)
-                first_slot = n * self.tile_n
-                ring_k.wait_empty(stage, phase)
-                self.cp_gather.load_stage(mK_bh, sK[None, None, stage], indices, first_slot, count, tidx)
-                ring_k.arrive_cp_async(stage)
-                ring_v.wait_empty(stage, phase)
-                self.cp_gather.load_stage(mV_bh, sV[None, None, stage], indices, first_slot, count, tidx)
-                ring_v.arrive_cp_async(stage)
+            if const_expr(method == "tma"):
+                if warp == 0:
+                    with cute.arch.elect_one():
+                        cute.arch.mbarrier_arrive_and_expect_tx(full, self.stage_bytes)
+                self.tma_gather.load_stage(atom_row, g_rows, s_rows, tma_key, stage, full, warp)
+            else:
+                self.cp_gather.load_stage(mX, sX[None, None, stage], cp_key, tidx)
+                cute.arch.cp_async_mbarrier_arrive_noinc(full)
 
     @cute.jit
     def consume(
@@ -373,43 +463,60 @@ class FgAttentionForwardSm90:
         sVt = transpose_mn(sV)
         tOrVt = wg_pv.make_fragment_B(wg_pv.partition_B(sVt))
         tOrP = wg_pv.make_fragment_A(wg_pv.partition_shape_A((self.tile_m, self.tile_n)))
-        acc_O = cute.make_rmem_tensor(mma_pv.partition_shape_C((self.tile_m, self.head_dim)), Float32)
+        acc_O = cute.make_rmem_tensor(
+            mma_pv.partition_shape_C((self.tile_m, self.head_dim)), Float32
+        )
         acc_O.fill(0.0)
         s_shape = mma_qk.partition_shape_C((self.tile_m, self.tile_n))
 
         # Column of each score element within the stage, to mask the padding slots.
-        tScS = acc_rows_cols(thr_qk.partition_C(cute.make_identity_tensor((self.tile_m, self.tile_n))))
+        cS = cute.make_identity_tensor((self.tile_m, self.tile_n))
+        tScS = acc_rows_cols(thr_qk.partition_C(cS))
         softmax = OnlineSoftmax(scale_log2, cute.size(tScS, mode=[0]))
 
+        # Main loop with intra-warpgroup overlap: S_n = Q K_n is issued, then O += P_{n-1}
+        # V_{n-1}, and the softmax of S_n runs while the second wgmma is still in flight.
+        # With two consumer warpgroups a pair of named barriers makes them take turns at
+        # issuing their wgmmas, so one warpgroup's softmax hides behind the other's GEMMs.
+        self.scheduler_init(wg)
         cute.arch.mbarrier_wait(bar_q, 0)
         n_blocks = cute.ceil_div(count, self.tile_n)
-        for n in cutlass.range(n_blocks, unroll=1):
-            stage, phase = ring_k.stage_phase(n)
-            ring_k.wait_full(stage, phase)
-            if const_expr(self.engine == "cpasync"):
-                # cp.async writes through the generic proxy; wgmma reads through the async one.
-                cute.arch.fence_view_async_shared()
+        if n_blocks > 0:
+            stage, phase = ring_k.stage_phase(0)
+            self.wait_stage(ring_k, stage, phase)
             acc_S = cute.make_rmem_tensor(s_shape, Float32)
-            self.gemm(mma_qk, acc_S, tSrQ, tSrK[None, None, None, stage], zero_init=True)
+            self.gemm(mma_qk, acc_S, tSrQ, tSrK[None, None, None, stage], True, 0)
             if lane == 0:
                 ring_k.release(stage)
-
-            valid = count - n * self.tile_n
-            if valid < self.tile_n:
-                s_rc = acc_rows_cols(acc_S)
-                for c in cutlass.range_constexpr(cute.size(tScS, mode=[1])):
-                    if tScS[0, c][1] >= valid:
-                        for r in cutlass.range_constexpr(cute.size(tScS, mode=[0])):
-                            s_rc[r, c] = -Float32.inf
-
-            rescale = softmax.step(acc_S)
-            scale_rows(acc_O, rescale)
+            self.mask_padding(acc_S, tScS, count)
+            softmax.step(acc_S)  # O is still zero: its rescale factor is not needed
             tOrP.store(acc_as_operand_a(acc_S).load().to(self.dtype))
 
-            ring_v.wait_full(stage, phase)
-            if const_expr(self.engine == "cpasync"):
-                cute.arch.fence_view_async_shared()
-            self.gemm(mma_pv, acc_O, tOrP, tOrVt[None, None, None, stage], zero_init=False)
+            for n in cutlass.range(1, n_blocks, unroll=1):
+                stage_prev, phase_prev = ring_v.stage_phase(n - 1)
+                stage, phase = ring_k.stage_phase(n)
+                self.wait_stage(ring_k, stage, phase)
+                self.scheduler_wait(wg)
+                acc_S = cute.make_rmem_tensor(s_shape, Float32)
+                self.gemm(mma_qk, acc_S, tSrQ, tSrK[None, None, None, stage], True, -1)
+                self.wait_stage(ring_v, stage_prev, phase_prev)
+                self.gemm(mma_pv, acc_O, tOrP, tOrVt[None, None, None, stage_prev], False, -1)
+                self.scheduler_signal(wg)
+                warpgroup.wait_group(1)
+                if lane == 0:
+                    ring_k.release(stage)
+                if n == n_blocks - 1:
+                    self.mask_padding(acc_S, tScS, count - n * self.tile_n)
+                rescale = softmax.step(acc_S)
+                warpgroup.wait_group(0)
+                if lane == 0:
+                    ring_v.release(stage_prev)
+                scale_rows(acc_O, rescale)
+                tOrP.store(acc_as_operand_a(acc_S).load().to(self.dtype))
+
+            stage, phase = ring_v.stage_phase(n_blocks - 1)
+            self.wait_stage(ring_v, stage, phase)
+            self.gemm(mma_pv, acc_O, tOrP, tOrVt[None, None, None, stage], False, 0)
             if lane == 0:
                 ring_v.release(stage)
 
@@ -428,8 +535,10 @@ class FgAttentionForwardSm90:
         tCrA: cute.Tensor,
         tCrB: cute.Tensor,
         zero_init: cutlass.Constexpr[bool],
+        wait: cutlass.Constexpr[int],
     ):
-        """acc (+)= A @ B over all k-blocks, then wait for the warpgroup's wgmmas."""
+        """Issue acc (+)= A @ B over all k-blocks as one wgmma group; wait for all but `wait`
+        groups of this warpgroup (-1: do not wait)."""
         warpgroup.fence()
         atom = cute.make_mma_atom(tiled_mma.op)
         atom.set(warpgroup.Field.ACCUMULATE, not zero_init)
@@ -437,7 +546,45 @@ class FgAttentionForwardSm90:
             cute.gemm(atom, acc, tCrA[None, None, k], tCrB[None, None, k], acc)
             atom.set(warpgroup.Field.ACCUMULATE, True)
         warpgroup.commit_group()
-        warpgroup.wait_group(0)
+        if const_expr(wait >= 0):
+            warpgroup.wait_group(wait)
+
+    @cute.jit
+    def wait_stage(self, ring: StageRing, stage: Int32, phase: Int32):
+        ring.wait_full(stage, phase)
+        if const_expr(self.engine == "cpasync"):
+            # cp.async writes through the generic proxy; wgmma reads through the async one.
+            cute.arch.fence_view_async_shared()
+
+    @cute.jit
+    def mask_padding(self, acc_S: cute.Tensor, tScS: cute.Tensor, valid: Int32):
+        """Scores of the stage's slots at or past `valid` (list padding) become -inf."""
+        if valid < self.tile_n:
+            s_rc = acc_rows_cols(acc_S)
+            for c in cutlass.range_constexpr(cute.size(tScS, mode=[1])):
+                if tScS[0, c][1] >= valid:
+                    for r in cutlass.range_constexpr(cute.size(tScS, mode=[0])):
+                        s_rc[r, c] = -Float32.inf
+
+    # Warpgroup ping-pong: consumer w waits on barrier BARRIER_SCHED + w before issuing its
+    # wgmmas and, once issued, arrives on the other's barrier (both counted over 256 threads).
+    @cute.jit
+    def scheduler_init(self, wg: Int32):
+        if const_expr(self.num_mma_wg == 2):
+            if wg == 0:
+                cute.arch.barrier_arrive(
+                    barrier_id=BARRIER_SCHED, number_of_threads=2 * WARPGROUP
+                )
+
+    def scheduler_wait(self, wg: Int32):
+        if const_expr(self.num_mma_wg == 2):
+            cute.arch.barrier(barrier_id=BARRIER_SCHED + wg, number_of_threads=2 * WARPGROUP)
+
+    def scheduler_signal(self, wg: Int32):
+        if const_expr(self.num_mma_wg == 2):
+            cute.arch.barrier_arrive(
+                barrier_id=BARRIER_SCHED + 1 - wg, number_of_threads=2 * WARPGROUP
+            )
 
     @cute.jit
     def epilogue(
@@ -467,7 +614,8 @@ class FgAttentionForwardSm90:
         cute.copy(thr_store, thr_store.retile(rO), thr_store.partition_D(sO))
 
         # LSE: the thread holding column 0 of a row writes it.
-        cO = acc_rows_cols(thr_pv.partition_C(cute.make_identity_tensor((self.tile_m, self.head_dim))))
+        cO = cute.make_identity_tensor((self.tile_m, self.head_dim))
+        cO = acc_rows_cols(thr_pv.partition_C(cO))
         if cO[0, 0][1] == 0:
             for r in cutlass.range_constexpr(cute.size(lse)):
                 row = m_block * self.tile_m + cO[r, 0][0]

@@ -18,7 +18,7 @@ that row with a warp shuffle, so no copy waits on its own global load.
 
 import cutlass
 import cutlass.cute as cute
-from cutlass import Int32, Int64, const_expr
+from cutlass import Int32, Int64
 from cutlass.cute.nvgpu import cpasync
 
 WARP = 32
@@ -40,15 +40,17 @@ class TmaRowGather:
     @staticmethod
     def make_atom(mX: cute.Tensor, swizzle):
         """TMA atom and coordinate tensor for one-row boxes of 64 columns over (S, D, H, B)."""
-        row_box = cute.make_composed_layout(swizzle, 0, cute.make_layout((1, CHUNK), stride=(CHUNK, 1)))
+        row_box = cute.make_composed_layout(
+            swizzle, 0, cute.make_layout((1, CHUNK), stride=(CHUNK, 1))
+        )
         return cpasync.make_tiled_tma_atom(
             cpasync.CopyBulkTensorTileG2SOp(), mX, row_box, (1, CHUNK)
         )
 
     def partition(self, atom, gX: cute.Tensor, sX: cute.Tensor):
-        """Per-(row, chunk) views: gmem coordinates (box, S, D/64) and smem (box, tile_n, D/64, stage).
-
-        gX: (S, D) coordinate tensor of one (head, batch); sX: (tile_n, D, stages) swizzled tile.
+        """Per-(row, chunk) views: gmem coordinates (box, S, D/64) and smem
+        (box, tile_n, D/64, stage). gX: (S, D) coordinates of one (head, batch);
+        sX: (tile_n, D, stages) swizzled tile.
         """
         g_rows = cute.flat_divide(gX, (1, CHUNK))  # (1, 64, S, D/64)
         # Rebuild the stage tile as (1, 64, row, chunk, stage) on the swizzled pointer: row r,
@@ -70,26 +72,33 @@ class TmaRowGather:
         return g_part, s_part
 
     @cute.jit
+    def fetch_key(
+        self, indices: cute.Tensor, first_slot: Int32, count: Int32, warp: Int32, lane: Int32
+    ) -> Int32:
+        """This lane's key for the stage starting at first_slot (lane l of warp w: row 32 w + l).
+
+        Padding gets row -1: out of range for TMA, so zero-filled at no memory cost.
+        """
+        slot = first_slot + warp * self.rows_per_warp + lane
+        key = Int32(-1)
+        if lane < self.rows_per_warp and slot < count:
+            key = indices[slot]
+        return key
+
+    @cute.jit
     def load_stage(
         self,
         atom: cute.CopyAtom,
         g_part: cute.Tensor,
         s_part: cute.Tensor,
-        indices: cute.Tensor,
-        first_slot: Int32,
-        count: Int32,
+        lane_key: Int32,
         stage: Int32,
         full_barrier: cute.Pointer,
         warp: Int32,
-        lane: Int32,
     ):
         """Issue the copies of this warp's rows of one stage onto `full_barrier`."""
-        slot = first_slot + warp * self.rows_per_warp + lane
-        row_index = Int32(-1)
-        if slot < count:
-            row_index = indices[slot]
         for r in cutlass.range_constexpr(self.rows_per_warp):
-            key = cute.arch.shuffle_sync(row_index, r)
+            key = cute.arch.shuffle_sync(lane_key, r)
             for c in cutlass.range_constexpr(self.num_chunks):
                 cute.copy(
                     atom,
@@ -129,34 +138,35 @@ class CpAsyncGather:
         )
 
     @cute.jit
-    def load_stage(
-        self,
-        mX: cute.Tensor,
-        sX_stage: cute.Tensor,
-        indices: cute.Tensor,
-        first_slot: Int32,
-        count: Int32,
-        tidx: Int32,
-    ):
+    def fetch_key(
+        self, indices: cute.Tensor, first_slot: Int32, count: Int32, warp: Int32, lane: Int32
+    ) -> Int32:
+        """This lane's key for the stage starting at first_slot.
+
+        Thread t copies row 16 p + t // 8 in pass p, so warp w covers rows 16 p + 4 w + j
+        (j < 4): lane 4 p + j of the same warp loads that row's index. Padding reads row 0
+        (cp.async has no out-of-range guard; any valid row will do, it is masked).
+        """
+        row_in_tile = self.rows_per_pass * (lane // 4) + 4 * warp + lane % 4
+        slot = first_slot + row_in_tile
+        key = Int32(0)
+        if row_in_tile < self.tile_n and slot < count:
+            key = indices[slot]
+        return key
+
+    @cute.jit
+    def load_stage(self, mX: cute.Tensor, sX_stage: cute.Tensor, lane_key: Int32, tidx: Int32):
         """Issue this thread's copies of one stage. mX: (S, D) of one (head, batch)."""
         tiled_copy = self.tiled_copy()
         thr_copy = tiled_copy.get_slice(tidx)
         tXsX = thr_copy.partition_D(sX_stage)  # (CPY, passes, chunks)
         tXcX = thr_copy.partition_S(cute.make_identity_tensor((self.tile_n, self.head_dim)))
-        warp = tidx // WARP
         lane = tidx % WARP
-        # Thread t copies row 16 p + t // 8 in pass p, so warp w covers rows 16 p + 4 w + j
-        # (j < 4): lane 4 p + j of the same warp loads that row's index.
-        row_in_tile = self.rows_per_pass * (lane // 4) + 4 * warp + lane % 4
-        slot = first_slot + row_in_tile
-        row_index = Int32(0)
-        if row_in_tile < self.tile_n and slot < count:
-            row_index = indices[slot]
         base_addr = mX.iterator.toint()
         row_bytes = Int64(mX.layout.stride[0]) * (self.dtype.width // 8)
         col_bytes = tXcX[0, 0, 0][1] * (self.dtype.width // 8)
         for p in cutlass.range_constexpr(self.passes):
-            key = cute.arch.shuffle_sync(row_index, 4 * p + lane // self.threads_per_chunk)
+            key = cute.arch.shuffle_sync(lane_key, 4 * p + lane // self.threads_per_chunk)
             row_addr = base_addr + Int64(key) * row_bytes + Int64(col_bytes)
             for c in cutlass.range_constexpr(cute.size(tXsX, mode=[2])):
                 src_ptr = cute.make_ptr(
