@@ -40,6 +40,7 @@ class KernelConfig:
     engine: str = DEFAULT_ENGINE
     tile_n: int = 128
     num_stages: int = 2
+    gather_only: bool = False  # benchmark mode (perf/bench_gather.py): no math
 
     def __post_init__(self):
         if self.head_dim not in (64, 128):
@@ -170,6 +171,7 @@ def _build(config: KernelConfig, arch: str):
         tile_n=config.tile_n,
         num_stages=config.num_stages,
         engine=config.engine,
+        gather_only=config.gather_only,
     )
     return cute.compile(kernel, *_fake_args(config), options="--enable-tvm-ffi")
 

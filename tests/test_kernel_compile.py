@@ -1,0 +1,93 @@
+"""Every shipped kernel configuration compiles for sm_90a without a GPU, and its machine code
+is what the design says: wgmma (HGMMA), the gather instructions of its engine, register
+reallocation, and no local-memory spills."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
+os.environ["CUTE_DSL_KEEP"] = "cubin"
+
+from fgattn_cute.host import compile as kcompile  # noqa: E402
+
+CONFIGS = kcompile.all_configs()
+
+
+def _hist(config):
+    return kcompile.sass_histogram(kcompile.sass_of(config, arch="sm_90a"))
+
+
+@pytest.fixture(scope="module")
+def histograms():
+    return {c: _hist(c) for c in CONFIGS}
+
+
+def _count(hist, prefix):
+    return sum(n for op, n in hist.items() if op.startswith(prefix))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(map(str, vars(c).values())))
+def test_machine_code(config, histograms):
+    hist = histograms[config]
+    # S = Q K^T and O += P V: one wgmma per 16-wide k-block of each, in three places
+    # (first block, steady-state loop, last block).
+    qk = config.head_dim // 16
+    pv = config.tile_n // 16
+    assert _count(hist, "HGMMA.64x") == 2 * qk + 2 * pv, hist
+    assert _count(hist, "LDL") == 0 and _count(hist, "STL") == 0, f"spills: {hist}"
+    assert hist["USETMAXREG.DEALLOC.CTAPOOL"] == 1 and hist["USETMAXREG.TRY_ALLOC.CTAPOOL"] == 1
+    assert _count(hist, "UTMASTG") >= 1  # O leaves by one TMA store
+
+    chunks = config.head_dim // 64
+    rows_per_warp = config.tile_n // 4
+    row_boxes = rows_per_warp * chunks  # one-row TMA boxes per warp and tensor
+    cp_copies = (config.tile_n // 16) * chunks  # 16-byte cp.async per thread and tensor
+    q_and_tiles = 3 * chunks  # Q, plus the whole-tile boxes of contiguous K and V stages
+    tma_loads = _count(hist, "UTMALDG")
+    cp_async = _count(hist, "LDGSTS.E.BYPASS.128")
+    if config.engine == "cpasync":
+        assert cp_async == 2 * cp_copies and tma_loads == q_and_tiles, hist
+        assert _count(hist, "ARRIVES.LDGSTSBAR") == 2
+    elif config.engine == "tma":
+        assert cp_async == 0 and tma_loads == q_and_tiles + 2 * row_boxes, hist
+    else:  # hybrid: K by TMA rows, V by cp.async
+        assert cp_async == cp_copies and tma_loads == q_and_tiles + row_boxes, hist
+
+
+def test_every_engine_dtype_head_dim_and_q_tile_is_covered():
+    seen = {(c.head_dim, c.dtype, c.q_tile, c.engine) for c in CONFIGS}
+    assert len(seen) == 2 * 2 * 2 * len(kcompile.ENGINES)
+
+
+def test_config_rejects_what_the_kernel_lacks():
+    with pytest.raises(ValueError, match="head_dim"):
+        kcompile.KernelConfig(96, "bfloat16")
+    with pytest.raises(ValueError, match="q_tile"):
+        kcompile.KernelConfig(128, "bfloat16", q_tile=32)
+    with pytest.raises(ValueError, match="engine"):
+        kcompile.KernelConfig(128, "bfloat16", engine="gather4")
+    with pytest.raises(ValueError, match="dtype"):
+        kcompile.KernelConfig(128, "float32")
+
+
+def test_too_many_stages_for_shared_memory():
+    import cutlass
+
+    from fgattn_cute.kernels.fg_fwd_sm90 import FgAttentionForwardSm90
+
+    with pytest.raises(ValueError, match="shared memory"):
+        FgAttentionForwardSm90(cutlass.BFloat16, 128, num_stages=4)
+
+
+def test_disk_cache_round_trip(tmp_path, monkeypatch):
+    """A compile is exported to the disk cache and a fresh process-level lookup loads it."""
+    monkeypatch.setenv("FGATTN_CACHE_DIR", str(tmp_path))
+    config = kcompile.KernelConfig(64, "float16", q_tile=64, engine="cpasync", num_stages=3)
+    fn = kcompile.compile_fwd(config, arch="sm_90a")
+    files = list(tmp_path.rglob("*.o"))
+    assert fn is not None and len(files) == 1 and files[0].stat().st_size > 0
+    assert kcompile.source_fingerprint() in str(files[0])
+    kcompile._memory_cache.clear()
+    loaded = kcompile._load_from_disk(config, "sm_90a")
+    assert loaded is not None
