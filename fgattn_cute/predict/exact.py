@@ -1,0 +1,233 @@
+"""``calibrate``: the exact predictor.
+
+Tile t keeps key j when
+
+    max over the tile's real queries q of  softmax(scale * Q K^T)[q, j]  >=  threshold / seqlen_k
+
+(the softmax is over all seqlen_k keys; the last tile's padding rows never count). It runs in two
+chunked passes, so that no S x S matrix is ever materialised (S = 75,600, H = 40 included):
+
+1. ``query_lse``: each query's natural-log log-sum-exp over all keys (an online log-sum-exp over
+   key chunks). Replaceable through ``calibrate(..., lse_fn=...)`` by any faster source of the
+   same quantity (e.g. the LSE that a dense flash-attention forward returns).
+2. ``tile_keep_mask``: per chunk of heads, query tiles and keys, the column max over the tile's
+   rows of ``scale * s - lse`` (the log-probability); ``exp`` of it is compared with
+   ``threshold / seqlen_k`` and the bool mask [B, H, n_q_tiles, seqlen_k] is written chunk by
+   chunk. Replaceable through ``calibrate(..., mask_fn=...)`` by a fused kernel.
+
+Scores are computed in float32 from the inputs' values (bf16 and fp16 products are exact in
+float32; only the summation order differs from a float64 computation).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..host.key_index import KeyIndex
+from . import _args
+
+__all__ = ["calibrate", "query_lse", "tile_column_max_probs", "tile_keep_mask"]
+
+# Budget, in float32 elements, for one chunk of scores (the chunk's temporaries are a few times
+# this). On accelerators larger chunks mean fewer launches.
+_SCORE_ELEMS = {"cpu": 1 << 21}
+_SCORE_ELEMS_DEFAULT = 1 << 26
+# Budget, in elements, for the float32 copies of one chunk of heads of q and k.
+_HEAD_ELEMS = 1 << 26
+
+
+def _score_budget(device):
+    return _SCORE_ELEMS.get(device.type, _SCORE_ELEMS_DEFAULT)
+
+
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def _head_chunks(q, k):
+    """(h0, h1) chunks of heads whose float32 q and k copies fit ``_HEAD_ELEMS``."""
+    _, sq, h, d = q.shape
+    per_head = (sq + k.shape[1]) * d
+    step = max(1, min(h, _HEAD_ELEMS // per_head))
+    return [(h0, min(h, h0 + step)) for h0 in range(0, h, step)]
+
+
+def _heads_f32(x, b, h0, h1):
+    """x[b, :, h0:h1] as float32 [h1 - h0, S, D], contiguous."""
+    return x[b, :, h0:h1].transpose(0, 1).float().contiguous()
+
+
+@torch.no_grad()
+def query_lse(q, k, scale):
+    """Each query's natural-log log-sum-exp over all keys: float32 [B, H, Sq].
+
+    ``lse[b, h, i] = log sum_j exp(scale * q[b, i, h] . k[b, j, h])``, computed in float32 on q's
+    device with an online log-sum-exp over key chunks (never more than about ``_SCORE_ELEMS``
+    scores at once). Cost: 2 * B * H * Sq * Sk * D flops of float32 matmul plus B * H * Sq * Sk
+    exponentials. It is the default ``lse_fn`` of ``calibrate``; a replacement must return the
+    same quantity, float32 [B, H, Sq], on q's device.
+    """
+    B, sq, H, D = q.shape
+    sk = k.shape[1]
+    budget = _score_budget(q.device)
+    out = torch.empty(B, H, sq, dtype=torch.float32, device=q.device)
+    for b in range(B):
+        for h0, h1 in _head_chunks(q, k):
+            nh = h1 - h0
+            qf = _heads_f32(q, b, h0, h1)
+            kf = _heads_f32(k, b, h0, h1)
+            nk = max(1, min(sk, budget // nh))
+            nq = max(1, min(sq, budget // (nh * nk)))
+            for q0 in range(0, sq, nq):
+                q1 = min(sq, q0 + nq)
+                acc = None
+                for k0 in range(0, sk, nk):
+                    k1 = min(sk, k0 + nk)
+                    s = torch.matmul(qf[:, q0:q1], kf[:, k0:k1].transpose(1, 2))
+                    part = torch.logsumexp(s.mul_(scale), dim=-1)
+                    acc = part if acc is None else torch.logaddexp(acc, part)
+                out[b, h0:h1, q0:q1] = acc
+    return out
+
+
+def _column_max_logp(q, k, lse, q_tile, scale, emit):
+    """For every chunk, ``emit(b, h0, h1, t0, t1, k0, k1, m)`` with m float32 [nh, nt, nk]: the
+    max over the tile's real queries of ``scale * q . k - lse`` (the log-probability)."""
+    B, sq, H, D = q.shape
+    sk = k.shape[1]
+    n_tiles = _cdiv(sq, q_tile)
+    budget = _score_budget(q.device)
+    pad = n_tiles * q_tile - sq
+    for b in range(B):
+        for h0, h1 in _head_chunks(q, k):
+            nh = h1 - h0
+            qf = _heads_f32(q, b, h0, h1)
+            kf = _heads_f32(k, b, h0, h1)
+            # Padding queries get lse = +inf: their log-probabilities are -inf and never win.
+            lse_b = lse[b, h0:h1].float()
+            if pad:
+                qf = torch.nn.functional.pad(qf, (0, 0, 0, pad))
+                lse_b = torch.nn.functional.pad(lse_b, (0, pad), value=float("inf"))
+            nk = max(1, min(sk, budget // (nh * q_tile)))
+            nt = max(1, min(n_tiles, budget // (nh * q_tile * nk)))
+            for t0 in range(0, n_tiles, nt):
+                t1 = min(n_tiles, t0 + nt)
+                r0, r1 = t0 * q_tile, t1 * q_tile
+                q_c = qf[:, r0:r1]
+                lse_c = lse_b[:, r0:r1].unsqueeze(-1)
+                for k0 in range(0, sk, nk):
+                    k1 = min(sk, k0 + nk)
+                    s = torch.matmul(q_c, kf[:, k0:k1].transpose(1, 2))  # [nh, rows, nk]
+                    s.mul_(scale).sub_(lse_c)
+                    m = s.view(nh, t1 - t0, q_tile, k1 - k0).amax(dim=2)
+                    emit(b, h0, h1, t0, t1, k0, k1, m)
+
+
+@torch.no_grad()
+def tile_column_max_probs(q, k, lse, q_tile, scale):
+    """float32 [B, H, n_q_tiles, Sk]: for tile t and key j, the max over the tile's real queries
+    of softmax(scale * Q K^T)[q, j] = exp(scale * q . k_j - lse[q]).
+
+    Materialises B * H * n_q_tiles * Sk float32 values (1.8 GB at S = 32,760, H = 24, q_tile 64):
+    meant for analysis (block maxima in ``perf/quality.py``); ``calibrate`` uses
+    ``tile_keep_mask``, which writes only a bool per value. Cost as in ``tile_keep_mask``.
+    """
+    n_tiles = _cdiv(q.shape[1], q_tile)
+    out = torch.empty(q.shape[0], q.shape[2], n_tiles, k.shape[1], dtype=torch.float32,
+                      device=q.device)
+
+    def emit(b, h0, h1, t0, t1, k0, k1, m):
+        out[b, h0:h1, t0:t1, k0:k1] = torch.exp(m)
+
+    _column_max_logp(q, k, lse, q_tile, scale, emit)
+    return out
+
+
+@torch.no_grad()
+def tile_keep_mask(q, k, lse, q_tile, scale, threshold):
+    """bool [B, H, n_q_tiles, Sk]: True where max over the tile's real queries of
+    exp(scale * q . k_j - lse[q]) >= threshold / Sk (compared in float32).
+
+    The second pass of ``calibrate``, and the piece a fused GPU kernel should replace (same
+    arguments, same result). Chunked over heads, query tiles and keys (about ``_SCORE_ELEMS``
+    scores at once).
+
+    Cost: 2 * B * H * Sq * Sk * D flops (the float32 Q K^T) plus about 3 * B * H * Sq * Sk
+    elementwise ops (scale, subtract lse, max over the tile's rows) and B * H * n_q_tiles * Sk
+    exponentials and compares. Bytes: the output, B * H * n_q_tiles * Sk (one byte each); the
+    float32 copies of q and k, read once per key chunk and tile chunk respectively; and, in eager
+    torch, each chunk's float32 scores written and read about three times, i.e. about
+    12 * B * H * Sq * Sk bytes of temporaries (a fused kernel keeps them in registers: its
+    traffic is q, k and the output only). At S = 32,760, H = 24, D = 128: 6.6 TFLOP, 0.2 GB of
+    output for q_tile 128.
+    """
+    sk = k.shape[1]
+    n_tiles = _cdiv(q.shape[1], q_tile)
+    cut = threshold / sk
+    out = torch.empty(q.shape[0], q.shape[2], n_tiles, sk, dtype=torch.bool, device=q.device)
+
+    def emit(b, h0, h1, t0, t1, k0, k1, m):
+        out[b, h0:h1, t0:t1, k0:k1] = torch.exp(m) >= cut
+
+    _column_max_logp(q, k, lse, q_tile, scale, emit)
+    return out
+
+
+def _check_lse(lse, q):
+    B, sq, H, _ = q.shape
+    if not isinstance(lse, torch.Tensor):
+        raise TypeError(f"lse_fn: expected it to return a torch.Tensor, got {type(lse).__name__}")
+    if tuple(lse.shape) != (B, H, sq) or lse.dtype != torch.float32 or lse.device != q.device:
+        raise ValueError(
+            f"lse_fn: expected it to return float32 [B, H, Sq] = [{B}, {H}, {sq}] on {q.device}, "
+            f"got {lse.dtype} {tuple(lse.shape)} on {lse.device}"
+        )
+
+
+@torch.no_grad()
+def calibrate(q, k, q_tile=128, threshold=0.5, softmax_scale=None, always_keep=None,
+              capacity=None, *, lse_fn=None, mask_fn=None):
+    """The exact predictor: tile t keeps key j when the largest probability that any of the
+    tile's (real) queries gives key j is at least ``threshold / seqlen_k``:
+
+        max_{q in tile t, q < Sq} softmax_j(scale * Q[q] . K^T) >= threshold / Sk
+
+    ``threshold`` = 1 keeps the keys some query of the tile attends to more than uniformly;
+    0 keeps every key. Probabilities are computed in float32 from the inputs' values.
+
+    Args:
+        q: [B, Sq, H, D]; k: [B, Sk, H, D] (Sk may differ from Sq). bf16, fp16 or float32, one
+            device (CPU or CUDA); everything runs on that device without host synchronisation.
+        q_tile: queries per tile, a positive int (the CuTe kernel runs 64 and 128).
+        threshold: finite float >= 0.
+        softmax_scale: positive float; None means D ** -0.5.
+        always_keep: None, a bool tensor [Sk], or key ids (1-D integer tensor or list of ints)
+            that every tile keeps whatever their probability (e.g. text tokens).
+        capacity: list capacity of the returned ``KeyIndex`` (None: the worst case,
+            round_up(Sk, 128)); a row with more kept keys is an error, never truncated.
+        lse_fn: ``lse_fn(q, k, scale) -> float32 [B, H, Sq]``, the per-query natural-log LSE
+            over all keys (default ``query_lse``, chunked float32 torch). Plug a faster exact
+            source here.
+        mask_fn: ``mask_fn(q, k, lse, q_tile, scale, threshold) -> bool [B, H, n_q_tiles, Sk]``
+            (default ``tile_keep_mask``). Plug a fused kernel here.
+
+    Returns:
+        a trusted ``KeyIndex`` on q's device.
+
+    Cost: two float32 Q K^T passes (4 * B * H * Sq * Sk * D flops, about one dense attention
+    forward in float32), meant to run at a few denoising steps and be reused (``SparsityCache``).
+    Memory: the bool mask B * H * n_q_tiles * Sk bytes plus the index, plus chunk temporaries.
+    """
+    _args.check_qk(q, k)
+    q_tile = _args.check_q_tile(q_tile)
+    threshold = _args.check_threshold(threshold)
+    scale = _args.scale_for(softmax_scale, q.shape[-1])
+    sk = k.shape[1]
+    keep = _args.always_keep_mask(always_keep, sk, q.device)
+    lse = (lse_fn or query_lse)(q, k, scale)
+    _check_lse(lse, q)
+    mask = (mask_fn or tile_keep_mask)(q, k, lse, q_tile, scale, threshold)
+    if keep is not None:
+        mask |= keep
+    return KeyIndex.from_mask(mask, q_tile, q.shape[1], capacity=capacity)
+

@@ -1,0 +1,213 @@
+"""``pooled_top_p``: the cheap predictor, and ``top_p_mask``, its sort-free top-p selection.
+
+For every query tile, the mean of its real queries is scored against every key, the scores go
+through a float32 softmax over the keys, and the tile keeps the smallest set of keys whose
+probability mass reaches ``p``.
+
+Selection rule (exact, and the same on every device):
+
+- Order the keys by float32 probability, largest first; among equal probabilities the lower key
+  index comes first.
+- Mass is counted in integer units of 2**-52: key j weighs ``m_j = floor(P_j * 2**52)``
+  (exact integer sums, so the result never depends on summation order or atomics). The row's
+  target is ``ceil(p * sum_j m_j)`` (computed in float64, exact for these integers).
+- Keep the shortest prefix of that order whose weight reaches the target. Keys with
+  P_j < 2**-52 weigh nothing and are kept only when p = 1, which keeps every key.
+
+``top_p_mask`` finds that prefix without sorting: a three-round radix select over the float32
+bit patterns of the probabilities (non-negative floats order like their bit patterns), with one
+per-row histogram of weights per round (10, 10 and 9 bits: 1,025 bins per row at most), gives
+the exact boundary probability tau and the weight of the keys above it; the keys equal to tau
+are then taken in index order (a cumulative count) until the target is reached. Fixed shapes
+throughout, no host synchronisation, no data-dependent sizes; rows full of ties (uniform
+probabilities) need nothing special.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..host.key_index import KeyIndex
+from . import _args
+
+__all__ = ["pooled_probs", "pooled_top_p", "tile_means", "top_p_mask"]
+
+_MASS_BITS = 52
+_MASS_SCALE = float(2**_MASS_BITS)
+# float32 bit pattern of 2**-52, the smallest probability with a non-zero weight.
+_LOW_BITS = (127 - _MASS_BITS) << 23
+# Radix rounds over the 29 bits of (bits - _LOW_BITS) for probabilities in [2**-52, 1]:
+# (shift, bits) from the most significant digit down.
+_ROUNDS = ((19, 10), (9, 10), (0, 9))
+
+# Budget, in elements of [rows, Sk], for one chunk of rows (temporaries: about 40 bytes each).
+_ROW_ELEMS = {"cpu": 1 << 22}
+_ROW_ELEMS_DEFAULT = 1 << 24
+# Budget, in elements, for one float32 chunk of q rows when averaging tiles.
+_MEAN_ELEMS = 1 << 24
+
+
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def _select_rows(probs, p):
+    """bool [R, N] for float32 probs [R, N] (each row in [0, 1]); see the module docstring."""
+    R, N = probs.shape
+    device = probs.device
+    if p >= 1.0:
+        return torch.ones(R, N, dtype=torch.bool, device=device)
+    mass = (probs * _MASS_SCALE).to(torch.int64)  # floor: probs >= 0
+    total = mass.sum(dim=-1)
+    target = torch.ceil(total.double() * p).to(torch.int64)
+    rb = probs.view(torch.int32) - _LOW_BITS  # < 0 exactly where the weight is 0
+    prefix = torch.zeros(R, dtype=torch.int32, device=device)
+    above = torch.zeros(R, dtype=torch.int64, device=device)  # weight of keys above the prefix
+    for shift, bits in _ROUNDS:
+        nb = 1 << bits
+        inside = (rb >> (shift + bits)) == prefix.unsqueeze(-1)
+        digit = (rb >> shift) & (nb - 1)
+        idx = torch.where(inside, digit, nb).long()  # keys outside the prefix: dump bin nb
+        hist = torch.zeros(R, nb + 1, dtype=torch.int64, device=device)
+        hist.scatter_add_(1, idx, mass)
+        desc = hist[:, :nb].flip(-1)  # bin of digit nb - 1 - i at column i
+        incl = desc.cumsum(dim=-1)
+        need = (target - above).unsqueeze(-1)
+        pos = (incl < need).sum(dim=-1, keepdim=True).clamp_(max=nb - 1)
+        above = above + (incl - desc).gather(1, pos).squeeze(1)
+        prefix = (prefix << bits) | (nb - 1 - pos.squeeze(1)).to(torch.int32)
+    tau = prefix.unsqueeze(-1)
+    greater = rb > tau
+    tie = rb == tau
+    tau_weight = ((prefix + _LOW_BITS).view(torch.float32) * _MASS_SCALE).to(torch.int64)
+    missing = target - above  # > 0, met by the first `take` ties
+    take = (missing + tau_weight.clamp(min=1) - 1) // tau_weight.clamp(min=1)
+    rank = tie.cumsum(dim=-1, dtype=torch.int32)
+    keep = greater | (tie & (rank <= take.unsqueeze(-1)))
+    return keep & (total > 0).unsqueeze(-1)
+
+
+@torch.no_grad()
+def top_p_mask(probs, p):
+    """bool, shape of ``probs``: along the last dim, the smallest set of entries whose mass
+    reaches ``p`` (the rule of the module docstring: largest first, ties to the lower index,
+    mass in units of 2**-52). ``probs``: float32 [..., N] with entries in [0, 1] (each row
+    normally sums to 1; the target is relative to the row's own total). No host sync.
+
+    Cost per row of N entries: one float-to-int64 pass and three radix rounds, each a few
+    elementwise passes and one scatter_add into 1,025 int64 bins, then a cumulative count over
+    the ties: about 30 passes over N elements in eager torch (roughly 150 bytes per element
+    moved), all fusable into about 4 reads of the probabilities with atomics in shared memory.
+    """
+    p = _args.check_p(p)
+    if not isinstance(probs, torch.Tensor) or probs.dtype != torch.float32 or probs.dim() < 1:
+        raise TypeError("probs: expected a float32 tensor [..., N]")
+    shape = probs.shape
+    rows = probs.reshape(-1, shape[-1])
+    if not rows.is_contiguous():
+        rows = rows.contiguous()
+    return _select_rows(rows, p).reshape(shape)
+
+
+def tile_means(q, q_tile):
+    """float32 [B, H, n_q_tiles, D]: the mean of each tile's real queries (the last tile may
+    hold fewer than q_tile)."""
+    B, sq, H, D = q.shape
+    n_tiles = _cdiv(sq, q_tile)
+    out = torch.empty(B, n_tiles, H, D, dtype=torch.float32, device=q.device)
+    nt = max(1, min(n_tiles, _MEAN_ELEMS // (q_tile * H * D)))
+    for b in range(B):
+        for t0 in range(0, n_tiles, nt):
+            t1 = min(n_tiles, t0 + nt)
+            r0, r1 = t0 * q_tile, min(sq, t1 * q_tile)
+            x = q[b, r0:r1].float()
+            pad = (t1 - t0) * q_tile - (r1 - r0)
+            if pad:
+                x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
+            out[b, t0:t1] = x.view(t1 - t0, q_tile, H, D).sum(dim=1)
+    rows = torch.full((n_tiles,), float(q_tile), device=q.device)
+    rows[-1] = float(sq - (n_tiles - 1) * q_tile)
+    out /= rows.view(1, n_tiles, 1, 1)
+    return out.permute(0, 2, 1, 3)
+
+
+def _prob_chunks(q, k, q_tile, scale):
+    """Yield (b, h0, h1, t0, t1, probs float32 [nh, nt, Sk]): the softmax over keys of
+    scale * mean(tile queries) . k, chunk by chunk (about ``_ROW_ELEMS`` entries each)."""
+    B, sq, H, D = q.shape
+    sk = k.shape[1]
+    n_tiles = _cdiv(sq, q_tile)
+    means = tile_means(q, q_tile)  # [B, H, T, D]
+    budget = _ROW_ELEMS.get(q.device.type, _ROW_ELEMS_DEFAULT)
+    nt = max(1, min(n_tiles, budget // sk))
+    nh = max(1, min(H, budget // (nt * sk)))
+    for b in range(B):
+        for h0 in range(0, H, nh):
+            h1 = min(H, h0 + nh)
+            kf = k[b, :, h0:h1].transpose(0, 1).float()  # [nh, Sk, D]
+            for t0 in range(0, n_tiles, nt):
+                t1 = min(n_tiles, t0 + nt)
+                logits = torch.matmul(means[b, h0:h1, t0:t1], kf.transpose(1, 2))
+                yield b, h0, h1, t0, t1, torch.softmax(logits.mul_(scale), dim=-1)
+
+
+@torch.no_grad()
+def pooled_probs(q, k, q_tile=128, softmax_scale=None):
+    """float32 [B, H, n_q_tiles, Sk]: per tile, softmax over keys of scale * mean(q_tile) . k,
+    exactly the probabilities ``pooled_top_p`` selects from (same chunks, same ops)."""
+    _args.check_qk(q, k)
+    q_tile = _args.check_q_tile(q_tile)
+    scale = _args.scale_for(softmax_scale, q.shape[-1])
+    n_tiles = _cdiv(q.shape[1], q_tile)
+    out = torch.empty(q.shape[0], q.shape[2], n_tiles, k.shape[1], dtype=torch.float32,
+                      device=q.device)
+    for b, h0, h1, t0, t1, probs in _prob_chunks(q, k, q_tile, scale):
+        out[b, h0:h1, t0:t1] = probs
+    return out
+
+
+@torch.no_grad()
+def pooled_top_p(q, k, q_tile=128, p=0.9, softmax_scale=None, always_keep=None, capacity=None):
+    """The cheap predictor: each tile scores its mean query against every key and keeps the
+    smallest set of keys whose softmax mass reaches ``p``, plus ``always_keep``.
+
+    The mean is over the tile's real queries (the last tile may be partial); scores and the
+    softmax over all Sk keys are float32. Ties: among keys of equal float32 probability the
+    lower key index is kept first; mass is counted in units of 2**-52 (see the module
+    docstring for the exact rule). ``always_keep`` keys are added after the selection (they do
+    not count towards p). p = 1 keeps every key.
+
+    Args:
+        q: [B, Sq, H, D]; k: [B, Sk, H, D]. bf16, fp16 or float32, one device (CPU or CUDA);
+            everything runs there, without host synchronisation or data-dependent shapes.
+        q_tile: queries per tile, a positive int (the CuTe kernel runs 64 and 128).
+        p: mass to keep, in (0, 1].
+        softmax_scale: positive float; None means D ** -0.5.
+        always_keep: None, a bool tensor [Sk], or key ids (1-D integer tensor or list of ints).
+        capacity: list capacity of the returned ``KeyIndex`` (None: round_up(Sk, 128)); a row
+            with more kept keys is an error, never truncated.
+
+    Returns:
+        a trusted ``KeyIndex`` on q's device.
+
+    Cost (R = B * H * n_q_tiles rows of Sk keys): the tile means (one read of q), a float32
+    [R, D] x [D, Sk] matmul (2 * R * Sk * D flops), a softmax, ``top_p_mask`` (sort-free:
+    three histogram rounds) and ``KeyIndex.from_mask``. At S = 32,760, H = 24, q_tile 128:
+    R * Sk = 2.0e8, 52 GFLOP; in eager torch the selection and the list building move tens of
+    bytes per (row, key), i.e. several GB, so the ~1 ms (5 % of dense attention on an H100)
+    budget needs these passes fused (torch.compile or a kernel); see README.
+    """
+    _args.check_qk(q, k)
+    q_tile = _args.check_q_tile(q_tile)
+    p = _args.check_p(p)
+    scale = _args.scale_for(softmax_scale, q.shape[-1])
+    sk = k.shape[1]
+    keep = _args.always_keep_mask(always_keep, sk, q.device)
+    n_tiles = _cdiv(q.shape[1], q_tile)
+    mask = torch.empty(q.shape[0], q.shape[2], n_tiles, sk, dtype=torch.bool, device=q.device)
+    for b, h0, h1, t0, t1, probs in _prob_chunks(q, k, q_tile, scale):
+        rows = probs.reshape(-1, sk)
+        mask[b, h0:h1, t0:t1] = _select_rows(rows, p).view(h1 - h0, t1 - t0, sk)
+    if keep is not None:
+        mask |= keep
+    return KeyIndex.from_mask(mask, q_tile, q.shape[1], capacity=capacity)
