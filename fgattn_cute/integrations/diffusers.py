@@ -81,7 +81,6 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor, WanT
 
 from ..host.key_index import CAPACITY_ALIGN, KeyIndex
 from ..interface import BACKENDS
-from ..predict import SparsityCache
 from .torch_op import sparse_attention_op
 
 __all__ = [
@@ -182,6 +181,23 @@ def _text_key_padding(attention_mask, batch, n_total, n_video):
 
 
 # --------------------------------------------------------------------------- the handle
+
+
+class _EveryCall:
+    """The cache used when ``fg.predict.SparsityCache`` is not available: predicts every call."""
+
+    def __init__(self, predictor):
+        self.predictor = predictor
+
+    def get(self, layer_id, step, q, k):
+        return self.predictor(q, k)
+
+
+def _default_cache(predictor):
+    from .. import predict
+
+    cache_cls = getattr(predict, "SparsityCache", None)
+    return _EveryCall(predictor) if cache_cls is None else cache_cls(predictor=predictor)
 
 
 class FGAttentionHandle:
@@ -590,7 +606,7 @@ def enable(pipe_or_transformer, predictor=None, cache=None, q_tile=128, backend=
     if cache is not None and predictor is not None:
         raise ValueError("predictor, cache: pass one of them (a cache holds its own predictor)")
     if cache is None and predictor is not None:
-        cache = SparsityCache(predictor=predictor)
+        cache = _default_cache(predictor)
 
     found = _self_attention_modules(transformer)
     chosen = range(len(found)) if layers is None else sorted(set(layers))
