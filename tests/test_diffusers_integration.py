@@ -280,6 +280,11 @@ def test_layers_subset():
     fgd.disable(model)
     with pytest.raises(ValueError, match="layers"):
         fgd.enable(model, layers=[2])
+    with pytest.raises(ValueError, match="layers"):
+        fgd.enable(model, layers=["0"])
+    with pytest.raises(TypeError, match="layers"):
+        fgd.enable(model, layers=1)
+    assert not hasattr(model, "_fgattn_handle")
 
 
 def test_step_counter_and_pipeline_callback():

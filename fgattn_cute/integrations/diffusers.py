@@ -43,6 +43,10 @@ Text tokens are never dropped and text queries never lose keys:
   are concatenated back in place. So no query tile straddles the text / video boundary, and the
   text rows are exact.
 
+The join writes new lists of capacity round_up(index capacity + n_text, 128) on every sparse
+call (sync-free tensor ops, about one pass over the lists, like ``SparsityCache``'s unpack); Wan
+has no text in its self-attention and uses the cache's index as it is.
+
 HunyuanVideo passes a key-padding mask (bool [B, 1, 1, N], False on padded text tokens): padded
 text keys are left out of the joined lists, as the mask drops them in the dense model. The video
 part of that mask is assumed all True (it is in diffusers' HunyuanVideo, which pads only the
@@ -55,7 +59,8 @@ The denoising step counter
 ``handle.step`` (starts at 0) is what the cache sees as ``step``. Either pass
 ``callback_on_step_end=handle.step_callback`` to the pipeline (it sets ``step = i + 1`` after step
 ``i`` and back to 0 after the pipeline's last step), or set ``handle.step = i`` yourself before
-each step when you call the transformer directly; ``handle.reset()`` sets it to 0. Classifier-free
+each step when you call the transformer directly; ``handle.reset()`` sets it to 0 (call it before
+a new generation when the previous one stopped early, e.g. an interrupted pipeline). Classifier-free
 guidance that calls the transformer twice per step (Wan, HunyuanVideo) calls the cache twice with
 the same step; CogVideoX batches both into one call (B = 2).
 
@@ -609,12 +614,16 @@ def enable(pipe_or_transformer, predictor=None, cache=None, q_tile=128, backend=
         cache = _default_cache(predictor)
 
     found = _self_attention_modules(transformer)
-    chosen = range(len(found)) if layers is None else sorted(set(layers))
+    if layers is not None and not hasattr(layers, "__iter__"):
+        raise TypeError(f"layers: expected None or an iterable of layer ids, got "
+                        f"{type(layers).__name__}")
+    chosen = range(len(found)) if layers is None else list(dict.fromkeys(layers))
     for layer_id in chosen:
         if isinstance(layer_id, bool) or not isinstance(layer_id, int) or not (
             0 <= layer_id < len(found)
         ):
             raise ValueError(f"layers: expected layer ids in [0, {len(found)}), got {layer_id!r}")
+    chosen = sorted(chosen)
     for layer_id in chosen:
         name, module, expected, _ = found[layer_id]
         if type(module.processor) is not expected:
