@@ -212,11 +212,9 @@ def main(argv=None):
     stem = out_dir / f"sweep-{slug}-{date}"
     started = time.time()
 
-    Path(f"{stem}.meta.json").write_text(json.dumps(meta, indent=1))
-
     def record(r):
         records.append(dict(r, card=slug, card_name=name, clocks=clocks, commit=meta["commit"],
-                            versions=meta["versions"]))
+                            versions=meta["versions"], ceilings=meta["ceilings"]))
         # written as we go, so a run stopped by a time limit keeps what it measured
         Path(f"{stem}.json").write_text(json.dumps(records, indent=1))
 
