@@ -1,0 +1,34 @@
+"""A small launch of each gather engine, for compute-sanitizer (memcheck, racecheck).
+
+    python perf/sanitize.py                      # compiles (and fills the disk cache)
+    compute-sanitizer --tool memcheck python perf/sanitize.py
+    compute-sanitizer --tool racecheck python perf/sanitize.py
+
+Three query tiles with an empty list, a dense list and a random partial one, B=1, H=2, so
+every code path (gather, contiguous tile, padding, empty tile, partial last tile) runs once.
+"""
+
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import fgattn_cute as fg  # noqa: E402
+
+S, H, D = 300, 2, 128
+gen = torch.Generator(device="cuda").manual_seed(0)
+q, k, v = (torch.randn(1, S, H, D, generator=gen, device="cuda", dtype=torch.bfloat16)
+           for _ in range(3))
+mask = torch.rand(1, H, math.ceil(S / 128), S, generator=gen, device="cuda") < 0.4
+mask[0, 0, 0] = False
+mask[0, 0, 1] = True
+index = fg.KeyIndex.from_mask(mask, q_tile=128, seqlen_q=S)
+ref = fg.reference.sparse_attention(q, k, v, index)
+for engine in ("cpasync", "tma", "hybrid"):
+    out = fg.sparse_attention(q, k, v, index, engine=engine)
+    torch.cuda.synchronize()
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    print(f"{engine}: relative error {err:.2e}", "ok" if err < 1e-2 else "FAIL")
