@@ -36,10 +36,14 @@ def rope_split(head_dim):
     return head_dim - 2 * d_hw, d_hw, d_hw
 
 
+def _rope_freqs(dim, base):
+    """[dim // 2] rotary frequencies base^(-2i/dim)."""
+    return base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+
+
 def _rope_angles(positions, dim, base):
-    """[n, dim // 2] rotation angles for integer ``positions`` [n] (frequencies base^(-2i/dim))."""
-    freqs = base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-    return positions.double().unsqueeze(-1) * freqs
+    """[n, dim // 2] rotation angles for integer ``positions`` [n]."""
+    return positions.double().unsqueeze(-1) * _rope_freqs(dim, base)
 
 
 def _apply_rope(x, angles):
@@ -72,8 +76,8 @@ def _smooth_noise(gen, batch, channels, grid, sigma):
 
 def video_like_qkv(frames, height, width, heads, head_dim, seed, batch=1, dtype=torch.bfloat16,
                    device="cpu", text_tokens=0, *, locality=None, local_peak=12.0,
-                   sink_strength=5.0, sinks=None, channels=32, sigma=(1.0, 2.0, 2.0),
-                   rope_base=10000.0):
+                   locality_sharpness=0.5, sink_strength=5.0, sinks=None, channels=32,
+                   sigma=(1.0, 2.0, 2.0), rope_base=10000.0, v_mean=1.0):
     """Synthetic video-DiT-like q, k, v, each [batch, S, heads, head_dim] in ``dtype`` on
     ``device``, S = text_tokens + frames * height * width.
 
@@ -85,13 +89,19 @@ def video_like_qkv(frames, height, width, heads, head_dim, seed, batch=1, dtype=
     - content: features on the grid are Gaussian-filtered noise (``sigma`` grid steps in
       (time, height, width), ``channels`` channels, unit variance), projected to q and k with
       correlated random matrices (W_k = (W_q + W') / sqrt 2), so similar, i.e. nearby, tokens
-      score higher; v is a third projection. The content logits of head h are scaled by
-      0.2 + 0.8 * locality[h] (a per-head temperature: global heads are flatter).
-    - locality: a constant vector of norm^2 proportional to ``locality[h]`` is added to q and k
-      before the rotary embedding; after it, q . k gains a term that peaks at zero distance
-      (``local_peak * locality[h]`` in softmax-scaled logits) and decays with the distance
-      between the tokens. ``locality`` (floats in [0, 1], one per head) defaults to
-      linspace(0, 1, heads): head 0 global, the last head the most local.
+      score higher; v is a third projection plus a per-head offset of scale ``v_mean`` (real
+      value vectors share a large common component, so a broad head's output is not ~0). The
+      content logits of head h are scaled by 0.2 + 0.8 * locality[h] (a per-head temperature:
+      global heads are flatter).
+    - locality: a fixed vector (the same for every token) of norm^2 proportional to
+      ``locality[h]`` is added to q and k before the rotary embedding; after it, q . k gains a
+      term that peaks at zero distance (``local_peak * locality[h]`` in softmax-scaled logits)
+      and decays with the distance between the tokens. ``locality`` (floats in [0, 1], one per
+      head) defaults to linspace(0, 1, heads): head 0 global, the last head the most local. The
+      vector's norm^2 is shared among the rotary pairs in proportion to
+      theta_i ** ``locality_sharpness`` (default 0.5): 0 spreads it evenly over all frequencies
+      (a slow, logarithmic decay with distance), larger values favour the high frequencies (a
+      sharper neighbourhood with lighter tails).
     - 3D rotary embedding: the head dim is split into time, height and width parts
       (``rope_split``), each rotated by its own coordinate (frequencies rope_base^(-2i/d)).
     - sinks: the keys at ``sinks`` (token positions; default the first video token of every
@@ -146,21 +156,24 @@ def video_like_qkv(frames, height, width, heads, head_dim, seed, batch=1, dtype=
     w_q = torch.randn(H, C, D, generator=gen) / math.sqrt(C)
     w_k = (w_q + torch.randn(H, C, D, generator=gen) / math.sqrt(C)) / math.sqrt(2.0)
     w_v = torch.randn(H, C, D, generator=gen) / math.sqrt(C)
+    v_bias = torch.randn(H, D, generator=gen) * v_mean
     # Content temperature: global heads score content more softly (their logits are scaled by
     # 0.2 + 0.8 * locality relative to the most local head's).
     gain = torch.sqrt(0.2 + 0.8 * locality).view(H, 1, 1)
     q = torch.einsum("bsc,hcd->bshd", feats, w_q * gain)
     k = torch.einsum("bsc,hcd->bshd", feats, w_k * gain)
-    v = torch.einsum("bsc,hcd->bshd", feats, w_v)
+    v = torch.einsum("bsc,hcd->bshd", feats, w_v) + v_bias
 
     # Locality: q . k gains a^2 * sum_i cos(theta_i * distance) after the rotation, a^2 * D at
     # distance 0, i.e. a^2 * sqrt(D) scaled logits.
+    d_t, d_h, d_w = rope_split(D)
+    freqs = torch.cat([_rope_freqs(d, rope_base) for d in (d_t, d_h, d_w)])  # [D // 2]
+    weight = freqs**locality_sharpness
+    weight = (weight / weight.mean()).float().repeat_interleave(2)  # [D], mean 1
     amp = torch.sqrt(locality * local_peak / math.sqrt(D))  # [H]
-    pos_vec = amp.view(1, 1, H, 1).expand(1, n_video, H, D)
+    pos_vec = amp.view(1, 1, H, 1) * weight.sqrt().view(1, 1, 1, D)
     q[:, text_tokens:] += pos_vec
     k[:, text_tokens:] += pos_vec
-
-    d_t, d_h, d_w = rope_split(D)
     grid = torch.arange(n_video)
     t_pos = grid // (height * width)
     y_pos = (grid // width) % height

@@ -50,7 +50,8 @@ def test_features_are_smooth():
     # v carries the smooth features without any positional term: neighbours correlate.
     _, _, v = video_like_qkv(F, HH, WW, 1, D, seed=1, dtype=torch.float32)
     v = v[0, :, 0].view(F, HH, WW, D)
-    v = (v - v.mean()) / v.std()
+    v = v - v.mean(dim=(0, 1, 2))  # the per-head offset (v_mean) is not a feature
+    v = v / v.std()
     right = (v[:, :, 1:] * v[:, :, :-1]).mean()
     far = (v[:, :, 5:] * v[:, :, :-5]).mean()
     assert right > 0.5 and right > far + 0.3
@@ -80,6 +81,19 @@ def test_sinks_attract_mass():
     q, k, _ = video_like_qkv(F, HH, WW, H, D, seed=3, dtype=torch.float32, text_tokens=4,
                              sinks=[])
     assert _probs(q, k)[0][..., sinks].mean() < 5 * per_key
+
+
+def test_sharpness_and_v_mean():
+    near = (_grid_distance() <= 1.5).double()
+    mass = []
+    for sharp in (0.0, 1.0):
+        q, k, _ = video_like_qkv(F, HH, WW, 1, D, seed=4, dtype=torch.float32, locality=[1.0],
+                                 locality_sharpness=sharp, sinks=[])
+        mass.append(float((_probs(q, k)[0, 0] * near).sum(-1).mean()))
+    assert mass[1] > mass[0] + 0.05
+    _, _, v0 = video_like_qkv(F, HH, WW, 2, D, seed=4, dtype=torch.float32, v_mean=0.0)
+    _, _, v1 = video_like_qkv(F, HH, WW, 2, D, seed=4, dtype=torch.float32, v_mean=1.0)
+    assert v0.mean(dim=1).abs().mean() < 0.1 < v1.mean(dim=1).abs().mean()
 
 
 def test_custom_locality_and_device_arg():
