@@ -1,0 +1,345 @@
+"""Quality of the predicted sparsity: output error against kept fraction, per granularity.
+
+    python perf/quality.py                       # --size small: CPU, a few minutes
+    python -m perf.quality --size 480p           # GPU: 21 x 30 x 52 = 32,760 tokens, 24 heads
+    python perf/quality.py --size 480p --heads 12 --backend reference
+
+Inputs: ``fgattn_cute.testing.video_like_qkv`` (synthetic, video-DiT-like, bf16; see its
+docstring). For two selection rules and a sweep of their parameter:
+
+    threshold   calibrate's rule: keep (query tile, key) when the tile's largest softmax
+                probability for the key is >= threshold / seqlen_k
+    top-p       pooled_top_p's rule: the tile's mean query, softmax over keys, the smallest set
+                of keys holding mass p
+
+and four granularities:
+
+    Mx1 q128    fgattn's fine-grained lists, 128-query tiles
+    Mx1 q64     the same with 64-query tiles
+    block 128   128 x 128 blocks: 128-query tiles, 128-key blocks
+    block 64    64 x 64 blocks
+
+block masks are chosen by the same rule on blocks: threshold keeps a (query block, key block)
+pair when the largest probability inside the block passes the cut (the block maximum); top-p
+ranks key blocks by their pooled mass (the sum of the pooled probabilities over the block) and
+keeps the smallest set of blocks holding mass p. They run as M x 1 lists
+(``KeyIndex.from_block_mask``).
+
+For every point: the kept fraction (``index.density()``) and the relative L2 error
+||O_sparse - O_dense|| / ||O_dense|| over the whole output, where O_dense is a float32 dense
+attention (torch SDPA on float32 copies). O_sparse comes from ``fg.reference.sparse_attention``
+(float32; pure sparsification error) or, with ``--backend cute`` (the default on a Hopper GPU),
+from ``fg.sparse_attention`` in bf16; the error of the dense list through the same backend is
+recorded as the floor.
+
+Writes perf/results/quality-<size>-<device>.json, .png (error vs kept fraction, log axes, one
+curve per granularity, one panel per rule) and .md (the kept fraction each granularity needs for
+an error of 1e-2 and 3e-2, interpolated on the curve in log-log), and prints the table. The plot
+needs matplotlib (not a dependency of the package): the script stops with a message if it is
+missing, unless --no-plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import fgattn_cute as fg  # noqa: E402
+from fgattn_cute.testing import video_like_qkv  # noqa: E402
+
+SIZES = {
+    # frames, latent height, latent width, heads, head_dim
+    "small": dict(frames=8, height=24, width=32, heads=6, head_dim=128),
+    "480p": dict(frames=21, height=30, width=52, heads=24, head_dim=128),
+}
+THRESHOLDS = [0.01, 0.03, 0.1, 0.2, 0.35, 0.6, 1.0, 1.6, 2.5, 4.0, 6.5, 10.0, 30.0, 100.0]
+TOP_PS = [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999]
+GRANULARITIES = [
+    # name, q_tile, key block (None: M x 1)
+    ("Mx1 q128", 128, None),
+    ("Mx1 q64", 64, None),
+    ("block 128", 128, 128),
+    ("block 64", 64, 64),
+]
+TARGETS = [1e-2, 3e-2]
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _device_name(device):
+    if device.type == "cpu":
+        return "cpu"
+    name = torch.cuda.get_device_name(device).lower()
+    return "-".join("".join(c if c.isalnum() else " " for c in name).split())
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _best_time(fn, device, reps):
+    fn()
+    _sync(device)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _dense_f32(q, k, v, scale):
+    """float32 dense attention [B, S, H, D] (SDPA on float32 copies, head by head)."""
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    for h in range(q.shape[2]):
+        qh, kh, vh = (x[:, :, h:h + 1].transpose(1, 2).float() for x in (q, k, v))
+        o = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, scale=scale)
+        out[:, :, h:h + 1] = o.transpose(1, 2)
+    return out
+
+
+def _rel_l2(out, ref):
+    return float(torch.linalg.vector_norm((out.float() - ref).double())
+                 / torch.linalg.vector_norm(ref.double()))
+
+
+def _block_max(x, block):
+    """x [..., n] -> [..., ceil(n / block)]: max over consecutive blocks (x >= 0)."""
+    n = x.shape[-1]
+    pad = -n % block
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.view(*x.shape[:-1], -1, block).amax(-1)
+
+
+def _block_sum(x, block):
+    n = x.shape[-1]
+    pad = -n % block
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.view(*x.shape[:-1], -1, block).sum(-1)
+
+
+def _tiles_128_from_64(colmax64):
+    """Column maxima of 128-query tiles from those of 64-query tiles."""
+    t64 = colmax64.shape[2]
+    if t64 % 2:
+        colmax64 = torch.nn.functional.pad(colmax64, (0, 0, 0, 1))
+    b, h, t, n = colmax64.shape
+    return colmax64.view(b, h, t // 2, 2, n).amax(3)
+
+
+def _interp(points, target):
+    """The kept fraction at which the error first falls to ``target`` along the curve (points:
+    (kept, error), any order), interpolated linearly in log-log; a string when the curve does
+    not cross ``target``."""
+    pts = sorted((kf, err) for kf, err in points if kf > 0)
+    if not pts:
+        return None, "n/a"
+    for i, (kf, err) in enumerate(pts):
+        if err <= target:
+            if i == 0:
+                return None, f"< {kf:.3g}"
+            k0, e0 = pts[i - 1]
+            if err <= 0 or e0 <= 0 or e0 == err:
+                return kf, f"{kf:.3g}"
+            w = (math.log(target) - math.log(e0)) / (math.log(err) - math.log(e0))
+            val = math.exp(math.log(k0) + w * (math.log(kf) - math.log(k0)))
+            return val, f"{val:.3g}"
+    return None, f"> {pts[-1][0]:.3g}"
+
+
+def _table(results, floor):
+    lines = [
+        "| rule | granularity | kept for err 1e-2 | kept for err 3e-2 |",
+        "| --- | --- | --- | --- |",
+    ]
+    summary = {}
+    for rule in ("threshold", "top-p"):
+        for name, _, _ in GRANULARITIES:
+            pts = [(r["kept"], r["rel_l2"]) for r in results
+                   if r["rule"] == rule and r["granularity"] == name]
+            cells = []
+            for t in TARGETS:
+                val, text = _interp(pts, t)
+                summary[f"{rule}|{name}|{t:g}"] = val
+                cells.append(text)
+            lines.append(f"| {rule} | {name} | {cells[0]} | {cells[1]} |")
+    lines.append("")
+    lines.append(f"Error floor of the backend (dense list vs float32 dense): {floor:.2e}.")
+    return "\n".join(lines), summary
+
+
+def _plot(results, floor, title, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
+    for ax, rule in zip(axes, ("threshold", "top-p"), strict=True):
+        for name, _, _ in GRANULARITIES:
+            pts = sorted((r["kept"], r["rel_l2"]) for r in results
+                         if r["rule"] == rule and r["granularity"] == name and r["rel_l2"] > 0)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=name)
+        for t in TARGETS:
+            ax.axhline(t, color="grey", lw=0.6, ls=":")
+        if floor > 0:
+            ax.axhline(floor, color="black", lw=0.6, ls="--", label="backend floor")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("kept fraction (index.density())")
+        ax.set_title(f"{rule} rule")
+        ax.grid(True, which="both", lw=0.3, alpha=0.5)
+    axes[0].set_ylabel("relative L2 error vs dense")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", choices=sorted(SIZES), default="small")
+    ap.add_argument("--heads", type=int, default=None, help="override the size's head count")
+    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--backend", choices=["auto", "reference", "cute"], default="auto",
+                    help="sparse attention: auto = cute on a Hopper GPU, else reference")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reps", type=int, default=3, help="timing repetitions (best of)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib)")
+    args = ap.parse_args(argv)
+
+    if not args.no_plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            sys.exit("perf/quality.py: the plot needs matplotlib, which is not installed: "
+                     "`python -m pip install matplotlib`, or pass --no-plot")
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    backend = args.backend
+    if backend == "auto":
+        hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+        backend = "cute" if hopper else "reference"
+    cfg = dict(SIZES[args.size])
+    if args.heads:
+        cfg["heads"] = args.heads
+    dev_name = _device_name(device)
+    stem = args.out / f"quality-{args.size}-{dev_name}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    def log(msg):
+        print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
+
+    q, k, v = video_like_qkv(seed=args.seed, device=device, dtype=torch.bfloat16, **cfg)
+    B, S, H, D = q.shape
+    scale = D**-0.5
+    log(f"video_like_qkv {cfg}: q {tuple(q.shape)} bf16 on {device}; backend {backend}")
+
+    def sparse(index):
+        if backend == "reference":
+            return fg.reference.sparse_attention(q, k, v, index, scale)
+        return fg.sparse_attention(q, k, v, index, scale, backend="cute")
+
+    truth = _dense_f32(q, k, v, scale)
+    floor = _rel_l2(sparse(fg.KeyIndex.dense(B, H, S, S, 128, device)), truth)
+    log(f"float32 dense done; backend floor (dense list) {floor:.2e}")
+
+    # Column maxima of the probabilities per 64- and 128-query tile: the threshold rule for
+    # every granularity, from one exact pass (calibrate's own building blocks).
+    lse = fg.predict.query_lse(q, k, scale)
+    colmax = {64: fg.predict.tile_column_max_probs(q, k, lse, 64, scale)}
+    colmax[128] = _tiles_128_from_64(colmax[64])
+    check = fg.predict.calibrate(q, k, 128, threshold=1.0)
+    assert torch.equal(check.to_mask(), colmax[128] >= 1.0 / S), "calibrate != column-max rule"
+    log("column maxima done (checked against fg.predict.calibrate at threshold 1)")
+
+    results = []
+
+    def record(rule, gran, param, index):
+        err = _rel_l2(sparse(index), truth)
+        kept = float(index.density())
+        results.append(dict(rule=rule, granularity=gran, param=param, kept=kept, rel_l2=err))
+        log(f"{rule:9s} {gran:9s} {param:<7g} kept {kept:.4f} rel_l2 {err:.3e}")
+
+    for name, q_tile, block in GRANULARITIES:
+        cm = colmax[q_tile] if block is None else _block_max(colmax[q_tile], block)
+        for thr in THRESHOLDS:
+            mask = cm >= thr / S
+            if block is None:
+                index = fg.KeyIndex.from_mask(mask, q_tile, S)
+            else:
+                index = fg.KeyIndex.from_block_mask(mask, q_tile, S, block, S)
+            record("threshold", name, thr, index)
+    del colmax
+
+    for name, q_tile, block in GRANULARITIES:
+        if block is not None:
+            block_mass = _block_sum(fg.predict.pooled_probs(q, k, q_tile, scale), block)
+        for p in TOP_PS:
+            if block is None:
+                index = fg.predict.pooled_top_p(q, k, q_tile, p, scale)
+            else:
+                mask = fg.predict.top_p_mask(block_mass, p)
+                index = fg.KeyIndex.from_block_mask(mask, q_tile, S, block, S)
+            record("top-p", name, p, index)
+
+    def dense_attn():
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+        return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, scale=scale)
+
+    timings = {
+        "calibrate(q_tile=128, threshold=1)": _best_time(
+            lambda: fg.predict.calibrate(q, k, 128, 1.0), device, args.reps),
+        "pooled_top_p(q_tile=128, p=0.9)": _best_time(
+            lambda: fg.predict.pooled_top_p(q, k, 128, 0.9), device, args.reps),
+        "dense SDPA bf16": _best_time(dense_attn, device, args.reps),
+    }
+    for what, sec in timings.items():
+        log(f"time {what}: {sec * 1e3:.1f} ms")
+
+    table, summary = _table(results, floor)
+    title = (f"quality-{args.size}-{dev_name}: video_like_qkv B={B} S={S} "
+             f"({cfg['frames']}x{cfg['height']}x{cfg['width']}) H={H} D={D}, backend {backend}")
+    meta = dict(
+        size=args.size, config=cfg, seed=args.seed, shape=[B, S, H, D], dtype="bfloat16",
+        device=str(device), device_name=dev_name, backend=backend,
+        torch=torch.__version__, python=platform.python_version(),
+        date=datetime.date.today().isoformat(), thresholds=THRESHOLDS, top_ps=TOP_PS,
+    )
+    payload = dict(meta=meta, floor_rel_l2=floor, results=results, needed_kept=summary,
+                   timings_s=timings)
+    stem.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
+    md = [f"# {title}", "", "Kept fraction (index.density()) needed for a relative L2 error of "
+          "1e-2 and 3e-2 against float32 dense attention, interpolated on the measured curve "
+          "(log-log). `< x`: every measured point is below the error; `> x`: none reaches it.",
+          "", table, "", f"Timings (best of {args.reps}, {dev_name}):", ""]
+    md += [f"- {what}: {sec * 1e3:.1f} ms" for what, sec in timings.items()]
+    md.append("")
+    stem.with_suffix(".md").write_text("\n".join(md))
+    if not args.no_plot:
+        _plot(results, floor, title, stem.with_suffix(".png"))
+    print()
+    print(table)
+    log(f"wrote {stem}.json, .md" + ("" if args.no_plot else ", .png"))
+    return payload
+
+
+if __name__ == "__main__":
+    main()
