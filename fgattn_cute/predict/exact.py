@@ -28,12 +28,15 @@ from . import _args
 
 __all__ = ["calibrate", "query_lse", "tile_column_max_probs", "tile_keep_mask"]
 
-# Budget, in float32 elements, for one chunk of scores (the chunk's temporaries are a few times
-# this). On accelerators larger chunks mean fewer launches.
-_SCORE_ELEMS = {"cpu": 1 << 21}
+# Budget, in float32 elements, for one chunk of scores. On the CPU a chunk that stays in cache
+# is fastest; on accelerators larger chunks mean fewer launches.
+_SCORE_ELEMS = {"cpu": 1 << 18}
 _SCORE_ELEMS_DEFAULT = 1 << 26
 # Budget, in elements, for the float32 copies of one chunk of heads of q and k.
 _HEAD_ELEMS = 1 << 26
+# Stands for -lse on the last tile's padding rows: their log-probabilities are about -1e30, so
+# they never win a tile's max (a finite value: no inf enters the matmul).
+_PAD_NEG_LSE = -1e30
 
 
 def _score_budget(device):
@@ -47,7 +50,7 @@ def _cdiv(a, b):
 def _head_chunks(q, k):
     """(h0, h1) chunks of heads whose float32 q and k copies fit ``_HEAD_ELEMS``."""
     _, sq, h, d = q.shape
-    per_head = (sq + k.shape[1]) * d
+    per_head = (sq + k.shape[1]) * (d + 8)
     step = max(1, min(h, _HEAD_ELEMS // per_head))
     return [(h0, min(h, h0 + step)) for h0 in range(0, h, step)]
 
@@ -57,68 +60,96 @@ def _heads_f32(x, b, h0, h1):
     return x[b, :, h0:h1].transpose(0, 1).float().contiguous()
 
 
+class _Buffers:
+    """Reusable float32 matmul outputs, one per shape (a call sees at most four shapes), so
+    that the chunk loop does not allocate."""
+
+    def __init__(self, device):
+        self.device = device
+        self.bufs = {}
+
+    def __call__(self, *shape):
+        buf = self.bufs.get(shape)
+        if buf is None:
+            buf = self.bufs[shape] = torch.empty(shape, dtype=torch.float32, device=self.device)
+        return buf
+
+
 @torch.no_grad()
 def query_lse(q, k, scale):
     """Each query's natural-log log-sum-exp over all keys: float32 [B, H, Sq].
 
     ``lse[b, h, i] = log sum_j exp(scale * q[b, i, h] . k[b, j, h])``, computed in float32 on q's
-    device with an online log-sum-exp over key chunks (never more than about ``_SCORE_ELEMS``
-    scores at once). Cost: 2 * B * H * Sq * Sk * D flops of float32 matmul plus B * H * Sq * Sk
-    exponentials. It is the default ``lse_fn`` of ``calibrate``; a replacement must return the
-    same quantity, float32 [B, H, Sq], on q's device.
+    device with an online log-sum-exp over key chunks (about ``_SCORE_ELEMS`` scores at once,
+    in one reused buffer). Cost: 2 * B * H * Sq * Sk * D flops of float32 matmul plus
+    B * H * Sq * Sk exponentials, and in eager torch about 16 * B * H * Sq * Sk bytes of chunk
+    traffic (matmul output, max, exp in place, sum). It is the default ``lse_fn`` of
+    ``calibrate``; a replacement must return the same quantity, float32 [B, H, Sq], on q's
+    device (e.g. the LSE a dense flash-attention forward returns, if it is float32 and exact
+    enough for the thresholds in use).
     """
     B, sq, H, D = q.shape
     sk = k.shape[1]
     budget = _score_budget(q.device)
+    buffers = _Buffers(q.device)
     out = torch.empty(B, H, sq, dtype=torch.float32, device=q.device)
     for b in range(B):
         for h0, h1 in _head_chunks(q, k):
             nh = h1 - h0
-            qf = _heads_f32(q, b, h0, h1)
-            kf = _heads_f32(k, b, h0, h1)
+            qs = _heads_f32(q, b, h0, h1).mul_(scale)
+            kt = _heads_f32(k, b, h0, h1).transpose(1, 2)  # [nh, D, Sk]
             nk = max(1, min(sk, budget // nh))
             nq = max(1, min(sq, budget // (nh * nk)))
             for q0 in range(0, sq, nq):
                 q1 = min(sq, q0 + nq)
-                acc = None
+                run_max = torch.full((nh, q1 - q0), float("-inf"), device=q.device)
+                run_sum = torch.zeros(nh, q1 - q0, device=q.device)
                 for k0 in range(0, sk, nk):
                     k1 = min(sk, k0 + nk)
-                    s = torch.matmul(qf[:, q0:q1], kf[:, k0:k1].transpose(1, 2))
-                    part = torch.logsumexp(s.mul_(scale), dim=-1)
-                    acc = part if acc is None else torch.logaddexp(acc, part)
-                out[b, h0:h1, q0:q1] = acc
+                    s = torch.bmm(qs[:, q0:q1], kt[:, :, k0:k1],
+                                  out=buffers(nh, q1 - q0, k1 - k0))
+                    new_max = torch.maximum(run_max, s.amax(dim=-1))
+                    s.sub_(new_max.unsqueeze(-1)).exp_()
+                    run_sum = run_sum * torch.exp(run_max - new_max) + s.sum(dim=-1)
+                    run_max = new_max
+                out[b, h0:h1, q0:q1] = run_max + torch.log(run_sum)
     return out
 
 
 def _column_max_logp(q, k, lse, q_tile, scale, emit):
     """For every chunk, ``emit(b, h0, h1, t0, t1, k0, k1, m)`` with m float32 [nh, nt, nk]: the
-    max over the tile's real queries of ``scale * q . k - lse`` (the log-probability)."""
+    max over the tile's real queries of ``scale * q . k - lse`` (the log-probability).
+
+    The subtraction rides in the matmul: q is extended with a column -lse and k with a column
+    of ones, so one GEMM gives the log-probabilities and the only other pass is the max."""
     B, sq, H, D = q.shape
     sk = k.shape[1]
     n_tiles = _cdiv(sq, q_tile)
     budget = _score_budget(q.device)
-    pad = n_tiles * q_tile - sq
+    buffers = _Buffers(q.device)
+    rows = n_tiles * q_tile
+    width = _cdiv(D + 1, 8) * 8  # the extra column, padded to keep rows 32-byte aligned
     for b in range(B):
         for h0, h1 in _head_chunks(q, k):
             nh = h1 - h0
-            qf = _heads_f32(q, b, h0, h1)
-            kf = _heads_f32(k, b, h0, h1)
-            # Padding queries get lse = +inf: their log-probabilities are -inf and never win.
-            lse_b = lse[b, h0:h1].float()
-            if pad:
-                qf = torch.nn.functional.pad(qf, (0, 0, 0, pad))
-                lse_b = torch.nn.functional.pad(lse_b, (0, pad), value=float("inf"))
+            qa = torch.zeros(nh, rows, width, dtype=torch.float32, device=q.device)
+            qa[:, :sq, :D] = q[b, :, h0:h1].transpose(0, 1)
+            qa[:, :sq, :D] *= scale
+            qa[:, :sq, D] = -lse[b, h0:h1]
+            qa[:, sq:, D] = _PAD_NEG_LSE
+            ka = torch.zeros(nh, sk, width, dtype=torch.float32, device=q.device)
+            ka[:, :, :D] = k[b, :, h0:h1].transpose(0, 1)
+            ka[:, :, D] = 1.0
+            kt = ka.transpose(1, 2)  # [nh, width, Sk]
             nk = max(1, min(sk, budget // (nh * q_tile)))
             nt = max(1, min(n_tiles, budget // (nh * q_tile * nk)))
             for t0 in range(0, n_tiles, nt):
                 t1 = min(n_tiles, t0 + nt)
-                r0, r1 = t0 * q_tile, t1 * q_tile
-                q_c = qf[:, r0:r1]
-                lse_c = lse_b[:, r0:r1].unsqueeze(-1)
+                q_c = qa[:, t0 * q_tile:t1 * q_tile]
                 for k0 in range(0, sk, nk):
                     k1 = min(sk, k0 + nk)
-                    s = torch.matmul(q_c, kf[:, k0:k1].transpose(1, 2))  # [nh, rows, nk]
-                    s.mul_(scale).sub_(lse_c)
+                    s = torch.bmm(q_c, kt[:, :, k0:k1],
+                                  out=buffers(nh, (t1 - t0) * q_tile, k1 - k0))
                     m = s.view(nh, t1 - t0, q_tile, k1 - k0).amax(dim=2)
                     emit(b, h0, h1, t0, t1, k0, k1, m)
 
@@ -152,14 +183,16 @@ def tile_keep_mask(q, k, lse, q_tile, scale, threshold):
     arguments, same result). Chunked over heads, query tiles and keys (about ``_SCORE_ELEMS``
     scores at once).
 
-    Cost: 2 * B * H * Sq * Sk * D flops (the float32 Q K^T) plus about 3 * B * H * Sq * Sk
-    elementwise ops (scale, subtract lse, max over the tile's rows) and B * H * n_q_tiles * Sk
-    exponentials and compares. Bytes: the output, B * H * n_q_tiles * Sk (one byte each); the
-    float32 copies of q and k, read once per key chunk and tile chunk respectively; and, in eager
-    torch, each chunk's float32 scores written and read about three times, i.e. about
-    12 * B * H * Sq * Sk bytes of temporaries (a fused kernel keeps them in registers: its
-    traffic is q, k and the output only). At S = 32,760, H = 24, D = 128: 6.6 TFLOP, 0.2 GB of
-    output for q_tile 128.
+    Cost: 2 * B * H * Sq * Sk * (D + 8) flops (one float32 GEMM of q extended with a -lse
+    column against k extended with ones, which yields the log-probabilities directly), the max
+    over each tile's rows (B * H * Sq * Sk compares), and B * H * n_q_tiles * Sk exponentials
+    and compares. Bytes: the output, B * H * n_q_tiles * Sk (one byte each); the float32
+    extended copies of q and k, (Sq + Sk) * (D + 8) * 4 bytes per (batch, head), re-read per
+    chunk; and, in eager torch, each chunk's float32 scores written once by the GEMM and read
+    once by the max, about 8 * B * H * Sq * Sk bytes (a fused kernel keeps them in registers:
+    its traffic is q, k and the output only). At S = 32,760, H = 24, D = 128: 7.0 TFLOP of
+    float32 GEMM, 0.2 GB of output at q_tile 128, and 206 GB of eager score traffic (about
+    0.1 s at H100 bandwidth; the GEMM itself takes about as long in float32 without TF32).
     """
     sk = k.shape[1]
     n_tiles = _cdiv(q.shape[1], q_tile)
