@@ -68,6 +68,16 @@ def test_top_p_mask_gpu_equals_sort_with_ties():
     assert int(mass.sum(-1).max()) < 2**53
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_compiled_select_on_gpu():
+    q, k, qg, kg = _inputs()
+    eager = fg.predict.pooled_top_p(qg, kg, 128, 0.9)
+    select = fg.predict.compiled_top_p_select()
+    compiled = fg.predict.pooled_top_p(qg, kg, 128, 0.9, select_fn=select)
+    assert torch.equal(eager.indices, compiled.indices)
+    assert torch.equal(eager.counts, compiled.counts)
+
+
 def test_predictors_do_not_sync():
     _, _, qg, kg = _inputs()
     keep = torch.arange(16, device="cuda")

@@ -211,3 +211,26 @@ def test_video_like_inputs():
     high = fg.predict.pooled_top_p(q, k, 64, p=0.95)
     assert 0 < float(low.density()) < float(high.density()) < 1
     assert bool((high.to_mask() | ~low.to_mask()).all())  # nested in p
+
+
+def test_select_fn_hook():
+    q, k = _qk(9, 1, 2, 130, 100, 16)
+    seen = []
+
+    def select_fn(probs, p):
+        seen.append((tuple(probs.shape), p.dtype, float(p)))
+        return fg.predict.top_p_select(probs, p)
+
+    index = fg.predict.pooled_top_p(q, k, 64, p=0.8, select_fn=select_fn)
+    assert seen == [((2 * 3, 100), torch.float64, 0.8)]
+    assert torch.equal(index.to_mask(), top_p_sorted(fg.predict.pooled_probs(q, k, 64), 0.8))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit notices from inductor
+def test_compiled_select_equals_eager():
+    select = fg.predict.compiled_top_p_select()
+    assert fg.predict.compiled_top_p_select() is select  # built once
+    probs = _random_probs(11, 16, 700, ties=True)
+    for p in (0.3, 0.9, 0.999):  # p is a tensor: one compilation for every p
+        p_t = torch.tensor(p, dtype=torch.float64)
+        assert torch.equal(select(probs, p_t), top_p_sorted(probs, p))

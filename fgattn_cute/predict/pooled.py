@@ -30,7 +30,14 @@ import torch
 from ..host.key_index import KeyIndex
 from . import _args
 
-__all__ = ["pooled_probs", "pooled_top_p", "tile_means", "top_p_mask"]
+__all__ = [
+    "compiled_top_p_select",
+    "pooled_probs",
+    "pooled_top_p",
+    "tile_means",
+    "top_p_mask",
+    "top_p_select",
+]
 
 _MASS_BITS = 52
 _MASS_SCALE = float(2**_MASS_BITS)
@@ -51,12 +58,14 @@ def _cdiv(a, b):
     return (a + b - 1) // b
 
 
-def _select_rows(probs, p):
-    """bool [R, N] for float32 probs [R, N] (each row in [0, 1]); see the module docstring."""
+def top_p_select(probs, p):
+    """The selection on rows: bool [R, N] for float32 ``probs`` [R, N] (entries in [0, 1]) and
+    ``p`` a 0-dim float64 tensor in (0, 1) on probs' device (a tensor, so that a compiled
+    version does not specialise on its value). The rule of the module docstring; p = 1 is the
+    caller's business (it keeps everything). No host sync, fixed shapes: it compiles with
+    ``torch.compile(fullgraph=True)`` (see ``compiled_top_p_select``)."""
     R, N = probs.shape
     device = probs.device
-    if p >= 1.0:
-        return torch.ones(R, N, dtype=torch.bool, device=device)
     mass = (probs * _MASS_SCALE).to(torch.int64)  # floor: probs >= 0
     total = mass.sum(dim=-1)
     target = torch.ceil(total.double() * p).to(torch.int64)
@@ -87,6 +96,26 @@ def _select_rows(probs, p):
     return keep & (total > 0).unsqueeze(-1)
 
 
+_COMPILED = {}
+
+
+def compiled_top_p_select():
+    """``torch.compile(top_p_select, fullgraph=True, dynamic=False)``, built once. Pass it as
+    ``pooled_top_p(..., select_fn=compiled_top_p_select())``: same results, the elementwise
+    passes fused (2.3x faster on a CPU in a quick check; the first call per row-chunk shape
+    compiles, for seconds)."""
+    if "select" not in _COMPILED:
+        _COMPILED["select"] = torch.compile(top_p_select, fullgraph=True, dynamic=False)
+    return _COMPILED["select"]
+
+
+def _select(rows, p, select_fn=None):
+    if p >= 1.0:
+        return torch.ones(rows.shape, dtype=torch.bool, device=rows.device)
+    p_t = torch.full((), p, dtype=torch.float64, device=rows.device)
+    return (select_fn or top_p_select)(rows, p_t)
+
+
 @torch.no_grad()
 def top_p_mask(probs, p):
     """bool, shape of ``probs``: along the last dim, the smallest set of entries whose mass
@@ -106,7 +135,7 @@ def top_p_mask(probs, p):
     rows = probs.reshape(-1, shape[-1])
     if not rows.is_contiguous():
         rows = rows.contiguous()
-    return _select_rows(rows, p).reshape(shape)
+    return _select(rows, p).reshape(shape)
 
 
 def tile_means(q, q_tile):
@@ -167,7 +196,8 @@ def pooled_probs(q, k, q_tile=128, softmax_scale=None):
 
 
 @torch.no_grad()
-def pooled_top_p(q, k, q_tile=128, p=0.9, softmax_scale=None, always_keep=None, capacity=None):
+def pooled_top_p(q, k, q_tile=128, p=0.9, softmax_scale=None, always_keep=None, capacity=None,
+                 *, select_fn=None):
     """The cheap predictor: each tile scores its mean query against every key and keeps the
     smallest set of keys whose softmax mass reaches ``p``, plus ``always_keep``.
 
@@ -186,6 +216,9 @@ def pooled_top_p(q, k, q_tile=128, p=0.9, softmax_scale=None, always_keep=None, 
         always_keep: None, a bool tensor [Sk], or key ids (1-D integer tensor or list of ints).
         capacity: list capacity of the returned ``KeyIndex`` (None: round_up(Sk, 128)); a row
             with more kept keys is an error, never truncated.
+        select_fn: ``select_fn(probs [R, Sk] float32, p 0-dim float64 tensor) -> bool [R, Sk]``,
+            the selection (default ``top_p_select``; ``compiled_top_p_select()`` is the same,
+            compiled). Plug a fused kernel here.
 
     Returns:
         a trusted ``KeyIndex`` on q's device.
@@ -207,7 +240,7 @@ def pooled_top_p(q, k, q_tile=128, p=0.9, softmax_scale=None, always_keep=None, 
     mask = torch.empty(q.shape[0], q.shape[2], n_tiles, sk, dtype=torch.bool, device=q.device)
     for b, h0, h1, t0, t1, probs in _prob_chunks(q, k, q_tile, scale):
         rows = probs.reshape(-1, sk)
-        mask[b, h0:h1, t0:t1] = _select_rows(rows, p).view(h1 - h0, t1 - t0, sk)
+        mask[b, h0:h1, t0:t1] = _select(rows, p, select_fn).view(h1 - h0, t1 - t0, sk)
     if keep is not None:
         mask |= keep
     return KeyIndex.from_mask(mask, q_tile, q.shape[1], capacity=capacity)
