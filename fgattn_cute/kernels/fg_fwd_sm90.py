@@ -22,7 +22,7 @@ import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass import Float32, Int32, const_expr
 from cutlass.cute.nvgpu import cpasync, warpgroup
-from cutlass.utils import LayoutEnum
+from cutlass.tensor_utils import LayoutEnum
 
 from fgattn_cute.kernels.gather import CpAsyncGather, TmaRowGather
 from fgattn_cute.kernels.layout import (
