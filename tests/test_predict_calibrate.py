@@ -171,3 +171,13 @@ def test_video_like_inputs_sparse_and_exact():
     assert 0.02 < density < 0.9
     _assert_rule(index, q, k, 64, 1.0, 32**-0.5)
     assert math.isclose(density, float(index.to_mask().float().mean()), rel_tol=0.2)
+
+
+def test_kernel_lse_matches_query_lse(monkeypatch):
+    monkeypatch.setattr(calibrate_mod, "_KERNEL_INDEX_BYTES", 1000)  # one head per chunk
+    q, k = _qk(10, 2, 3, 150, 90, 16)
+    scale = 16**-0.5
+    torch.testing.assert_close(fg.predict.kernel_lse(q, k, scale),
+                               fg.predict.query_lse(q, k, scale), atol=1e-5, rtol=1e-6)
+    index = fg.predict.calibrate(q, k, 64, 0.6, lse_fn=fg.predict.kernel_lse)
+    _assert_rule(index, q, k, 64, 0.6, scale)

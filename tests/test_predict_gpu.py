@@ -37,6 +37,17 @@ def test_calibrate_gpu_matches_cpu(q_tile, threshold):
     assert not ((got != rule) & ~ambiguous).any()
 
 
+def test_kernel_lse_on_hopper():
+    q, k, qg, kg = _inputs()
+    scale = 128**-0.5
+    lse = fg.predict.kernel_lse(qg, kg, scale)  # the CuTe kernel's LSE over a dense list
+    torch.testing.assert_close(lse.cpu(), fg.predict.query_lse(q, k, scale), atol=5e-5,
+                               rtol=1e-5)
+    gpu = fg.predict.calibrate(qg, kg, 128, 1.0, lse_fn=fg.predict.kernel_lse).to_mask().cpu()
+    rule, ambiguous = keep_with_margin(q, k, 128, 1.0, scale, rel=1e-4)
+    assert not ((gpu != rule) & ~ambiguous).any()
+
+
 @pytest.mark.parametrize("q_tile", [64, 128])
 @pytest.mark.parametrize("p", [0.5, 0.9, 0.99])
 def test_pooled_top_p_gpu_matches_cpu(q_tile, p):

@@ -12,13 +12,13 @@ reuses their result across denoising steps.
 Both predictors take ``always_keep`` (key ids or a bool [seqlen_k] mask every tile keeps, e.g.
 text tokens) and ``capacity`` (of the returned lists). Building blocks, exposed so that faster
 implementations can replace them: ``query_lse``, ``tile_keep_mask``, ``tile_column_max_probs``
-(calibrate's two passes; ``calibrate(..., lse_fn=, mask_fn=)``), ``tile_means``,
-``pooled_probs``, ``top_p_mask`` / ``top_p_select`` (pooled_top_p's;
+(calibrate's two passes; ``calibrate(..., lse_fn=, mask_fn=)``, e.g. ``lse_fn=kernel_lse``),
+``tile_means``, ``pooled_probs``, ``top_p_mask`` / ``top_p_select`` (pooled_top_p's;
 ``pooled_top_p(..., select_fn=)``, e.g. ``compiled_top_p_select()``, the latter compiled).
 """
 
 from .cache import SparsityCache, SparsityCacheFull
-from .exact import calibrate, query_lse, tile_column_max_probs, tile_keep_mask
+from .exact import calibrate, kernel_lse, query_lse, tile_column_max_probs, tile_keep_mask
 from .pooled import (
     compiled_top_p_select,
     pooled_probs,
@@ -33,6 +33,7 @@ __all__ = [
     "SparsityCacheFull",
     "calibrate",
     "compiled_top_p_select",
+    "kernel_lse",
     "pooled_probs",
     "pooled_top_p",
     "query_lse",

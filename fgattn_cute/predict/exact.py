@@ -9,7 +9,7 @@ chunked passes, so that no S x S matrix is ever materialised (S = 75,600, H = 40
 
 1. ``query_lse``: each query's natural-log log-sum-exp over all keys (an online log-sum-exp over
    key chunks). Replaceable through ``calibrate(..., lse_fn=...)`` by any faster source of the
-   same quantity (e.g. the LSE that a dense flash-attention forward returns).
+   same quantity, e.g. ``kernel_lse`` (the CuTe kernel's LSE over a dense list).
 2. ``tile_keep_mask``: per chunk of heads, query tiles and keys, the column max over the tile's
    rows of ``scale * s - lse`` (the log-probability); ``exp`` of it is compared with
    ``threshold / seqlen_k`` and the bool mask [B, H, n_q_tiles, seqlen_k] is written chunk by
@@ -26,7 +26,13 @@ import torch
 from ..host.key_index import KeyIndex
 from . import _args
 
-__all__ = ["calibrate", "query_lse", "tile_column_max_probs", "tile_keep_mask"]
+__all__ = [
+    "calibrate",
+    "kernel_lse",
+    "query_lse",
+    "tile_column_max_probs",
+    "tile_keep_mask",
+]
 
 # Budget, in float32 elements, for one chunk of scores. On the CPU a chunk that stays in cache
 # is fastest; on accelerators larger chunks mean fewer launches.
@@ -113,6 +119,41 @@ def query_lse(q, k, scale):
                     run_sum = run_sum * torch.exp(run_max - new_max) + s.sum(dim=-1)
                     run_max = new_max
                 out[b, h0:h1, q0:q1] = run_max + torch.log(run_sum)
+    return out
+
+
+# Budget, in bytes, for the dense KeyIndex of one chunk of heads in ``kernel_lse``.
+_KERNEL_INDEX_BYTES = 1 << 30
+
+
+@torch.no_grad()
+def kernel_lse(q, k, scale):
+    """The same quantity as ``query_lse``, from ``fg.sparse_attention`` with a dense index and
+    ``return_lse=True``: on a Hopper GPU (bf16 / fp16, head dim 64 or 128) the CuTe kernel, whose
+    bf16 / fp16 products are exact in its float32 accumulators (only the summation order
+    differs); elsewhere the float32 reference (correct, slow).
+    A drop-in ``lse_fn`` for ``calibrate``: about one dense attention forward instead of a
+    float32 GEMM plus an eager exponential pass. v is k (the output is discarded); heads are
+    taken in chunks whose dense index stays within about 1 GiB.
+    """
+    from ..interface import CUTE_DTYPES, CUTE_HEAD_DIMS, sparse_attention
+
+    B, sq, H, D = q.shape
+    on_kernel = (q.device.type == "cuda" and q.dtype in CUTE_DTYPES and D in CUTE_HEAD_DIMS
+                 and torch.cuda.get_device_capability(q.device)[0] == 9)
+    backend = "cute" if on_kernel else "reference"
+    sk = k.shape[1]
+    n_tiles = _cdiv(sq, 128)
+    per_head = B * n_tiles * _cdiv(sk, 128) * 128 * 4
+    step = max(1, min(H, _KERNEL_INDEX_BYTES // per_head))
+    out = torch.empty(B, H, sq, dtype=torch.float32, device=q.device)
+    for h0 in range(0, H, step):
+        h1 = min(H, h0 + step)
+        index = KeyIndex.dense(B, h1 - h0, sq, sk, 128, q.device)
+        kh = k[:, :, h0:h1]
+        _, lse = sparse_attention(q[:, :, h0:h1], kh, kh, index, scale, return_lse=True,
+                                  backend=backend)
+        out[:, h0:h1] = lse
     return out
 
 
