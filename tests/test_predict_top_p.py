@@ -87,6 +87,16 @@ def test_top_p_ties_lower_index_first():
     assert fg.predict.top_p_mask(probs, 0.85).tolist() == [[True, True, True, True, False]]
 
 
+def test_top_p_mask_reaches_p_exactly():
+    # Exact binary probabilities: the mass of key 0 is exactly 0.5.
+    probs = torch.tensor([[0.5, 0.25, 0.25]])
+    assert fg.predict.top_p_mask(probs, 0.5).tolist() == [[True, False, False]]
+    just_above = math.nextafter(0.5, 1.0)  # 0.5 + 2**-53: key 0 alone no longer reaches p
+    assert fg.predict.top_p_mask(probs, just_above).tolist() == [[True, True, False]]
+    assert fg.predict.top_p_mask(probs, 0.75).tolist() == [[True, True, False]]
+    assert fg.predict.top_p_mask(probs, math.nextafter(0.75, 1.0)).tolist() == [[True] * 3]
+
+
 def test_top_p_mask_shapes_and_edges():
     probs = _random_probs(2, 12, 50).view(2, 3, 2, 50)
     out = fg.predict.top_p_mask(probs, 0.7)
