@@ -156,3 +156,16 @@ def test_cache_bad_get_argument():
         wrong.get(0, 0, Q, K)
     with pytest.raises(ValueError, match="q_tile"):
         fg.predict.SparsityCache(functools.partial(fg.predict.calibrate, q_tile=0)).get(0, 0, Q, K)
+
+
+def test_tf32_setting_restored_and_ignored():
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        a = fg.predict.calibrate(Q, K, 16, threshold=1.0)
+        b = fg.predict.pooled_top_p(Q, K, 16, p=0.9)
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert torch.equal(a.indices, fg.predict.calibrate(Q, K, 16, threshold=1.0).indices)
+    assert torch.equal(b.indices, fg.predict.pooled_top_p(Q, K, 16, p=0.9).indices)

@@ -89,6 +89,19 @@ def test_compiled_select_on_gpu():
     assert torch.equal(eager.counts, compiled.counts)
 
 
+def test_tf32_does_not_change_the_predictors():
+    _, _, qg, kg = _inputs()
+    ref = (fg.predict.calibrate(qg, kg, 128, 1.0), fg.predict.pooled_top_p(qg, kg, 128, 0.9))
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # TF32 allowed: the predictors must not use it
+    try:
+        got = (fg.predict.calibrate(qg, kg, 128, 1.0), fg.predict.pooled_top_p(qg, kg, 128, 0.9))
+    finally:
+        torch.set_float32_matmul_precision(before)
+    for a, b in zip(ref, got, strict=True):
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.counts, b.counts)
+
+
 def test_predictors_do_not_sync():
     _, _, qg, kg = _inputs()
     keep = torch.arange(16, device="cuda")

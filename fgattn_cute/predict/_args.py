@@ -8,6 +8,7 @@ GPU is range-checked with a device-side assert.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import operator
@@ -18,6 +19,21 @@ from .._checks import check_scale
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CUTE_Q_TILES = (64, 128)  # what the sm90 kernel runs (fgattn_cute.interface.CUTE_Q_TILES)
+
+
+@contextlib.contextmanager
+def ieee_fp32_matmul():
+    """Float32 matmuls in full IEEE precision inside the block (no TF32 even when the caller
+    enabled it with ``torch.set_float32_matmul_precision``), restoring the setting after."""
+    before = torch.get_float32_matmul_precision()
+    if before == "highest":
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def check_qk(q, k):

@@ -16,7 +16,8 @@ chunked passes, so that no S x S matrix is ever materialised (S = 75,600, H = 40
    chunk. Replaceable through ``calibrate(..., mask_fn=...)`` by a fused kernel.
 
 Scores are computed in float32 from the inputs' values (bf16 and fp16 products are exact in
-float32; only the summation order differs from a float64 computation).
+float32; only the summation order differs from a float64 computation), with IEEE float32
+matmuls even when the caller allowed TF32 (``torch.set_float32_matmul_precision``).
 """
 
 from __future__ import annotations
@@ -112,8 +113,9 @@ def query_lse(q, k, scale):
                 run_sum = torch.zeros(nh, q1 - q0, device=q.device)
                 for k0 in range(0, sk, nk):
                     k1 = min(sk, k0 + nk)
-                    s = torch.bmm(qs[:, q0:q1], kt[:, :, k0:k1],
-                                  out=buffers(nh, q1 - q0, k1 - k0))
+                    with _args.ieee_fp32_matmul():
+                        s = torch.bmm(qs[:, q0:q1], kt[:, :, k0:k1],
+                                      out=buffers(nh, q1 - q0, k1 - k0))
                     new_max = torch.maximum(run_max, s.amax(dim=-1))
                     s.sub_(new_max.unsqueeze(-1)).exp_()
                     run_sum = run_sum * torch.exp(run_max - new_max) + s.sum(dim=-1)
@@ -189,8 +191,9 @@ def _column_max_logp(q, k, lse, q_tile, scale, emit):
                 q_c = qa[:, t0 * q_tile:t1 * q_tile]
                 for k0 in range(0, sk, nk):
                     k1 = min(sk, k0 + nk)
-                    s = torch.bmm(q_c, kt[:, :, k0:k1],
-                                  out=buffers(nh, (t1 - t0) * q_tile, k1 - k0))
+                    with _args.ieee_fp32_matmul():
+                        s = torch.bmm(q_c, kt[:, :, k0:k1],
+                                      out=buffers(nh, (t1 - t0) * q_tile, k1 - k0))
                     m = s.view(nh, t1 - t0, q_tile, k1 - k0).amax(dim=2)
                     emit(b, h0, h1, t0, t1, k0, k1, m)
 

@@ -176,7 +176,8 @@ def _prob_chunks(q, k, q_tile, scale):
             kf = k[b, :, h0:h1].transpose(0, 1).float()  # [nh, Sk, D]
             for t0 in range(0, n_tiles, nt):
                 t1 = min(n_tiles, t0 + nt)
-                logits = torch.matmul(means[b, h0:h1, t0:t1], kf.transpose(1, 2))
+                with _args.ieee_fp32_matmul():  # the same probabilities whatever TF32 says
+                    logits = torch.matmul(means[b, h0:h1, t0:t1], kf.transpose(1, 2))
                 yield b, h0, h1, t0, t1, torch.softmax(logits.mul_(scale), dim=-1)
 
 
