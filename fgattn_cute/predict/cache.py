@@ -76,7 +76,7 @@ class SparsityCache:
         compact: store a ``PackedKeyIndex`` bitmap (Sk / 8 bytes per (b, h, tile) row) rather
             than the int32 lists (4 * capacity bytes per row), and unpack it at every reuse (a
             sync-free tensor op costing about one ``KeyIndex.from_mask``: counted op by op,
-            about 80 bytes of eager memory traffic per (tile, key), i.e. about 16 GB, several
+            about 90 bytes of eager memory traffic per (tile, key), i.e. about 18 GB, several
             ms on an H100, per layer and step at 32,760 tokens and 24 heads). Default True.
             With memory to spare, ``compact=False`` and a predictor with a tight ``capacity=``
             skip the unpacking.
