@@ -266,8 +266,11 @@ def main(argv=None):
     lse = fg.predict.query_lse(q, k, scale)
     colmax = {64: fg.predict.tile_column_max_probs(q, k, lse, 64, scale)}
     colmax[128] = _tiles_128_from_64(colmax[64])
+    # Same rule through calibrate itself; the GEMM shapes differ (64- vs 128-row tiles), so
+    # only entries within 1e-4 of the cut may differ.
     check = fg.predict.calibrate(q, k, 128, threshold=1.0)
-    assert torch.equal(check.to_mask(), colmax[128] >= 1.0 / S), "calibrate != column-max rule"
+    differ = check.to_mask() != (colmax[128] >= 1.0 / S)
+    assert not (differ & ((colmax[128] * S - 1.0).abs() > 1e-4)).any(), "calibrate != rule"
     log("column maxima done (checked against fg.predict.calibrate at threshold 1)")
 
     results = []
