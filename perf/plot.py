@@ -7,6 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 
 BAR = {128: 1.1, 64: 1.2}  # time <= BAR * keep * FA4 dense time
+PREDICTORS = ("pooled_top_p", "pooled_top_p_compiled", "calibrate")
 
 
 def _label(r):
@@ -37,10 +38,14 @@ def summarize(meta, records, stem) -> str:
         cud = next((r["ms"] for r in rs if r["system"] == "cudnn"), None)
         if cud:
             lines.append(f"cuDNN SDPA dense: {cud:.2f} ms.")
+        for r in rs:
+            if r["system"] in PREDICTORS:
+                share = f" ({100 * r['ms'] / dense:.1f}% of FA4 dense)" if dense else ""
+                lines.append(f"Predictor {r['system']}: {r['ms']:.2f} ms{share}.")
         lines += ["", "| system | granularity | keep | ms | TF/s (kept work) | x ideal |",
                   "| --- | --- | --- | --- | --- | --- |"]
         for r in sorted(rs, key=lambda r: (-r["keep"], _label(r))):
-            if r["system"] in ("fa4_dense", "cudnn"):
+            if r["system"] in ("fa4_dense", "cudnn") or r["system"] in PREDICTORS:
                 continue
             ideal = f"{r['ms'] / (r['keep'] * dense):.2f}" if dense else "-"
             lines.append(f"| {_label(r)} | {r['granularity']} | {r['keep']:.3f} | "
@@ -86,7 +91,7 @@ def _plots(by_shape, stem):
         dense = next((r["ms"] for r in rs if r["system"] == "fa4_dense"), None)
         series = defaultdict(list)
         for r in rs:
-            if r["system"] not in ("fa4_dense", "cudnn"):
+            if r["system"] not in ("fa4_dense", "cudnn") + PREDICTORS:
                 series[_label(r)].append((r["keep"], r["ms"]))
         fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(11, 4.2))
         for label, pts in sorted(series.items()):

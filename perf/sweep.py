@@ -143,6 +143,25 @@ def run_shape(name, keeps, systems, reps, record, progress):
         except RuntimeError as e:  # no cuDNN attention for this shape / build
             progress(f"{name} cudnn skipped: {e}")
 
+    if "predict" in systems:
+        # The predictors' cost next to the attention they feed (issue: pooled top-p must stay
+        # under 5% of FA4 dense; calibrate under one dense attention).
+        pred = fg.predict
+        select = pred.compiled_top_p_select()
+        for label, fn in (
+            ("pooled_top_p", lambda: pred.pooled_top_p(q, k, 128, 0.9)),
+            ("pooled_top_p_compiled",
+             lambda: pred.pooled_top_p(q, k, 128, 0.9, select_fn=select)),
+            ("calibrate", lambda: pred.calibrate(q, k, 128, 1.0, lse_fn=pred.kernel_lse)),
+        ):
+            try:
+                ms = median_ms(fn, max(3, reps // 2), warmup=1)
+                record(dict(base, system=label, engine=None, granularity="128x1", keep=1.0,
+                            ms=ms, tflops=0.0))
+                progress(f"{name} {label:22s} {ms:8.3f} ms")
+            except Exception as e:
+                progress(f"{name} {label} failed: {type(e).__name__}: {e}")
+
     for keep in keeps:
         index = baselines.random_lists(B, heads, seqlen, seqlen, 128, keep, dev, seed=1)
         kept = index.density().item()
@@ -194,7 +213,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--keeps", default=",".join(map(str, KEEPS)))
-    p.add_argument("--systems", default="fgattn,fa4_dense,fa4_block,fa4_paged,cudnn")
+    p.add_argument("--systems", default="fgattn,fa4_dense,fa4_block,fa4_paged,cudnn,predict")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)

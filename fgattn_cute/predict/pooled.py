@@ -154,8 +154,10 @@ def tile_means(q, q_tile):
             if pad:
                 x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
             out[b, t0:t1] = x.view(t1 - t0, q_tile, H, D).sum(dim=1)
-    rows = torch.full((n_tiles,), float(q_tile), device=q.device)
-    rows[-1] = float(sq - (n_tiles - 1) * q_tile)
+    # Real queries per tile, built on the device: a scalar written into a CUDA tensor would
+    # be a blocking host-to-device copy.
+    first = torch.arange(n_tiles, device=q.device) * q_tile
+    rows = (sq - first).clamp(max=q_tile).to(torch.float32)
     out /= rows.view(1, n_tiles, 1, 1)
     return out.permute(0, 2, 1, 3)
 
