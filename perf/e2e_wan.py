@@ -32,7 +32,6 @@ import argparse
 import datetime
 import functools
 import json
-import math
 import os
 import platform
 import statistics
@@ -44,6 +43,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from baselines import random_lists  # noqa: E402  (perf/baselines.py)
 
 import fgattn_cute as fg  # noqa: E402
 
@@ -203,24 +205,6 @@ def n_tokens(config, latent):
     return (latent[0] // p_t) * (latent[1] // p_h) * (latent[2] // p_w)
 
 
-def random_index(batch, heads, seqlen, q_tile, keep, device, seed):
-    """M x 1 key lists with exactly round(keep * seqlen) random keys per query tile (sorted),
-    one head at a time to bound the scratch memory. Trusted, no host sync."""
-    n_tiles = math.ceil(seqlen / q_tile)
-    n = max(1, min(seqlen, round(keep * seqlen)))
-    if n == seqlen:
-        return fg.KeyIndex.dense(batch, heads, seqlen, seqlen, q_tile, device)
-    cap = math.ceil(n / 128) * 128
-    indices = torch.zeros(batch, heads, n_tiles, cap, dtype=torch.int32, device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    for b in range(batch):
-        for h in range(heads):
-            order = torch.rand(n_tiles, seqlen, generator=gen, device=device).argsort(-1)
-            indices[b, h, :, :n] = order[:, :n].sort(-1).values.int()
-    counts = torch.full((batch, heads, n_tiles), n, dtype=torch.int32, device=device)
-    return fg.KeyIndex.from_indices(indices, counts, q_tile, seqlen, seqlen, validate=False)
-
-
 class FixedCache:
     """A SparsityCache-like object handing out one prebuilt index per layer."""
 
@@ -327,7 +311,7 @@ def run_size(size, args, model, config, device, dtype, backend, progress):
 
     for keep in args.keeps:
         t0 = time.perf_counter()
-        indexes = [random_index(1, heads, seqlen, q_tile, keep, device, seed=layer)
+        indexes = [random_lists(1, heads, seqlen, seqlen, q_tile, keep, device, seed=layer)
                    for layer in range(layers)]
         clock.sync()
         build_s = time.perf_counter() - t0
