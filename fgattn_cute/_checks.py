@@ -22,21 +22,22 @@ _DTYPE_NAMES = {
 }
 
 
+def check_tokens(name, t):
+    """A non-empty torch tensor [B, S, H, D] (q, k or v in the FlashAttention layout)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name}: expected a 4-D tensor [B, S, H, D], got shape {tuple(t.shape)}")
+    if min(t.shape) < 1:
+        raise ValueError(
+            f"{name}: expected every dimension of [B, S, H, D] >= 1, got shape {tuple(t.shape)}"
+        )
+
+
 def check_qkv(q, k, v, dtypes, dtype_note=""):
     """q, k, v: tensors [B, S, H, D] of one dtype in ``dtypes`` on one device."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(
-                f"{name}: expected a 4-D tensor [B, S, H, D], got shape {tuple(t.shape)}"
-            )
-        if min(t.shape) < 1:
-            raise ValueError(
-                f"{name}: expected every dimension of [B, S, H, D] >= 1, got shape "
-                f"{tuple(t.shape)}"
-            )
+        check_tokens(name, t)
     if q.dtype not in dtypes:
         allowed = " or ".join(_DTYPE_NAMES.get(d, str(d)) for d in dtypes)
         raise TypeError(f"q: expected dtype {allowed}{dtype_note}, got {q.dtype}")

@@ -15,7 +15,7 @@ import operator
 
 import torch
 
-from .._checks import check_scale
+from .._checks import check_scale, check_tokens
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CUTE_Q_TILES = (64, 128)  # what the sm90 kernel runs (fgattn_cute.interface.CUTE_Q_TILES)
@@ -39,17 +39,7 @@ def ieee_fp32_matmul():
 def check_qk(q, k):
     """q [B, Sq, H, D], k [B, Sk, H, D]: same dtype (bf16, fp16, fp32), device, B, H, D."""
     for name, t in (("q", q), ("k", k)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor [B, S, H, D], got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(
-                f"{name}: expected a 4-D tensor [B, S, H, D], got shape {tuple(t.shape)}"
-            )
-        if min(t.shape) < 1:
-            raise ValueError(
-                f"{name}: expected every dimension of [B, S, H, D] >= 1, got shape "
-                f"{tuple(t.shape)}"
-            )
+        check_tokens(name, t)
     if q.dtype not in DTYPES:
         raise TypeError(
             f"q: expected dtype torch.bfloat16, torch.float16 or torch.float32, got {q.dtype}"
