@@ -88,6 +88,13 @@ def _check_cute_layout(q, k, v, index):
             )
 
 
+def _allowed_dtypes(backend):
+    """(dtypes q/k/v may have, a note for the error) for the backend asked for."""
+    if backend == "reference":
+        return (torch.bfloat16, torch.float16, torch.float32), ""
+    return CUTE_DTYPES, " (torch.float32 only with backend='reference')"
+
+
 def _choose_backend(backend, device):
     if backend != "auto":
         return backend
@@ -147,10 +154,7 @@ def sparse_attention(
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if engine is not None and engine not in ENGINES:
         raise ValueError(f"engine: expected None or one of {ENGINES}, got {engine!r}")
-    if backend == "reference":
-        dtypes, note = (torch.bfloat16, torch.float16, torch.float32), ""
-    else:
-        dtypes, note = CUTE_DTYPES, " (torch.float32 only with backend='reference')"
+    dtypes, note = _allowed_dtypes(backend)
     scale = _checks.check_all(q, k, v, index, softmax_scale, return_lse, dtypes, note)
     chosen = _choose_backend(backend, q.device)
     if engine is not None and chosen != "cute":

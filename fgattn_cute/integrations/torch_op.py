@@ -38,7 +38,7 @@ import torch
 
 from .. import _checks
 from ..host.key_index import KeyIndex
-from ..interface import BACKENDS, CUTE_DTYPES, _choose_backend
+from ..interface import BACKENDS, _allowed_dtypes, _choose_backend
 from ..interface import sparse_attention as _fg_sparse_attention
 
 __all__ = ["OP_NAME", "sparse_attention_op"]
@@ -94,10 +94,7 @@ def sparse_attention_op(q, k, v, index, softmax_scale=None, return_lse=False, ba
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    if backend == "reference":  # the dtype rule of fg.sparse_attention: by the backend asked for
-        dtypes, note = (torch.bfloat16, torch.float16, torch.float32), ""
-    else:
-        dtypes, note = CUTE_DTYPES, " (torch.float32 only with backend='reference')"
+    dtypes, note = _allowed_dtypes(backend)  # fg.sparse_attention's rule
     scale = _checks.check_all(q, k, v, index, softmax_scale, return_lse, dtypes, note)
     backend = _choose_backend(backend, q.device)
     if not index.trusted:
