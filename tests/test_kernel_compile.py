@@ -55,6 +55,32 @@ def test_machine_code(config, histograms):
         assert cp_async == cp_copies and tma_loads == q_and_tiles + row_boxes, hist
 
 
+CALIBRATE_CONFIGS = kcompile.all_calibrate_configs()
+
+
+@pytest.mark.parametrize("config", CALIBRATE_CONFIGS,
+                         ids=lambda c: "-".join(map(str, vars(c).values())))
+def test_calibrate_machine_code(config):
+    """Two Q K^T passes (wgmma), K by whole-tile TMA, the bitmap ORed with shared-memory
+    atomics, one exponential per score in pass 1, no spills."""
+    hist = _hist(config)
+    # Two passes, each with its first tile and its steady-state loop.
+    assert _count(hist, "HGMMA.64x128x16") == 4 * (config.head_dim // 16), hist
+    assert _count(hist, "LDL") == 0 and _count(hist, "STL") == 0, f"spills: {hist}"
+    assert hist["USETMAXREG.DEALLOC.CTAPOOL"] == 1 and hist["USETMAXREG.TRY_ALLOC.CTAPOOL"] == 1
+    assert _count(hist, "UTMALDG") == 2 * (config.head_dim // 64), hist  # Q and a K tile
+    assert _count(hist, "ATOMS.OR") >= 1 and _count(hist, "LDGSTS") == 0, hist
+
+
+def test_calibrate_configs_cover_dtype_head_dim_and_q_tile():
+    seen = {(c.head_dim, c.dtype, c.q_tile) for c in CALIBRATE_CONFIGS}
+    assert len(seen) == 2 * 2 * 2
+    with pytest.raises(ValueError, match="q_tile"):
+        kcompile.CalibrateConfig(128, "bfloat16", q_tile=32)
+    with pytest.raises(ValueError, match="head_dim"):
+        kcompile.CalibrateConfig(96, "bfloat16")
+
+
 def test_every_engine_dtype_head_dim_and_q_tile_is_covered():
     seen = {(c.head_dim, c.dtype, c.q_tile, c.engine) for c in CONFIGS}
     assert len(seen) == 2 * 2 * 2 * len(kcompile.ENGINES)

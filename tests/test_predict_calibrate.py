@@ -181,3 +181,29 @@ def test_kernel_lse_matches_query_lse(monkeypatch):
                                fg.predict.query_lse(q, k, scale), atol=1e-5, rtol=1e-6)
     index = fg.predict.calibrate(q, k, 64, 0.6, lse_fn=fg.predict.kernel_lse)
     _assert_rule(index, q, k, 64, 0.6, scale)
+
+
+def test_backend_argument():
+    q, k = _qk(3, 1, 1, 40, 50, 16)
+    with pytest.raises(ValueError, match="backend"):
+        fg.predict.calibrate(q, k, 64, backend="triton")
+    with pytest.raises(RuntimeError, match="backend: .*Hopper"):
+        fg.predict.calibrate(q, k, 64, backend="cute")
+    auto = fg.predict.calibrate(q, k, 64, 1.0)
+    torch_path = fg.predict.calibrate(q, k, 64, 1.0, backend="torch")
+    assert torch.equal(auto.indices, torch_path.indices)
+    assert torch.equal(auto.counts, torch_path.counts)
+
+
+def test_keep_words_bit_order():
+    """Key j at bit j % 32 of int32 word j // 32: the kernel's bitmap order."""
+    sk = 70
+    keep = torch.zeros(sk, dtype=torch.bool)
+    ids = [0, 5, 31, 32, 63, 64, 69]
+    keep[ids] = True
+    words = calibrate_mod._keep_words(keep, sk, torch.device("cpu"))
+    assert words.dtype == torch.int32 and words.shape == (3,)
+    bits = [(int(words[j // 32]) >> (j % 32)) & 1 for j in range(96)]
+    assert [j for j, b in enumerate(bits) if b] == ids
+    assert torch.equal(calibrate_mod._keep_words(None, sk, torch.device("cpu")),
+                       torch.zeros(3, dtype=torch.int32))

@@ -1,8 +1,10 @@
-"""Compile the sm90 kernel once per static configuration; cache it in memory and on disk.
+"""Compile the sm90 kernels once per static configuration; cache them in memory and on disk.
 
-Batch, heads, sequence lengths, the number of query tiles and the list capacity are dynamic
-(symbolic sizes and strides), so one compile serves every problem shape. The static key is
-(arch, head dim, dtype, q_tile, gather engine, tile_n, stages).
+Two kernels: the attention forward (``KernelConfig``) and the calibrate predictor
+(``CalibrateConfig``). Batch, heads, sequence lengths, the number of query tiles and the list
+capacity are dynamic (symbolic sizes and strides), so one compile serves every problem shape.
+The static key is the arch and the config's fields (head dim, dtype, q_tile, stages, and for the
+forward the gather engine and tile_n).
 
 On a machine without a GPU set CUTE_DSL_ARCH=sm_90a: compiling needs no GPU and no CUDA
 toolkit (the DSL wheel carries NVVM and ptxas). The disk cache holds the exported object of
@@ -55,6 +57,36 @@ class KernelConfig:
             raise ValueError(f"tile_n must be 64 or 128, got {self.tile_n}")
         if self.num_stages not in (2, 3, 4):
             raise ValueError(f"num_stages must be 2, 3 or 4, got {self.num_stages}")
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    """Everything that is static in one compiled calibrate kernel (fg.predict.calibrate)."""
+
+    head_dim: int
+    dtype: str  # "bfloat16" or "float16"
+    q_tile: int = 128
+    num_stages: int = 4
+
+    def __post_init__(self):
+        if self.head_dim not in (64, 128):
+            raise ValueError(f"head_dim must be 64 or 128, got {self.head_dim}")
+        if self.dtype not in ("bfloat16", "float16"):
+            raise ValueError(f"dtype must be 'bfloat16' or 'float16', got {self.dtype!r}")
+        if self.q_tile not in (64, 128):
+            raise ValueError(f"q_tile must be 64 or 128, got {self.q_tile}")
+        if self.num_stages not in (2, 3, 4):
+            raise ValueError(f"num_stages must be 2, 3 or 4, got {self.num_stages}")
+
+
+def all_calibrate_configs():
+    """Every calibrate configuration the package ships (CI compiles each one)."""
+    return [
+        CalibrateConfig(d, dt, qt)
+        for d in (64, 128)
+        for dt in ("bfloat16", "float16")
+        for qt in (128, 64)
+    ]
 
 
 def default_config(head_dim: int, dtype: str, q_tile: int, engine: str | None = None):
@@ -120,7 +152,7 @@ def cache_dir() -> Path | None:
     return base / source_fingerprint()
 
 
-def _fake_args(config: KernelConfig):
+def _fake_args(config: KernelConfig | CalibrateConfig):
     """Fake tensors with symbolic sizes and strides, in the order the kernel takes them."""
     import cutlass
     import cutlass.cute as cute
@@ -128,7 +160,7 @@ def _fake_args(config: KernelConfig):
 
     dtype = {"bfloat16": cutlass.BFloat16, "float16": cutlass.Float16}[config.dtype]
     b, h, seqlen_q, seqlen_k = (cute.sym_int32() for _ in range(4))
-    n_q_tiles, capacity = cute.sym_int32(), cute.sym_int32()
+    n_q_tiles, capacity, n_words = cute.sym_int32(), cute.sym_int32(), cute.sym_int32()
 
     def tokens(seqlen):
         # [B, S, H, D]: any strides that keep 16-byte alignment, head dim contiguous.
@@ -142,6 +174,18 @@ def _fake_args(config: KernelConfig):
             dt, shape, stride_order=order, assumed_align=align
         )
 
+    stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
+    if isinstance(config, CalibrateConfig):
+        return (
+            tokens(seqlen_q),
+            tokens(seqlen_k),
+            compact(Int32, (n_words,), 4),
+            compact(Int32, (b, h, n_q_tiles, capacity), 16),
+            compact(Int32, (b, h, n_q_tiles), 4),
+            Float32(1.0),
+            Float32(0.0),
+            stream,
+        )
     return (
         tokens(seqlen_q),
         tokens(seqlen_k),
@@ -151,19 +195,25 @@ def _fake_args(config: KernelConfig):
         compact(Int32, (b, h, n_q_tiles, capacity), 16),
         compact(Int32, (b, h, n_q_tiles), 4),
         Float32(1.0),
-        cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
+        stream,
     )
 
 
-def _build(config: KernelConfig, arch: str):
+def _build(config: KernelConfig | CalibrateConfig, arch: str):
     """Trace and compile one configuration (seconds)."""
     os.environ.setdefault("CUTE_DSL_ARCH", arch)
     import cutlass
     import cutlass.cute as cute
 
+    dtype = {"bfloat16": cutlass.BFloat16, "float16": cutlass.Float16}[config.dtype]
+    if isinstance(config, CalibrateConfig):
+        from fgattn_cute.kernels.calibrate_sm90 import CalibrateSm90
+
+        kernel = CalibrateSm90(dtype, config.head_dim, config.q_tile, config.num_stages)
+        return cute.compile(kernel, *_fake_args(config), options="--enable-tvm-ffi")
+
     from fgattn_cute.kernels.fg_fwd_sm90 import FgAttentionForwardSm90
 
-    dtype = {"bfloat16": cutlass.BFloat16, "float16": cutlass.Float16}[config.dtype]
     kernel = FgAttentionForwardSm90(
         dtype,
         config.head_dim,
@@ -176,16 +226,16 @@ def _build(config: KernelConfig, arch: str):
     return cute.compile(kernel, *_fake_args(config), options="--enable-tvm-ffi")
 
 
-def _key_name(config: KernelConfig, arch: str) -> str:
+def _key_name(config: KernelConfig | CalibrateConfig, arch: str) -> str:
     fields = "-".join(f"{v}" for v in asdict(config).values())
-    return f"{arch}-{fields}"
+    return f"{arch}-{type(config).__name__}-{fields}"
 
 
 _memory_cache: dict = {}
 _lock = threading.Lock()
 
 
-def compile_fwd(config: KernelConfig, arch: str | None = None):
+def compile_fwd(config: KernelConfig | CalibrateConfig, arch: str | None = None):
     """The compiled kernel for `config`: from memory, else from disk, else compiled now."""
     arch = arch or target_arch()
     key = (arch, config)
@@ -204,7 +254,7 @@ def compile_fwd(config: KernelConfig, arch: str | None = None):
     return fn
 
 
-def _load_from_disk(config: KernelConfig, arch: str):
+def _load_from_disk(config: KernelConfig | CalibrateConfig, arch: str):
     root = cache_dir()
     if root is None:
         return None
@@ -220,7 +270,7 @@ def _load_from_disk(config: KernelConfig, arch: str):
         return None
 
 
-def _save_to_disk(compiled, config: KernelConfig, arch: str) -> None:
+def _save_to_disk(compiled, config: KernelConfig | CalibrateConfig, arch: str) -> None:
     root = cache_dir()
     if root is None:
         return
@@ -251,7 +301,7 @@ def _nvdisasm() -> str:
     raise FileNotFoundError("nvdisasm not found: pip install 'nvidia-cuda-nvdisasm>=13.4,<14'")
 
 
-def sass_of(config: KernelConfig, arch: str = "sm_90a") -> str:
+def sass_of(config: KernelConfig | CalibrateConfig, arch: str = "sm_90a") -> str:
     """Disassembly of a fresh compile of `config` (not the cache: the cubin is needed)."""
     os.environ.setdefault("CUTE_DSL_ARCH", arch)
     compiled = _build(config, arch)
@@ -272,6 +322,6 @@ def sass_histogram(sass: str) -> Counter:
     """Counts of the instructions that tell whether the kernel is built as intended."""
     pattern = (
         r"\b(HGMMA\.[\w.]+|UTMALDG[\w.]*|UTMASTG[\w.]*|LDGSTS[\w.]*|LDL[\w.]*|STL[\w.]*"
-        r"|ARRIVES[\w.]*|USETMAXREG[\w.]*)"
+        r"|ARRIVES[\w.]*|USETMAXREG[\w.]*|ATOMS[\w.]*)"
     )
     return Counter(re.findall(pattern, sass))

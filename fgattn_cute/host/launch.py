@@ -1,6 +1,6 @@
-"""Launch the sm90 forward on torch tensors (inputs already validated by interface.py).
+"""Launch the sm90 kernels (attention forward, calibrate) on validated torch tensors.
 
-No host synchronisation and no allocation beyond O and LSE: the kernel is called through
+No host synchronisation and no allocation beyond the outputs: the kernels are called through
 tvm-ffi with the torch tensors themselves, on torch's current stream.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from fgattn_cute.host.compile import KernelConfig, compile_fwd, default_config
+from fgattn_cute.host.compile import CalibrateConfig, KernelConfig, compile_fwd, default_config
 
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -43,3 +43,33 @@ def run_fwd_sm90(
     with torch.cuda.device(q.device):
         fn(q, k, v, out, lse, indices, counts, float(softmax_scale))
     return out, lse
+
+
+def run_calibrate_sm90(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    keep_words: torch.Tensor,
+    q_tile: int,
+    softmax_scale: float,
+    log_cut: float,
+    capacity: int,
+    indices: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
+):
+    """The calibrate kernel: (indices int32 [B, H, n_q_tiles, capacity], counts int32
+    [B, H, n_q_tiles]). keep_words: int32 [ceil(Sk / 32)], the always-keep bits (key j at bit
+    j % 32 of word j // 32). Counts are exact even past the capacity (nothing is written
+    there); the caller checks them. indices / counts: optional preallocated outputs (every
+    element is written)."""
+    config = CalibrateConfig(q.shape[-1], _DTYPE_NAMES[q.dtype], q_tile)
+    fn = compile_fwd(config)
+    batch, seqlen_q, heads, _ = q.shape
+    n_q_tiles = -(-seqlen_q // q_tile)
+    if indices is None:
+        indices = torch.empty(batch, heads, n_q_tiles, capacity, dtype=torch.int32,
+                              device=q.device)
+    if counts is None:
+        counts = torch.empty(batch, heads, n_q_tiles, dtype=torch.int32, device=q.device)
+    with torch.cuda.device(q.device):
+        fn(q, k, keep_words, indices, counts, float(softmax_scale), float(log_cut))
+    return indices, counts

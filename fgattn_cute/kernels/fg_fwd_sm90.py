@@ -32,7 +32,7 @@ from fgattn_cute.kernels.layout import (
     transpose_mn,
 )
 from fgattn_cute.kernels.pipeline import StageRing
-from fgattn_cute.kernels.softmax import OnlineSoftmax, scale_rows
+from fgattn_cute.kernels.softmax import OnlineSoftmax, mask_columns, scale_rows
 
 LOG2_E = math.log2(math.e)
 WARPGROUP = 128
@@ -502,7 +502,7 @@ class FgAttentionForwardSm90:
             self.gemm(mma_qk, acc_S, tSrQ, tSrK[None, None, None, stage], True, 0)
             if lane == 0:
                 ring_k.release(stage)
-            self.mask_padding(acc_S, tScS, count)
+            mask_columns(acc_S, tScS, count, self.tile_n)
             softmax.step(acc_S)  # O is still zero: its rescale factor is not needed
             tOrP.store(acc_as_operand_a(acc_S).load().to(self.dtype))
 
@@ -520,7 +520,7 @@ class FgAttentionForwardSm90:
                 if lane == 0:
                     ring_k.release(stage)
                 if n == n_blocks - 1:
-                    self.mask_padding(acc_S, tScS, count - n * self.tile_n)
+                    mask_columns(acc_S, tScS, count - n * self.tile_n, self.tile_n)
                 rescale = softmax.step(acc_S)
                 warpgroup.wait_group(0)
                 if lane == 0:
@@ -569,16 +569,6 @@ class FgAttentionForwardSm90:
         if const_expr(self.engine == "cpasync"):
             # cp.async writes through the generic proxy; wgmma reads through the async one.
             cute.arch.fence_view_async_shared()
-
-    @cute.jit
-    def mask_padding(self, acc_S: cute.Tensor, tScS: cute.Tensor, valid: Int32):
-        """Scores of the stage's slots at or past `valid` (list padding) become -inf."""
-        if valid < self.tile_n:
-            s_rc = acc_rows_cols(acc_S)
-            for c in cutlass.range_constexpr(cute.size(tScS, mode=[1])):
-                if tScS[0, c][1] >= valid:
-                    for r in cutlass.range_constexpr(cute.size(tScS, mode=[0])):
-                        s_rc[r, c] = -Float32.inf
 
     # Warpgroup ping-pong: consumer w waits on barrier BARRIER_SCHED + w before issuing its
     # wgmmas and, once issued, arrives on the other's barrier (both counted over 256 threads).

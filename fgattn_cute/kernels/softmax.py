@@ -76,3 +76,15 @@ def scale_rows(acc: cute.Tensor, factor: cute.Tensor):
     acc_rc = acc_rows_cols(acc)
     for r in cutlass.range_constexpr(cute.size(factor)):
         acc_rc[r, None].store(acc_rc[r, None].load() * factor[r])
+
+
+@cute.jit
+def mask_columns(acc_S: cute.Tensor, tScS: cute.Tensor, valid: cutlass.Int32, tile_n: int):
+    """Scores in columns at or past `valid` (padding slots, keys past the end) become -inf.
+    tScS: the (row, col) coordinates of this thread's accumulator elements."""
+    if valid < tile_n:
+        s_rc = acc_rows_cols(acc_S)
+        for c in cutlass.range_constexpr(cute.size(tScS, mode=[1])):
+            if tScS[0, c][1] >= valid:
+                for r in cutlass.range_constexpr(cute.size(tScS, mode=[0])):
+                    s_rc[r, c] = -Float32.inf

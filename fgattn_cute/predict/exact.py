@@ -22,18 +22,25 @@ matmuls even when the caller allowed TF32 (``torch.set_float32_matmul_precision`
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..host.key_index import KeyIndex
 from . import _args
 
 __all__ = [
+    "CALIBRATE_BACKENDS",
     "calibrate",
     "kernel_lse",
     "query_lse",
     "tile_column_max_probs",
     "tile_keep_mask",
 ]
+
+CALIBRATE_BACKENDS = ("auto", "cute", "torch")
+# The calibrate kernel's shared-memory bitmap (fgattn_cute.kernels.calibrate_sm90.MAX_SEQLEN_K).
+_CUTE_MAX_SEQLEN_K = 1 << 17
 
 # Budget, in float32 elements, for one chunk of scores. On the CPU a chunk that stays in cache
 # is fastest; on accelerators larger chunks mean fewer launches.
@@ -261,9 +268,63 @@ def _check_lse(lse, q):
         )
 
 
+def _cute_unsupported(q, k, q_tile, hooks):
+    """None when the calibrate kernel runs these inputs, else the reason it does not."""
+    from ..interface import CUTE_DTYPES, CUTE_HEAD_DIMS, CUTE_Q_TILES, _describe_device, _is_hopper
+
+    if hooks:
+        return "lse_fn / mask_fn replace parts of the torch path"
+    if not _is_hopper(q.device):
+        return f"it needs a Hopper GPU (compute capability 9.x), got {_describe_device(q.device)}"
+    if q.dtype not in CUTE_DTYPES:
+        return f"it runs torch.bfloat16 and torch.float16, got {q.dtype}"
+    if q.shape[-1] not in CUTE_HEAD_DIMS:
+        return f"it runs head dims {CUTE_HEAD_DIMS}, got {q.shape[-1]}"
+    if q_tile not in CUTE_Q_TILES:
+        return f"it runs q_tile {CUTE_Q_TILES}, got {q_tile}"
+    if k.shape[1] > _CUTE_MAX_SEQLEN_K:
+        return f"it runs seqlen_k <= {_CUTE_MAX_SEQLEN_K}, got {k.shape[1]}"
+    return None
+
+
+def _tma_ready(x):
+    """x itself if the kernel can load it (16-byte aligned pointer and strides), else a
+    contiguous copy."""
+    step = 16 // x.element_size()
+    if x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and not any(s % step for s in x.stride()[:3]):
+        return x
+    return x.contiguous()
+
+
+def _keep_words(keep, sk, device):
+    """int32 [ceil(sk / 32)]: bit j % 32 of word j // 32 set where keep[j] (None: all zero)."""
+    n_words = _cdiv(sk, 32)
+    if keep is None:
+        return torch.zeros(n_words, dtype=torch.int32, device=device)
+    bits = torch.zeros(n_words * 32, dtype=torch.uint8, device=device)
+    bits[:sk] = keep
+    weights = 1 << torch.arange(8, dtype=torch.uint8, device=device)
+    packed = (bits.view(-1, 8) * weights).sum(dim=-1, dtype=torch.uint8)  # little-endian bytes
+    return packed.view(torch.int32)
+
+
+def _calibrate_cute(q, k, q_tile, threshold, scale, keep, capacity):
+    from ..host.key_index import KeyIndex, _check_capacity, _resolve_capacity
+    from ..host.launch import run_calibrate_sm90
+
+    sk = k.shape[1]
+    cap = _resolve_capacity(capacity, sk)
+    log_cut = math.log(threshold / sk) if threshold > 0 else -math.inf
+    indices, counts = run_calibrate_sm90(
+        _tma_ready(q), _tma_ready(k), _keep_words(keep, sk, q.device), q_tile, scale, log_cut, cap
+    )
+    _check_capacity(counts, cap, sk)
+    return KeyIndex._trusted_new(indices, counts, q_tile, q.shape[1], sk)
+
+
 @torch.no_grad()
 def calibrate(q, k, q_tile=128, threshold=0.5, softmax_scale=None, always_keep=None,
-              capacity=None, *, lse_fn=None, mask_fn=None):
+              capacity=None, *, backend="auto", lse_fn=None, mask_fn=None):
     """The exact predictor: tile t keeps key j when the largest probability that any of the
     tile's (real) queries gives key j is at least ``threshold / seqlen_k``:
 
@@ -282,6 +343,12 @@ def calibrate(q, k, q_tile=128, threshold=0.5, softmax_scale=None, always_keep=N
             that every tile keeps whatever their probability (e.g. text tokens).
         capacity: list capacity of the returned ``KeyIndex`` (None: the worst case,
             round_up(Sk, 128)); a row with more kept keys is an error, never truncated.
+        backend: "cute" (the fused sm90 kernel: Hopper GPU, bf16 / fp16, head dim 64 or 128,
+            q_tile 64 or 128, Sk <= 131,072; RuntimeError / ValueError otherwise), "torch"
+            (chunked float32 torch, any device and dtype), or "auto" (the kernel where it runs
+            the inputs, else torch). The two compute the same rule; they may differ only on
+            keys whose probability is within float32 rounding of the cut (the kernel sums
+            exponentials in a different order, with the hardware exp2).
         lse_fn: ``lse_fn(q, k, scale) -> float32 [B, H, Sq]``, the per-query natural-log LSE
             over all keys (default ``query_lse``, chunked float32 torch). Plug a faster exact
             source here.
@@ -291,16 +358,27 @@ def calibrate(q, k, q_tile=128, threshold=0.5, softmax_scale=None, always_keep=N
     Returns:
         a trusted ``KeyIndex`` on q's device.
 
-    Cost: two float32 Q K^T passes (4 * B * H * Sq * Sk * D flops, about one dense attention
-    forward in float32), meant to run at a few denoising steps and be reused (``SparsityCache``).
-    Memory: the bool mask B * H * n_q_tiles * Sk bytes plus the index, plus chunk temporaries.
+    Cost, the kernel: two Q K^T passes on the tensor cores (4 * B * H * Sq * Sk * D flops, as
+    many as one dense attention forward), one exponential per score (as attention), nothing
+    S x S in memory; it writes the lists directly. The torch path: two float32 Q K^T passes
+    plus an eager exp pass, and the bool mask B * H * n_q_tiles * Sk bytes plus chunk
+    temporaries. Either is meant to run at a few denoising steps and be reused
+    (``SparsityCache``).
     """
     _args.check_qk(q, k)
     q_tile = _args.check_q_tile(q_tile)
     threshold = _args.check_threshold(threshold)
     scale = _args.scale_for(softmax_scale, q.shape[-1])
+    if not isinstance(backend, str) or backend not in CALIBRATE_BACKENDS:
+        raise ValueError(f"backend: expected one of {CALIBRATE_BACKENDS}, got {backend!r}")
     sk = k.shape[1]
     keep = _args.always_keep_mask(always_keep, sk, q.device)
+    if backend != "torch":
+        why_not = _cute_unsupported(q, k, q_tile, lse_fn is not None or mask_fn is not None)
+        if why_not is None:
+            return _calibrate_cute(q, k, q_tile, threshold, scale, keep, capacity)
+        if backend == "cute":
+            raise RuntimeError(f"backend: the calibrate kernel cannot run this call: {why_not}")
     lse = (lse_fn or query_lse)(q, k, scale)
     _check_lse(lse, q)
     mask = (mask_fn or tile_keep_mask)(q, k, lse, q_tile, scale, threshold)

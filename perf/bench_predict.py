@@ -1,0 +1,95 @@
+"""The predictors' cost next to the dense attention they feed, on video-DiT shapes.
+
+    python perf/bench_predict.py --shapes wan480-h12,wan480-h24 --out $OUT
+
+Times (CUDA events, warm-up, median) FA4 dense, fg.predict.calibrate (the fused kernel, and
+optionally the torch path with the kernel's LSE) and fg.predict.pooled_top_p, on the same random
+bf16 inputs and on video-like ones (fgattn_cute.testing.video_like_qkv, where keeps are
+realistic), and prints each as a fraction of FA4 dense: the issue's bounds are calibrate <= 1x
+and pooled top-p <= 5%. Writes predict-<card>-<date>.json. Timings are never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import baselines  # noqa: E402
+from sweep import SHAPES, card_info, commit, median_ms, versions  # noqa: E402
+
+import fgattn_cute as fg  # noqa: E402
+
+SHAPES = dict(SHAPES, **{"wan480-h24": (32760, 24, 128)})
+
+
+def video_like(seqlen, heads, head_dim):
+    """Video-like q, k with about seqlen tokens on a (frames, 30, 52)-ish grid (480p latents)."""
+    from fgattn_cute.testing import video_like_qkv
+
+    h, w = 30, 52
+    frames = max(1, round(seqlen / (h * w)))
+    q, k, _ = video_like_qkv(frames, h, w, heads, head_dim, seed=0, dtype=torch.bfloat16,
+                             device="cuda")
+    return q, k
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--shapes", default="wan480-h12,wan480-h24")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--torch-path", action="store_true",
+                   help="also time calibrate(backend='torch', lse_fn=kernel_lse) (slow)")
+    p.add_argument("--video-like", action="store_true", help="also time on video-like inputs")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = p.parse_args(argv)
+    name, slug, clocks = card_info()
+    meta = {"card": slug, "card_name": name, "clocks": clocks, "commit": commit(),
+            "versions": versions(), "date": datetime.date.today().isoformat()}
+    records = []
+    pred = fg.predict
+    for shape in args.shapes.split(","):
+        seqlen, heads, head_dim = SHAPES[shape]
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(1, seqlen, heads, head_dim, generator=gen, device="cuda",
+                               dtype=torch.bfloat16) for _ in range(3))
+        dense = median_ms(baselines.fa4_dense(q, k, v), args.reps)
+        inputs = [("random", q, k)]
+        if args.video_like:
+            inputs.append(("video_like", *video_like(seqlen, heads, head_dim)))
+        for label, qq, kk in inputs:
+            systems = [
+                ("calibrate", lambda: pred.calibrate(qq, kk, 128, 1.0)),
+                ("pooled_top_p", lambda: pred.pooled_top_p(qq, kk, 128, 0.9)),
+            ]
+            if args.torch_path:
+                systems.append(("calibrate_torch", lambda: pred.calibrate(
+                    qq, kk, 128, 1.0, backend="torch", lse_fn=pred.kernel_lse)))
+            for system, fn in systems:
+                ms = median_ms(fn, args.reps, warmup=1)
+                keep = fn().density().item()
+                rec = dict(meta, shape=shape, seqlen=qq.shape[1], heads=heads, head_dim=head_dim,
+                           inputs=label, system=system, ms=ms, fa4_dense_ms=dense,
+                           of_dense=ms / dense, keep=keep)
+                records.append(rec)
+                print(f"{shape:11s} {label:10s} {system:16s} {ms:9.3f} ms = {ms / dense:6.3f} x "
+                      f"FA4 dense ({dense:.3f} ms), keep {keep:.3f}", flush=True)
+            del systems
+        del q, k, v, inputs
+        torch.cuda.empty_cache()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"predict-{slug}-{meta['date']}.json"
+    path.write_text(json.dumps(records, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
