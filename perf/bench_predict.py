@@ -66,11 +66,11 @@ def main(argv=None):
             inputs.append(("video_like", *video_like(seqlen, heads, head_dim)))
         for label, qq, kk in inputs:
             systems = [
-                ("calibrate", lambda: pred.calibrate(qq, kk, 128, 1.0)),
-                ("pooled_top_p", lambda: pred.pooled_top_p(qq, kk, 128, 0.9)),
+                ("calibrate", lambda qq=qq, kk=kk: pred.calibrate(qq, kk, 128, 1.0)),
+                ("pooled_top_p", lambda qq=qq, kk=kk: pred.pooled_top_p(qq, kk, 128, 0.9)),
             ]
             if args.torch_path:
-                systems.append(("calibrate_torch", lambda: pred.calibrate(
+                systems.append(("calibrate_torch", lambda qq=qq, kk=kk: pred.calibrate(
                     qq, kk, 128, 1.0, backend="torch", lse_fn=pred.kernel_lse)))
             for system, fn in systems:
                 ms = median_ms(fn, args.reps, warmup=1)

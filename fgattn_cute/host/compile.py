@@ -66,7 +66,8 @@ class CalibrateConfig:
     head_dim: int
     dtype: str  # "bfloat16" or "float16"
     q_tile: int = 128
-    num_stages: int = 4
+    num_stages: int = 3
+    probe: str = ""  # benchmark probes of CalibrateSm90 (wrong results): "no_exp", "one_pass"
 
     def __post_init__(self):
         if self.head_dim not in (64, 128):
@@ -209,7 +210,8 @@ def _build(config: KernelConfig | CalibrateConfig, arch: str):
     if isinstance(config, CalibrateConfig):
         from fgattn_cute.kernels.calibrate_sm90 import CalibrateSm90
 
-        kernel = CalibrateSm90(dtype, config.head_dim, config.q_tile, config.num_stages)
+        kernel = CalibrateSm90(dtype, config.head_dim, config.q_tile, config.num_stages,
+                               config.probe)
         return cute.compile(kernel, *_fake_args(config), options="--enable-tvm-ffi")
 
     from fgattn_cute.kernels.fg_fwd_sm90 import FgAttentionForwardSm90

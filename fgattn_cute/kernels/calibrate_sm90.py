@@ -1,26 +1,29 @@
 """The exact predictor (``fg.predict.calibrate``) as one Hopper (sm_90a) kernel.
 
 Tile t keeps key j when max over the tile's real queries i of softmax(scale * Q K^T)[i, j] >=
-threshold / seqlen_k. One CTA per (query tile, head, batch) makes two passes over all keys:
+threshold / seqlen_k. One CTA per (pair of query tiles, head, batch); each consumer warpgroup
+owns one query tile (all its rows: the column test needs every row of the tile) and makes two
+passes over all keys:
 
 1. log-sum-exp: S = Q K^T by wgmma, tile by tile, into an online row max and row sum (base 2,
    scale folded in), exactly as the attention forward does minus P V. Each row's natural-log
    LSE stays in registers.
 2. keep bits: S = Q K^T again; key j is kept when any row i has s[i, j] >= thr[i] with
    thr[i] = (log(threshold / seqlen_k) + lse[i]) / scale (the same test, rearranged so that
-   each score costs one compare). A thread ORs its two rows, packs its 32 columns into one
-   word, the 8 lanes sharing those columns OR their words by shuffles, and lanes 0-3 OR the
-   result, in key order, into a per-CTA bitmap of all keys in shared memory (atomics: every
-   consumer warp contributes to every word).
+   each score costs one compare). A thread ORs its rows, packs its 32 columns into one word,
+   the 8 lanes sharing those columns OR their words by shuffles, and lanes 0-3 OR the result,
+   in key order, into the tile's bitmap of all keys in shared memory (atomics: the four warps
+   of the warpgroup contribute to every word).
 
 Finally the consumers turn the bitmap (seeded with the always-keep bits) into the sorted key
 list: a block-wide prefix sum of the words' popcounts gives each thread its first slot, and the
 slots past the count are zero-filled, which is the ``KeyIndex`` row format.
 
-Warp specialised like the attention kernel: warp 0 of the producer warpgroup loads Q once and
-streams the K tiles by TMA (twice: once per pass) through a ring of 128B-swizzled stages; the
-consumer warpgroups (one per 64 query rows) do the math. Nothing S x S touches global memory:
-the traffic is Q, K twice (mostly from L2) and the lists.
+Warp specialised like the attention kernel: warp 0 of the producer warpgroup loads the two Q
+tiles once and streams the K tiles by TMA (twice: once per pass) through a ring of
+128B-swizzled stages that both consumer warpgroups read. Two query tiles per K tile halve the
+L2 -> SM traffic, which bounded the one-tile-per-CTA version (perf/NOTES.md). Nothing S x S
+touches global memory: the traffic is Q, K twice (mostly from L2) and the lists.
 """
 
 import math
@@ -41,36 +44,55 @@ LOG2_E = math.log2(math.e)
 WARPGROUP = 128
 TILE_N = 128
 WORDS_PER_TILE = TILE_N // 32
-BARRIER_CONSUMERS = 1  # named barrier over the consumer warpgroups (0 is __syncthreads)
-MAX_SEQLEN_K = 1 << 17  # the shared-memory bitmap holds this many keys (16 KiB)
+TILES_PER_CTA = 2  # query tiles per CTA, one per consumer warpgroup
+BARRIER_WG = 1  # named barriers 1 and 2: one per consumer warpgroup (0 is __syncthreads)
+BARRIER_SCHED = 3  # and 4: the warpgroups' turns at issuing wgmmas (ping-pong)
+MAX_SEQLEN_K = 1 << 17  # each tile's shared-memory bitmap holds this many keys (16 KiB)
+
+
+def _tree(values: list, op):
+    """op-reduce a Python list of DSL scalars pairwise (depth log2(n) instead of n)."""
+    while len(values) > 1:
+        paired = [op(values[i], values[i + 1]) for i in range(0, len(values) - 1, 2)]
+        values = paired + values[len(values) - len(values) % 2:]
+    return values[0]
 
 
 class CalibrateSm90:
     """Static configuration of one compiled calibrate kernel; launch through `__call__`."""
 
-    def __init__(self, dtype, head_dim: int, q_tile: int = 128, num_stages: int = 4):
+    def __init__(self, dtype, head_dim: int, q_tile: int = 128, num_stages: int = 3,
+                 probe: str = ""):
         if dtype not in (cutlass.BFloat16, cutlass.Float16):
             raise TypeError(f"dtype must be BFloat16 or Float16, got {dtype}")
         if head_dim not in (64, 128):
             raise ValueError(f"head_dim must be 64 or 128, got {head_dim}")
         if q_tile not in (64, 128):
             raise ValueError(f"q_tile must be 64 or 128, got {q_tile}")
+        if probe not in ("", "no_exp", "one_pass"):
+            raise ValueError(f"probe must be '', 'no_exp' or 'one_pass', got {probe!r}")
+        # Benchmark probes (wrong results, timing only): "no_exp" drops the exponentials of
+        # pass 1 (row max only), "one_pass" skips pass 1 altogether.
+        self.probe = probe
         self.dtype = dtype
         self.head_dim = head_dim
         self.tile_m = q_tile
         self.tile_n = TILE_N
         self.num_stages = num_stages
-        self.num_mma_wg = q_tile // 64
+        self.num_mma_wg = TILES_PER_CTA
         self.num_mma_threads = self.num_mma_wg * WARPGROUP
         self.num_mma_warps = self.num_mma_threads // 32
+        # Issuing tile n + 1's wgmma before tile n's math needs a second accumulator: room for
+        # it with 64-row tiles only.
+        self.overlap = q_tile == 64
         self.num_threads = self.num_mma_threads + WARPGROUP
         # The producer only issues TMA: it keeps the minimum and the consumers take the rest.
         self.producer_regs, self.mma_regs = 24, 240
         self.stage_bytes = TILE_N * head_dim * dtype.width // 8
         self.q_bytes = q_tile * head_dim * dtype.width // 8
         self.max_words = MAX_SEQLEN_K // 32
-        smem = self.q_bytes + num_stages * self.stage_bytes + 4 * self.max_words + 1024
-        if smem > 232448:
+        smem = TILES_PER_CTA * (self.q_bytes + 4 * self.max_words) + num_stages * self.stage_bytes
+        if smem + 1024 > 232448:
             raise ValueError(f"{num_stages} stages need {smem} bytes of shared memory (> 227 KiB)")
 
     # ---------------------------------------------------------------- host side
@@ -96,19 +118,23 @@ class CalibrateSm90:
         stream: cuda.CUstream,
     ):
         mQ, mK = [permute_modes(t, [1, 3, 2, 0]) for t in (mQ, mK)]  # (S, D, H, B)
-        sQ_layout = self._smem_layout(self.tile_m)
+        sQ_layout = self._smem_layout(self.tile_m, TILES_PER_CTA)
         sK_layout = self._smem_layout(self.tile_n, self.num_stages)
+        # One warpgroup per query tile: its 64-row wgmma atom repeats down the tile's rows.
         mma_qk = sm90_utils.make_trivial_tiled_mma(
             self.dtype,
             self.dtype,
             cute.nvgpu.OperandMajorMode.K,
             cute.nvgpu.OperandMajorMode.K,
             Float32,
-            atom_layout_mnk=(self.num_mma_wg, 1, 1),
+            atom_layout_mnk=(1, 1, 1),
             tiler_mn=(64, self.tile_n),
         )
         tma_atom_Q, tma_Q = cpasync.make_tiled_tma_atom(
-            cpasync.CopyBulkTensorTileG2SOp(), mQ, sQ_layout, (self.tile_m, self.head_dim)
+            cpasync.CopyBulkTensorTileG2SOp(),
+            mQ,
+            cute.select(sQ_layout, mode=[0, 1]),
+            (self.tile_m, self.head_dim),
         )
         tma_atom_K, tma_K = cpasync.make_tiled_tma_atom(
             cpasync.CopyBulkTensorTileG2SOp(),
@@ -123,7 +149,9 @@ class CalibrateSm90:
             bar_q: cute.struct.MemRange[cutlass.Int64, 1]
             bar_k: cute.struct.MemRange[cutlass.Int64, 2 * stages]
             warp_totals: cute.struct.MemRange[Int32, self.num_mma_warps]
-            bits: cute.struct.Align[cute.struct.MemRange[Uint32, self.max_words], 16]
+            bits: cute.struct.Align[
+                cute.struct.MemRange[Uint32, TILES_PER_CTA * self.max_words], 16
+            ]
             sQ: cute.struct.Align[
                 cute.struct.MemRange[self.dtype, cute.cosize(sQ_layout)], 1024
             ]
@@ -132,7 +160,10 @@ class CalibrateSm90:
             ]
 
         n_q_tiles = cute.size(mCounts.shape[2])
-        grid = (n_q_tiles, cute.size(mQ.shape[2]), cute.size(mQ.shape[3]))
+        grid = (
+            cute.ceil_div(n_q_tiles, TILES_PER_CTA), cute.size(mQ.shape[2]),
+            cute.size(mQ.shape[3]),
+        )
         self.kernel(
             tma_Q,
             tma_K,
@@ -146,6 +177,7 @@ class CalibrateSm90:
             Float32(1.0) / softmax_scale,
             cute.size(mQ.shape[0]),
             cute.size(mK.shape[0]),
+            n_q_tiles,
             sQ_layout,
             sK_layout,
             mma_qk,
@@ -174,6 +206,7 @@ class CalibrateSm90:
         inv_scale: Float32,
         seqlen_q: Int32,
         seqlen_k: Int32,
+        n_q_tiles: Int32,
         sQ_layout: cute.ComposedLayout,
         sK_layout: cute.ComposedLayout,
         mma_qk: cute.TiledMma,
@@ -198,8 +231,8 @@ class CalibrateSm90:
 
         sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
         sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
-        sBits = storage.bits.get_tensor(cute.make_layout(self.max_words))
-        sWarpTotals = storage.warp_totals.get_tensor(cute.make_layout(self.num_mma_warps))
+        sBits = storage.bits.get_tensor(cute.make_layout((self.max_words, TILES_PER_CTA)))
+        sWarpTotals = storage.warp_totals.get_tensor(cute.make_layout((4, TILES_PER_CTA)))
         n_blocks = cute.ceil_div(seqlen_k, self.tile_n)
 
         if warp_idx < 4:
@@ -210,9 +243,9 @@ class CalibrateSm90:
         else:
             cute.arch.setmaxregister_increase(self.mma_regs)
             self.consume(
-                mKeepWords, mIndices[batch, head, m_block, None], mCounts, sQ, sK, sBits,
-                sWarpTotals, mma_qk, bar_q, ring, n_blocks, scale_log2, log_cut, inv_scale,
-                seqlen_q, seqlen_k, m_block, head, batch,
+                mKeepWords, mIndices, mCounts, sQ, sK, sBits, sWarpTotals, mma_qk, bar_q, ring,
+                n_blocks, scale_log2, log_cut, inv_scale, seqlen_q, seqlen_k, n_q_tiles,
+                m_block, head, batch,
             )
 
     @cute.jit
@@ -231,16 +264,19 @@ class CalibrateSm90:
         head: Int32,
         batch: Int32,
     ):
-        """One warp: the Q tile, then every K tile twice (rows past seqlen zero-filled)."""
+        """One warp: the two Q tiles, then every K tile twice (rows past the end, and the whole
+        second Q tile when there is none, are zero-filled and still counted in bytes)."""
         gQ = cute.local_tile(mQ[None, None, head, batch], (self.tile_m, self.head_dim),
-                             (m_block, 0))
+                             (None, 0))
         tQsQ, tQgQ = cpasync.tma_partition(
             tma_atom_Q, 0, cute.make_layout(1),
             cute.group_modes(sQ, 0, 2), cute.group_modes(gQ, 0, 2),
         )
         with cute.arch.elect_one():
-            cute.arch.mbarrier_arrive_and_expect_tx(bar_q, self.q_bytes)
-        cute.copy(tma_atom_Q, tQgQ, tQsQ, tma_bar_ptr=bar_q)
+            cute.arch.mbarrier_arrive_and_expect_tx(bar_q, TILES_PER_CTA * self.q_bytes)
+        for t in cutlass.range_constexpr(TILES_PER_CTA):
+            cute.copy(tma_atom_Q, tQgQ[None, TILES_PER_CTA * m_block + t], tQsQ[None, t],
+                      tma_bar_ptr=bar_q)
 
         gK = cute.local_tile(mK[None, None, head, batch], (self.tile_n, self.head_dim),
                              (None, 0))
@@ -248,7 +284,8 @@ class CalibrateSm90:
             tma_atom_K, 0, cute.make_layout(1),
             cute.group_modes(sK, 0, 2), cute.group_modes(gK, 0, 2),
         )
-        for i in cutlass.range(2 * n_blocks, unroll=1):
+        first_fill = n_blocks if const_expr(self.probe == "one_pass") else 0
+        for i in cutlass.range(first_fill, 2 * n_blocks, unroll=1):
             n = i
             if i >= n_blocks:
                 n = i - n_blocks
@@ -262,7 +299,7 @@ class CalibrateSm90:
     def consume(
         self,
         mKeepWords: cute.Tensor,
-        indices: cute.Tensor,
+        mIndices: cute.Tensor,
         mCounts: cute.Tensor,
         sQ: cute.Tensor,
         sK: cute.Tensor,
@@ -277,51 +314,63 @@ class CalibrateSm90:
         inv_scale: Float32,
         seqlen_q: Int32,
         seqlen_k: Int32,
+        n_q_tiles: Int32,
         m_block: Int32,
         head: Int32,
         batch: Int32,
     ):
-        tidx = cute.arch.thread_idx()[0] - WARPGROUP
-        wg = cute.arch.make_warp_uniform(tidx // WARPGROUP)
+        """One consumer warpgroup: query tile TILES_PER_CTA * m_block + wg, all its rows."""
+        wg = cute.arch.make_warp_uniform((cute.arch.thread_idx()[0] - WARPGROUP) // WARPGROUP)
+        tidx = cute.arch.thread_idx()[0] % WARPGROUP  # within the warpgroup
         lane = tidx % 32
+        q_tile_idx = TILES_PER_CTA * m_block + wg
+        barrier_id = BARRIER_WG + wg
         thr_qk = mma_qk.get_slice(tidx)
-        wg_qk = mma_qk.get_slice(wg * WARPGROUP)
-        tSrQ = wg_qk.make_fragment_A(wg_qk.partition_A(sQ))
-        tSrK = wg_qk.make_fragment_B(wg_qk.partition_B(sK))
+        tSrQ = thr_qk.make_fragment_A(thr_qk.partition_A(sQ[None, None, wg]))
+        tSrK = thr_qk.make_fragment_B(thr_qk.partition_B(sK))
         s_shape = mma_qk.partition_shape_C((self.tile_m, self.tile_n))
         cS = cute.make_identity_tensor((self.tile_m, self.tile_n))
         tScS = acc_rows_cols(thr_qk.partition_C(cS))
         num_rows = cute.size(tScS, mode=[0])
         last_valid = seqlen_k - (n_blocks - 1) * self.tile_n
+        bits_wg = sBits[None, wg]
 
         # Seed the bitmap with the always-keep bits; pass 1 is long, so the barrier that
         # publishes them before the first atomic of pass 2 costs nothing.
         n_words = cute.ceil_div(seqlen_k, 32)
-        for w in cutlass.range(tidx, n_words, self.num_mma_threads, unroll=1):
-            sBits[w] = Uint32(mKeepWords[w])
+        for w in cutlass.range(tidx, n_words, WARPGROUP, unroll=1):
+            bits_wg[w] = Uint32(mKeepWords[w])
+
+        if const_expr(not self.overlap):
+            if wg == 0:  # warpgroup 0 issues first (see sweep)
+                cute.arch.barrier_arrive(barrier_id=BARRIER_SCHED, number_of_threads=2 * WARPGROUP)
 
         # Pass 1: each row's log-sum-exp.
         softmax = OnlineSoftmax(scale_log2, num_rows)
         thr = cute.make_rmem_tensor(num_rows, Float32)
         cute.arch.mbarrier_wait(bar_q, 0)
-        self.sweep("lse", mma_qk, ring, tSrQ, tSrK, s_shape, tScS, softmax, thr, sBits,
-                   n_blocks, last_valid, lane)
+        if const_expr(self.probe != "one_pass"):
+            self.sweep("lse", mma_qk, ring, tSrQ, tSrK, s_shape, tScS, softmax, thr, bits_wg,
+                       n_blocks, last_valid, lane)
         softmax.finish()  # row_sum now holds the natural-log LSE
         for r in cutlass.range_constexpr(num_rows):
-            # Padding rows of the last tile never keep a key.
+            # Padding rows of a partial (or absent) tile never keep a key.
             thr[r] = Float32.inf
-            if m_block * self.tile_m + tScS[r, 0][0] < seqlen_q:
+            if q_tile_idx * self.tile_m + tScS[r, 0][0] < seqlen_q:
                 thr[r] = (log_cut + softmax.row_sum[r]) * inv_scale
-        cute.arch.barrier(barrier_id=BARRIER_CONSUMERS, number_of_threads=self.num_mma_threads)
+        cute.arch.barrier(barrier_id=barrier_id, number_of_threads=WARPGROUP)
 
         # Pass 2: keep bits.
-        self.sweep("bits", mma_qk, ring, tSrQ, tSrK, s_shape, tScS, softmax, thr, sBits,
+        self.sweep("bits", mma_qk, ring, tSrQ, tSrK, s_shape, tScS, softmax, thr, bits_wg,
                    n_blocks, last_valid, lane)
-        cute.arch.barrier(barrier_id=BARRIER_CONSUMERS, number_of_threads=self.num_mma_threads)
+        cute.arch.barrier(barrier_id=barrier_id, number_of_threads=WARPGROUP)
 
-        count = self.compact(sBits, sWarpTotals, n_words, indices, tidx, lane)
-        if tidx == 0:
-            mCounts[batch, head, m_block] = count
+        if q_tile_idx < n_q_tiles:
+            indices = mIndices[batch, head, q_tile_idx, None]
+            count = self.compact(bits_wg, sWarpTotals[None, wg], n_words, indices, tidx, lane,
+                                 barrier_id)
+            if tidx == 0:
+                mCounts[batch, head, q_tile_idx] = count
 
     @cute.jit
     def sweep(
@@ -341,24 +390,43 @@ class CalibrateSm90:
         lane: Int32,
     ):
         """One pass over every key tile: S = Q K^T, then `mode` "lse" (online softmax) or "bits"
-        (keep bits into the bitmap). The next tile's wgmma is issued before the current tile's
-        math, so the exponentials or compares of tile n run while the tensor cores compute
-        tile n + 1."""
+        (keep bits into the bitmap). With `overlap`, the next tile's wgmma is issued before the
+        current tile's math, so the exponentials or compares of tile n run while the tensor
+        cores compute tile n + 1; otherwise the other warpgroup's wgmmas fill that time."""
         first_fill = 0 if const_expr(mode == "lse") else n_blocks
         acc_S = cute.make_rmem_tensor(s_shape, Float32)
-        acc_next = cute.make_rmem_tensor(s_shape, Float32)
-        stage = self.issue_scores(mma_qk, ring, tSrQ, tSrK, acc_S, first_fill)
-        warpgroup.wait_group(0)
-        if lane == 0:
-            ring.release(stage)
-        for n in cutlass.range(1, n_blocks, unroll=1):
-            stage = self.issue_scores(mma_qk, ring, tSrQ, tSrK, acc_next, first_fill + n)
-            self.tile_math(mode, acc_S, tScS, softmax, thr, sBits, n - 1, self.tile_n, lane)
+        if const_expr(self.overlap):
+            acc_next = cute.make_rmem_tensor(s_shape, Float32)
+            stage = self.issue_scores(mma_qk, ring, tSrQ, tSrK, acc_S, first_fill)
             warpgroup.wait_group(0)
             if lane == 0:
                 ring.release(stage)
-            acc_S.store(acc_next.load())
-        self.tile_math(mode, acc_S, tScS, softmax, thr, sBits, n_blocks - 1, last_valid, lane)
+            for n in cutlass.range(1, n_blocks, unroll=1):
+                stage = self.issue_scores(mma_qk, ring, tSrQ, tSrK, acc_next, first_fill + n)
+                self.tile_math(mode, acc_S, tScS, softmax, thr, sBits, n - 1, self.tile_n, lane)
+                warpgroup.wait_group(0)
+                if lane == 0:
+                    ring.release(stage)
+                acc_S.store(acc_next.load())
+            self.tile_math(mode, acc_S, tScS, softmax, thr, sBits, n_blocks - 1, last_valid,
+                           lane)
+        else:
+            # Ping-pong: the warpgroups take turns at issuing, so one's math runs while the
+            # tensor cores work through the other's wgmmas (left alone, both tend to issue
+            # together and then do their math together, with the tensor cores idle).
+            wg = cute.arch.make_warp_uniform((cute.arch.thread_idx()[0] - WARPGROUP) // WARPGROUP)
+            for n in cutlass.range(n_blocks, unroll=1):
+                cute.arch.barrier(barrier_id=BARRIER_SCHED + wg, number_of_threads=2 * WARPGROUP)
+                stage = self.issue_scores(mma_qk, ring, tSrQ, tSrK, acc_S, first_fill + n)
+                cute.arch.barrier_arrive(barrier_id=BARRIER_SCHED + 1 - wg,
+                                         number_of_threads=2 * WARPGROUP)
+                warpgroup.wait_group(0)
+                if lane == 0:
+                    ring.release(stage)
+                valid = self.tile_n
+                if n == n_blocks - 1:
+                    valid = last_valid
+                self.tile_math(mode, acc_S, tScS, softmax, thr, sBits, n, valid, lane)
 
     @cute.jit
     def issue_scores(self, mma_qk, ring: StageRing, tSrQ, tSrK, acc_S, i: Int32) -> Int32:
@@ -391,22 +459,48 @@ class CalibrateSm90:
         """The math of key tile n, whose first `valid` columns are real keys."""
         if const_expr(mode == "lse"):
             mask_columns(acc_S, tScS, valid, self.tile_n)
-            softmax.step(acc_S)
+            self.lse_step(acc_S, softmax)
         else:
             bits = self.clear_columns(self.row_hits(acc_S, thr), tScS, valid)
             self.or_into_bitmap(bits, sBits, n, lane)
 
     @cute.jit
-    def row_hits(self, acc_S: cute.Tensor, thr: cute.Tensor) -> Uint32:
-        """Bit c set where any of this thread's rows r has score >= thr[r] in its column c."""
+    def lse_step(self, acc_S: cute.Tensor, softmax: OnlineSoftmax):
+        """Fold one tile of scores into the running row max and row sum (base 2, scale folded
+        in). Only the sums are needed, not the probabilities, so every reduction is a tree: one
+        warp per SM sub-partition does this math while the other warpgroup's wgmmas run, and
+        linear chains would leave it waiting on latencies."""
         s_rc = acc_rows_cols(acc_S)
-        bits = Uint32(0)
+        scale_log2 = softmax.scale_log2
+        for r in cutlass.range_constexpr(cute.size(softmax.row_max)):
+            vals = [s_rc[r, c] for c in range(cute.size(s_rc, mode=[1]))]
+            new_max = _tree(vals + [softmax.row_max[r]], cute.arch.fmax)
+            for offset in (1, 2):  # the quad shares the row
+                new_max = cute.arch.fmax(new_max, cute.arch.shuffle_sync_bfly(new_max, offset))
+            if const_expr(self.probe == "no_exp"):
+                softmax.row_sum[r] = Float32(1.0)
+            else:
+                max_scaled = new_max * scale_log2
+                probs = [cute.math.exp2(v * scale_log2 - max_scaled, fastmath=True)
+                         for v in vals]
+                rescale = cute.math.exp2(softmax.row_max[r] * scale_log2 - max_scaled,
+                                         fastmath=True)
+                softmax.row_sum[r] = _tree(probs + [softmax.row_sum[r] * rescale],
+                                           lambda a, b: a + b)
+            softmax.row_max[r] = new_max
+
+    @cute.jit
+    def row_hits(self, acc_S: cute.Tensor, thr: cute.Tensor) -> Uint32:
+        """Bit c set where any of this thread's rows r has score >= thr[r] in its column c
+        (OR-ed as a tree, for the same reason as in lse_step)."""
+        s_rc = acc_rows_cols(acc_S)
+        words = []
         for c in cutlass.range_constexpr(cute.size(s_rc, mode=[1])):
             hit = s_rc[0, c] >= thr[0]
             for r in cutlass.range_constexpr(1, cute.size(thr)):
                 hit = hit | (s_rc[r, c] >= thr[r])
-            bits = bits | (Uint32(hit) << c)
-        return bits
+            words.append(Uint32(hit) << c)
+        return _tree(words, lambda a, b: a | b)
 
     @cute.jit
     def clear_columns(self, bits: Uint32, tScS: cute.Tensor, valid: Int32) -> Uint32:
@@ -453,12 +547,13 @@ class CalibrateSm90:
         indices: cute.Tensor,
         tidx: Int32,
         lane: Int32,
+        barrier_id: Int32,
     ) -> Int32:
         """Write the set bits' key ids, ascending, to indices[0 .. count), zeros after; return
-        the count. Thread t takes a contiguous run of words; its first slot is the prefix sum
-        of the popcounts before it."""
+        the count. Thread t of the warpgroup takes a contiguous run of words; its first slot is
+        the prefix sum of the popcounts before it."""
         capacity = cute.size(indices)
-        per_thread = cute.ceil_div(n_words, self.num_mma_threads)
+        per_thread = cute.ceil_div(n_words, WARPGROUP)
         w_begin = cutlass.min(tidx * per_thread, n_words)
         w_end = cutlass.min(w_begin + per_thread, n_words)
         mine = Int32(0)
@@ -474,10 +569,10 @@ class CalibrateSm90:
         warp = tidx // 32
         if lane == 31:
             sWarpTotals[warp] = incl
-        cute.arch.barrier(barrier_id=BARRIER_CONSUMERS, number_of_threads=self.num_mma_threads)
+        cute.arch.barrier(barrier_id=barrier_id, number_of_threads=WARPGROUP)
         before = Int32(0)
         total = Int32(0)
-        for i in cutlass.range_constexpr(self.num_mma_warps):
+        for i in cutlass.range_constexpr(WARPGROUP // 32):
             t = sWarpTotals[i]
             total += t
             if i < warp:
@@ -492,6 +587,6 @@ class CalibrateSm90:
                     indices[slot] = w * 32 + Int32(cute.arch.popc(low - Uint32(1)))
                 slot += 1
                 word = word ^ low
-        for s in cutlass.range(total + tidx, capacity, self.num_mma_threads, unroll=1):
+        for s in cutlass.range(total + tidx, capacity, WARPGROUP, unroll=1):
             indices[s] = 0
         return total
