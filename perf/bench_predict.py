@@ -6,7 +6,7 @@ Times (CUDA events, warm-up, median) FA4 dense, fg.predict.calibrate (the fused 
 optionally the torch path with the kernel's LSE) and fg.predict.pooled_top_p, on the same random
 bf16 inputs and on video-like ones (fgattn_cute.testing.video_like_qkv, where keeps are
 realistic), and prints each as a fraction of FA4 dense: the issue's bounds are calibrate <= 1x
-and pooled top-p <= 5%. Writes predict-<card>-<date>.json. Timings are never asserted.
+and pooled top-p <= 5%. Writes bench-predict-<card>-<date>.json. Timings are never asserted.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def main(argv=None):
         torch.cuda.empty_cache()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"predict-{slug}-{meta['date']}.json"
+    path = out / f"bench-predict-{slug}-{meta['date']}.json"
     path.write_text(json.dumps(records, indent=1))
     print(f"wrote {path}")
 

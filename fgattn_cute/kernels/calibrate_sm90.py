@@ -62,13 +62,15 @@ class CalibrateSm90:
     """Static configuration of one compiled calibrate kernel; launch through `__call__`."""
 
     def __init__(self, dtype, head_dim: int, q_tile: int = 128, num_stages: int = 3,
-                 probe: str = ""):
+                 probe: str = "", pingpong: tuple = ("bits",)):
         if dtype not in (cutlass.BFloat16, cutlass.Float16):
             raise TypeError(f"dtype must be BFloat16 or Float16, got {dtype}")
         if head_dim not in (64, 128):
             raise ValueError(f"head_dim must be 64 or 128, got {head_dim}")
         if q_tile not in (64, 128):
             raise ValueError(f"q_tile must be 64 or 128, got {q_tile}")
+        # Which passes take turns at issuing (see sweep); measured per pass in perf/NOTES.md.
+        self.pingpong = pingpong
         if probe not in ("", "no_exp", "one_pass"):
             raise ValueError(f"probe must be '', 'no_exp' or 'one_pass', got {probe!r}")
         # Benchmark probes (wrong results, timing only): "no_exp" drops the exponentials of
@@ -341,7 +343,7 @@ class CalibrateSm90:
         for w in cutlass.range(tidx, n_words, WARPGROUP, unroll=1):
             bits_wg[w] = Uint32(mKeepWords[w])
 
-        if const_expr(not self.overlap):
+        if const_expr(not self.overlap and len(self.pingpong) > 0):
             if wg == 0:  # warpgroup 0 issues first (see sweep)
                 cute.arch.barrier_arrive(barrier_id=BARRIER_SCHED, number_of_threads=2 * WARPGROUP)
 
@@ -416,10 +418,13 @@ class CalibrateSm90:
             # together and then do their math together, with the tensor cores idle).
             wg = cute.arch.make_warp_uniform((cute.arch.thread_idx()[0] - WARPGROUP) // WARPGROUP)
             for n in cutlass.range(n_blocks, unroll=1):
-                cute.arch.barrier(barrier_id=BARRIER_SCHED + wg, number_of_threads=2 * WARPGROUP)
+                if const_expr(mode in self.pingpong):
+                    cute.arch.barrier(barrier_id=BARRIER_SCHED + wg,
+                                      number_of_threads=2 * WARPGROUP)
                 stage = self.issue_scores(mma_qk, ring, tSrQ, tSrK, acc_S, first_fill + n)
-                cute.arch.barrier_arrive(barrier_id=BARRIER_SCHED + 1 - wg,
-                                         number_of_threads=2 * WARPGROUP)
+                if const_expr(mode in self.pingpong):
+                    cute.arch.barrier_arrive(barrier_id=BARRIER_SCHED + 1 - wg,
+                                             number_of_threads=2 * WARPGROUP)
                 warpgroup.wait_group(0)
                 if lane == 0:
                     ring.release(stage)
