@@ -14,7 +14,7 @@ from predict_brute import keep_with_margin
 
 import fgattn_cute as fg
 from fgattn_cute.host.launch import run_calibrate_sm90
-from fgattn_cute.predict.exact import _keep_words
+from fgattn_cute.predict._args import keep_words
 
 pytestmark = pytest.mark.gpu
 
@@ -35,7 +35,7 @@ def _run_poisoned(qg, kg, q_tile, threshold, scale, keep, capacity):
     indices = torch.full((B, H, n_tiles, capacity), -7, dtype=torch.int32, device="cuda")
     counts = torch.full((B, H, n_tiles), -7, dtype=torch.int32, device="cuda")
     log_cut = math.log(threshold / sk) if threshold > 0 else -math.inf
-    run_calibrate_sm90(qg, kg, _keep_words(keep, sk, qg.device), q_tile, scale, log_cut,
+    run_calibrate_sm90(qg, kg, keep_words(keep, sk, qg.device), q_tile, scale, log_cut,
                        capacity, indices=indices, counts=counts)
     return indices.cpu(), counts.cpu()
 

@@ -7,6 +7,7 @@ import torch
 from predict_brute import keep_with_margin, tile_max_probs64
 
 import fgattn_cute as fg
+from fgattn_cute.predict import _args
 from fgattn_cute.predict import exact as calibrate_mod
 from fgattn_cute.testing import video_like_qkv
 
@@ -201,9 +202,9 @@ def test_keep_words_bit_order():
     keep = torch.zeros(sk, dtype=torch.bool)
     ids = [0, 5, 31, 32, 63, 64, 69]
     keep[ids] = True
-    words = calibrate_mod._keep_words(keep, sk, torch.device("cpu"))
+    words = _args.keep_words(keep, sk, torch.device("cpu"))
     assert words.dtype == torch.int32 and words.shape == (3,)
     bits = [(int(words[j // 32]) >> (j % 32)) & 1 for j in range(96)]
     assert [j for j, b in enumerate(bits) if b] == ids
-    assert torch.equal(calibrate_mod._keep_words(None, sk, torch.device("cpu")),
+    assert torch.equal(_args.keep_words(None, sk, torch.device("cpu")),
                        torch.zeros(3, dtype=torch.int32))

@@ -58,7 +58,9 @@ def test_pooled_top_p_gpu_matches_cpu(q_tile, p):
     # The selection is integer arithmetic: bit-identical on identical probabilities.
     assert torch.equal(fg.predict.top_p_mask(probs_cpu.cuda(), p).cpu(),
                        top_p_sorted(probs_cpu, p))
-    gpu = fg.predict.pooled_top_p(qg, kg, q_tile, p, always_keep=[0, 1])
+    # The torch path on the GPU selects from exactly probs_gpu (the kernel path from its own
+    # probabilities: tests/test_top_p_gpu.py).
+    gpu = fg.predict.pooled_top_p(qg, kg, q_tile, p, always_keep=[0, 1], backend="torch")
     expected = top_p_sorted(probs_gpu.cpu(), p)
     expected[..., :2] = True
     assert torch.equal(gpu.to_mask().cpu(), expected)
@@ -82,7 +84,7 @@ def test_top_p_mask_gpu_equals_sort_with_ties():
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_compiled_select_on_gpu():
     q, k, qg, kg = _inputs()
-    eager = fg.predict.pooled_top_p(qg, kg, 128, 0.9)
+    eager = fg.predict.pooled_top_p(qg, kg, 128, 0.9, backend="torch")
     select = fg.predict.compiled_top_p_select()
     compiled = fg.predict.pooled_top_p(qg, kg, 128, 0.9, select_fn=select)
     assert torch.equal(eager.indices, compiled.indices)

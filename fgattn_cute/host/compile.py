@@ -1,10 +1,10 @@
 """Compile the sm90 kernels once per static configuration; cache them in memory and on disk.
 
-Two kernels: the attention forward (``KernelConfig``) and the calibrate predictor
-(``CalibrateConfig``). Batch, heads, sequence lengths, the number of query tiles and the list
-capacity are dynamic (symbolic sizes and strides), so one compile serves every problem shape.
-The static key is the arch and the config's fields (head dim, dtype, q_tile, stages, and for the
-forward the gather engine and tile_n).
+Three kernels: the attention forward (``KernelConfig``), the calibrate predictor
+(``CalibrateConfig``) and the pooled top-p selection (``TopPConfig``). Batch, heads, sequence
+lengths, the number of query tiles or rows and the list capacity are dynamic (symbolic sizes
+and strides), so one compile serves every problem shape. The static key is the arch and the
+config's fields.
 
 On a machine without a GPU set CUTE_DSL_ARCH=sm_90a: compiling needs no GPU and no CUDA
 toolkit (the DSL wheel carries NVVM and ptxas). The disk cache holds the exported object of
@@ -81,6 +81,14 @@ class CalibrateConfig:
             raise ValueError(f"num_stages must be 2, 3 or 4, got {self.num_stages}")
 
 
+@dataclass(frozen=True)
+class TopPConfig:
+    """The pooled top-p selection kernel (fg.predict.pooled_top_p): from logits (softmax in the
+    kernel) or, for tests, from probabilities."""
+
+    from_probs: bool = False
+
+
 def all_calibrate_configs():
     """Every calibrate configuration the package ships (CI compiles each one)."""
     return [
@@ -154,13 +162,15 @@ def cache_dir() -> Path | None:
     return base / source_fingerprint()
 
 
-def _fake_args(config: KernelConfig | CalibrateConfig):
+def _fake_args(config: KernelConfig | CalibrateConfig | TopPConfig):
     """Fake tensors with symbolic sizes and strides, in the order the kernel takes them."""
     import cutlass
     import cutlass.cute as cute
     from cutlass import Float32, Int32
 
-    dtype = {"bfloat16": cutlass.BFloat16, "float16": cutlass.Float16}[config.dtype]
+    dtype = {"bfloat16": cutlass.BFloat16, "float16": cutlass.Float16}.get(
+        getattr(config, "dtype", None)
+    )
     b, h, seqlen_q, seqlen_k = (cute.sym_int32() for _ in range(4))
     n_q_tiles, capacity, n_words = cute.sym_int32(), cute.sym_int32(), cute.sym_int32()
 
@@ -177,6 +187,17 @@ def _fake_args(config: KernelConfig | CalibrateConfig):
         )
 
     stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
+    if isinstance(config, TopPConfig):
+        rows = cute.sym_int32()
+        return (
+            compact(Float32, (rows, seqlen_k), 16),
+            compact(Int32, (n_words,), 4),
+            compact(Int32, (rows, capacity), 16),
+            compact(Int32, (rows,), 4),
+            Float32(1.0),
+            cutlass.Float64(0.5),
+            stream,
+        )
     if isinstance(config, CalibrateConfig):
         return (
             tokens(seqlen_q),
@@ -201,11 +222,17 @@ def _fake_args(config: KernelConfig | CalibrateConfig):
     )
 
 
-def _build(config: KernelConfig | CalibrateConfig, arch: str):
+def _build(config: KernelConfig | CalibrateConfig | TopPConfig, arch: str):
     """Trace and compile one configuration (seconds)."""
     os.environ.setdefault("CUTE_DSL_ARCH", arch)
     import cutlass
     import cutlass.cute as cute
+
+    if isinstance(config, TopPConfig):
+        from fgattn_cute.kernels.top_p_sm90 import TopPSelectSm90
+
+        kernel = TopPSelectSm90(config.from_probs)
+        return cute.compile(kernel, *_fake_args(config), options="--enable-tvm-ffi")
 
     dtype = {"bfloat16": cutlass.BFloat16, "float16": cutlass.Float16}[config.dtype]
     if isinstance(config, CalibrateConfig):
@@ -229,7 +256,7 @@ def _build(config: KernelConfig | CalibrateConfig, arch: str):
     return cute.compile(kernel, *_fake_args(config), options="--enable-tvm-ffi")
 
 
-def _key_name(config: KernelConfig | CalibrateConfig, arch: str) -> str:
+def _key_name(config: KernelConfig | CalibrateConfig | TopPConfig, arch: str) -> str:
     fields = "-".join("+".join(v) if isinstance(v, tuple) else f"{v}"
                       for v in asdict(config).values())
     return f"{arch}-{type(config).__name__}-{fields}"
@@ -239,7 +266,7 @@ _memory_cache: dict = {}
 _lock = threading.Lock()
 
 
-def compile_fwd(config: KernelConfig | CalibrateConfig, arch: str | None = None):
+def compile_fwd(config: KernelConfig | CalibrateConfig | TopPConfig, arch: str | None = None):
     """The compiled kernel for `config`: from memory, else from disk, else compiled now."""
     arch = arch or target_arch()
     key = (arch, config)
@@ -258,7 +285,7 @@ def compile_fwd(config: KernelConfig | CalibrateConfig, arch: str | None = None)
     return fn
 
 
-def _load_from_disk(config: KernelConfig | CalibrateConfig, arch: str):
+def _load_from_disk(config: KernelConfig | CalibrateConfig | TopPConfig, arch: str):
     root = cache_dir()
     if root is None:
         return None
@@ -274,7 +301,7 @@ def _load_from_disk(config: KernelConfig | CalibrateConfig, arch: str):
         return None
 
 
-def _save_to_disk(compiled, config: KernelConfig | CalibrateConfig, arch: str) -> None:
+def _save_to_disk(compiled, config: KernelConfig | CalibrateConfig | TopPConfig, arch: str) -> None:
     root = cache_dir()
     if root is None:
         return
@@ -305,7 +332,7 @@ def _nvdisasm() -> str:
     raise FileNotFoundError("nvdisasm not found: pip install 'nvidia-cuda-nvdisasm>=13.4,<14'")
 
 
-def sass_of(config: KernelConfig | CalibrateConfig, arch: str = "sm_90a") -> str:
+def sass_of(config: KernelConfig | CalibrateConfig | TopPConfig, arch: str = "sm_90a") -> str:
     """Disassembly of a fresh compile of `config` (not the cache: the cubin is needed)."""
     os.environ.setdefault("CUTE_DSL_ARCH", arch)
     compiled = _build(config, arch)

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from fgattn_cute.host.compile import CalibrateConfig, KernelConfig, compile_fwd, default_config
+from fgattn_cute.host.compile import (
+    CalibrateConfig,
+    KernelConfig,
+    TopPConfig,
+    compile_fwd,
+    default_config,
+)
 
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -72,4 +78,29 @@ def run_calibrate_sm90(
         counts = torch.empty(batch, heads, n_q_tiles, dtype=torch.int32, device=q.device)
     with torch.cuda.device(q.device):
         fn(q, k, keep_words, indices, counts, float(softmax_scale), float(log_cut))
+    return indices, counts
+
+
+def run_top_p_select_sm90(
+    rows: torch.Tensor,
+    keep_words: torch.Tensor,
+    p: float,
+    scale: float,
+    capacity: int,
+    from_probs: bool = False,
+    indices: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
+):
+    """The pooled top-p selection kernel on float32 rows [R, N] (logits, softmaxed in the
+    kernel after multiplying by scale; or probabilities with from_probs): (indices int32
+    [R, capacity], counts int32 [R]). keep_words as in run_calibrate_sm90; p in (0, 1).
+    indices / counts: optional preallocated outputs (every element is written)."""
+    fn = compile_fwd(TopPConfig(from_probs))
+    n_rows = rows.shape[0]
+    if indices is None:
+        indices = torch.empty(n_rows, capacity, dtype=torch.int32, device=rows.device)
+    if counts is None:
+        counts = torch.empty(n_rows, dtype=torch.int32, device=rows.device)
+    with torch.cuda.device(rows.device):
+        fn(rows, keep_words, indices, counts, float(scale), float(p))
     return indices, counts

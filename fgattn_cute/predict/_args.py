@@ -168,3 +168,15 @@ def always_keep_mask(always_keep, seqlen_k, device):
     # Out-of-range ids (only possible after a failed device assert) land in the dump slot.
     mask.scatter_(0, torch.where((ids >= 0) & (ids < seqlen_k), ids, seqlen_k), True)
     return mask[:seqlen_k]
+
+
+def keep_words(keep, sk, device):
+    """int32 [ceil(sk / 32)]: bit j % 32 of word j // 32 set where keep[j] (None: all zero)."""
+    n_words = -(-sk // 32)
+    if keep is None:
+        return torch.zeros(n_words, dtype=torch.int32, device=device)
+    bits = torch.zeros(n_words * 32, dtype=torch.uint8, device=device)
+    bits[:sk] = keep
+    weights = 1 << torch.arange(8, dtype=torch.uint8, device=device)
+    packed = (bits.view(-1, 8) * weights).sum(dim=-1, dtype=torch.uint8)  # little-endian bytes
+    return packed.view(torch.int32)

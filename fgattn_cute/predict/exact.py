@@ -296,18 +296,6 @@ def _tma_ready(x):
     return x.contiguous()
 
 
-def _keep_words(keep, sk, device):
-    """int32 [ceil(sk / 32)]: bit j % 32 of word j // 32 set where keep[j] (None: all zero)."""
-    n_words = _cdiv(sk, 32)
-    if keep is None:
-        return torch.zeros(n_words, dtype=torch.int32, device=device)
-    bits = torch.zeros(n_words * 32, dtype=torch.uint8, device=device)
-    bits[:sk] = keep
-    weights = 1 << torch.arange(8, dtype=torch.uint8, device=device)
-    packed = (bits.view(-1, 8) * weights).sum(dim=-1, dtype=torch.uint8)  # little-endian bytes
-    return packed.view(torch.int32)
-
-
 def _calibrate_cute(q, k, q_tile, threshold, scale, keep, capacity):
     from ..host.key_index import KeyIndex, _check_capacity, _resolve_capacity
     from ..host.launch import run_calibrate_sm90
@@ -315,8 +303,9 @@ def _calibrate_cute(q, k, q_tile, threshold, scale, keep, capacity):
     sk = k.shape[1]
     cap = _resolve_capacity(capacity, sk)
     log_cut = math.log(threshold / sk) if threshold > 0 else -math.inf
+    words = _args.keep_words(keep, sk, q.device)
     indices, counts = run_calibrate_sm90(
-        _tma_ready(q), _tma_ready(k), _keep_words(keep, sk, q.device), q_tile, scale, log_cut, cap
+        _tma_ready(q), _tma_ready(k), words, q_tile, scale, log_cut, cap
     )
     _check_capacity(counts, cap, sk)
     return KeyIndex._trusted_new(indices, counts, q_tile, q.shape[1], sk)

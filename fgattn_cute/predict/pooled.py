@@ -31,6 +31,7 @@ from ..host.key_index import KeyIndex
 from . import _args
 
 __all__ = [
+    "POOLED_BACKENDS",
     "compiled_top_p_select",
     "pooled_probs",
     "pooled_top_p",
@@ -38,6 +39,12 @@ __all__ = [
     "top_p_mask",
     "top_p_select",
 ]
+
+POOLED_BACKENDS = ("auto", "cute", "torch")
+# The selection kernel holds a row in shared memory (fgattn_cute.kernels.top_p_sm90).
+_CUTE_MAX_SEQLEN_K = 40960
+# Budget, in bytes, for one chunk of float32 logits on the kernel path.
+_CUTE_LOGIT_BYTES = 1 << 30
 
 _MASS_BITS = 52
 _MASS_SCALE = float(2**_MASS_BITS)
@@ -198,9 +205,64 @@ def pooled_probs(q, k, q_tile=128, softmax_scale=None):
     return out
 
 
+def _cute_unsupported(q, k, p, select_fn):
+    """None when the selection kernel runs this call, else the reason it does not."""
+    from ..interface import CUTE_DTYPES, _describe_device, _is_hopper
+
+    if select_fn is not None:
+        return "select_fn replaces the selection of the torch path"
+    if p >= 1.0:
+        return "p = 1 keeps every key (the torch path does it without scoring)"
+    if not _is_hopper(q.device):
+        return f"it needs a Hopper GPU (compute capability 9.x), got {_describe_device(q.device)}"
+    if q.dtype not in CUTE_DTYPES:
+        return f"it runs torch.bfloat16 and torch.float16, got {q.dtype}"
+    if k.shape[1] > _CUTE_MAX_SEQLEN_K:
+        return f"it runs seqlen_k <= {_CUTE_MAX_SEQLEN_K}, got {k.shape[1]}"
+    return None
+
+
+def _split_in_three(x, dtype):
+    """[..., 3 D] in ``dtype``: hi | mid | lo with hi + mid + lo = x (float32) to about 2**-24
+    relative (three 8-bit mantissas for bf16), so that one 16-bit GEMM against [k; k; k] gives
+    float32-accurate dot products of x with k (the products are exact, the sums float32)."""
+    hi = x.to(dtype)
+    rest = x - hi.float()
+    mid = rest.to(dtype)
+    lo = (rest - mid.float()).to(dtype)
+    return torch.cat([hi, mid, lo], dim=-1)
+
+
+def _pooled_top_p_cute(q, k, q_tile, p, scale, keep, capacity):
+    from ..host.key_index import _check_capacity, _resolve_capacity
+    from ..host.launch import run_top_p_select_sm90
+
+    B, sq, H, _ = q.shape
+    sk = k.shape[1]
+    n_tiles = _cdiv(sq, q_tile)
+    cap = _resolve_capacity(capacity, sk)
+    means = tile_means(q, q_tile)  # [B, H, T, D] float32
+    words = _args.keep_words(keep, sk, q.device)
+    indices = torch.empty(B, H, n_tiles, cap, dtype=torch.int32, device=q.device)
+    counts = torch.empty(B, H, n_tiles, dtype=torch.int32, device=q.device)
+    nh = max(1, min(H, _CUTE_LOGIT_BYTES // (n_tiles * sk * 4)))
+    for b in range(B):
+        for h0 in range(0, H, nh):
+            h1 = min(H, h0 + nh)
+            a = _split_in_three(means[b, h0:h1], k.dtype)  # [nh, T, 3D]
+            kt = k[b, :, h0:h1].permute(1, 2, 0)  # [nh, D, Sk]
+            logits = torch.bmm(a, torch.cat([kt, kt, kt], dim=1), out_dtype=torch.float32)
+            run_top_p_select_sm90(
+                logits.view(-1, sk), words, p, scale, cap,
+                indices=indices[b, h0:h1].view(-1, cap), counts=counts[b, h0:h1].view(-1),
+            )
+    _check_capacity(counts, cap, sk)
+    return KeyIndex._trusted_new(indices, counts, q_tile, sq, sk)
+
+
 @torch.no_grad()
 def pooled_top_p(q, k, q_tile=128, p=0.9, softmax_scale=None, always_keep=None, capacity=None,
-                 *, select_fn=None):
+                 *, backend="auto", select_fn=None):
     """The cheap predictor: each tile scores its mean query against every key and keeps the
     smallest set of keys whose softmax mass reaches ``p``, plus ``always_keep``.
 
@@ -219,9 +281,16 @@ def pooled_top_p(q, k, q_tile=128, p=0.9, softmax_scale=None, always_keep=None, 
         always_keep: None, a bool tensor [Sk], or key ids (1-D integer tensor or list of ints).
         capacity: list capacity of the returned ``KeyIndex`` (None: round_up(Sk, 128)); a row
             with more kept keys is an error, never truncated.
+        backend: "cute" (Hopper GPU, bf16 / fp16, Sk <= 40,960, p < 1: the scores by one
+            tensor-core GEMM of the tile means split in three 16-bit parts, float32-accurate,
+            then one selection kernel per row that does the softmax, the exact rule and the
+            list in shared memory; RuntimeError otherwise), "torch" (chunked torch, any device
+            and dtype) or "auto" (the kernel where it runs the call, else torch). The rule is
+            the same; the probabilities may differ in their last bits between the two (matmul
+            and softmax summation order), which can move a key at the boundary.
         select_fn: ``select_fn(probs [R, Sk] float32, p 0-dim float64 tensor) -> bool [R, Sk]``,
-            the selection (default ``top_p_select``; ``compiled_top_p_select()`` is the same,
-            compiled). Plug a fused kernel here.
+            the selection of the torch path (default ``top_p_select``;
+            ``compiled_top_p_select()`` is the same, compiled).
 
     Returns:
         a trusted ``KeyIndex`` on q's device.
@@ -237,8 +306,16 @@ def pooled_top_p(q, k, q_tile=128, p=0.9, softmax_scale=None, always_keep=None, 
     q_tile = _args.check_q_tile(q_tile)
     p = _args.check_p(p)
     scale = _args.scale_for(softmax_scale, q.shape[-1])
+    if not isinstance(backend, str) or backend not in POOLED_BACKENDS:
+        raise ValueError(f"backend: expected one of {POOLED_BACKENDS}, got {backend!r}")
     sk = k.shape[1]
     keep = _args.always_keep_mask(always_keep, sk, q.device)
+    if backend != "torch":
+        why_not = _cute_unsupported(q, k, p, select_fn)
+        if why_not is None:
+            return _pooled_top_p_cute(q, k, q_tile, p, scale, keep, capacity)
+        if backend == "cute":
+            raise RuntimeError(f"backend: the top-p kernel cannot run this call: {why_not}")
     n_tiles = _cdiv(q.shape[1], q_tile)
     mask = torch.empty(q.shape[0], q.shape[2], n_tiles, sk, dtype=torch.bool, device=q.device)
     for b, h0, h1, t0, t1, probs in _prob_chunks(q, k, q_tile, scale):

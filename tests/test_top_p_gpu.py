@@ -1,0 +1,115 @@
+"""The pooled top-p selection kernel (fgattn_cute/kernels/top_p_sm90.py).
+
+From probabilities it must select exactly what the documented rule selects (full-sort reference,
+ties included), since its arithmetic is the torch code's integer arithmetic. From logits it
+computes its own float32 softmax, so against the torch path only boundary keys may differ, and
+the kept mass must still reach p. Outputs are poisoned before each run and every list is checked
+in full. Skipped without a Hopper GPU.
+"""
+
+import math
+
+import pytest
+import torch
+from predict_brute import top_p_sorted
+
+import fgattn_cute as fg
+from fgattn_cute.host.launch import run_top_p_select_sm90
+from fgattn_cute.predict._args import keep_words
+
+pytestmark = pytest.mark.gpu
+
+
+def _probs(seed, rows, n, spread=3.0, ties=False):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, n, generator=gen) * spread
+    if ties:
+        logits = (logits * 2).round() / 2
+    return torch.softmax(logits, dim=-1)
+
+
+def _select(rows, p, keep=None, from_probs=True, scale=1.0):
+    n_rows, n = rows.shape
+    cap = math.ceil(n / 128) * 128
+    indices = torch.full((n_rows, cap), -5, dtype=torch.int32, device="cuda")
+    counts = torch.full((n_rows,), -5, dtype=torch.int32, device="cuda")
+    words = keep_words(None if keep is None else keep.cuda(), n, torch.device("cuda"))
+    run_top_p_select_sm90(rows.cuda(), words, p, scale, cap, from_probs=from_probs,
+                          indices=indices, counts=counts)
+    return _to_mask(indices.cpu(), counts.cpu(), n)
+
+
+def _to_mask(indices, counts, n):
+    slot = torch.arange(indices.shape[-1])
+    valid = slot < counts.unsqueeze(-1).long()
+    assert (((indices >= 0) & (indices < n)) | ~valid).all(), "key out of range"
+    assert (indices[~valid] == 0).all(), "slots past the count must be zero"
+    assert (~valid[..., 1:] | (indices[..., 1:] > indices[..., :-1])).all(), "not ascending"
+    mask = torch.zeros(*indices.shape[:-1], n + 1, dtype=torch.bool)
+    mask.scatter_(-1, torch.where(valid, indices, n).long(), True)
+    return mask[..., :n]
+
+
+@pytest.mark.parametrize("n", [1, 33, 1000, 4097, 32760, 40960])
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.9, 0.999])
+@pytest.mark.parametrize("ties", [False, True])
+def test_selection_equals_full_sort(n, p, ties):
+    probs = _probs(n, 6, n, ties=ties)
+    got = _select(probs, p)
+    assert torch.equal(got, top_p_sorted(probs, p))
+
+
+def test_uniform_rows_zero_rows_and_always_keep():
+    n = 3000
+    probs = torch.full((3, n), 1.0 / n)
+    probs[2] = 0.0  # no mass: nothing but the always-keep keys
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[[0, 31, 32, 2999]] = True
+    got = _select(probs, 0.5, keep=keep)
+    expected = top_p_sorted(probs, 0.5) | keep
+    assert torch.equal(got, expected)
+    assert int(got[0].sum()) == math.ceil(0.5 * n) + 2  # ties: the lowest indices first
+
+
+def test_from_logits_matches_softmax_rule():
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(8, 32760, generator=gen) * 2.5
+    scale = 0.7
+    got = _select(logits, 0.9, from_probs=False, scale=scale)
+    probs = torch.softmax(logits.cuda() * scale, dim=-1).cpu()
+    ref = top_p_sorted(probs, 0.9)
+    assert (got != ref).float().mean().item() < 1e-3  # boundary keys only
+    kept = (probs.double() * got).sum(-1)
+    assert bool((kept >= 0.9 - 1e-5).all())
+
+
+def test_pooled_top_p_kernel_against_torch_path():
+    from fgattn_cute.testing import video_like_qkv
+
+    q, k, _ = video_like_qkv(4, 16, 24, 4, 128, seed=3, dtype=torch.bfloat16, text_tokens=16)
+    qg, kg = q.cuda(), k.cuda()
+    for p in (0.5, 0.9):
+        cute = fg.predict.pooled_top_p(qg, kg, 128, p, always_keep=[0, 1], backend="cute")
+        cute.validate()
+        torch_path = fg.predict.pooled_top_p(qg, kg, 128, p, always_keep=[0, 1],
+                                             backend="torch")
+        a, b = cute.to_mask().cpu(), torch_path.to_mask().cpu()
+        assert (a != b).float().mean().item() < 2e-3
+        probs = fg.predict.pooled_probs(q, k, 128).double()
+        assert bool(((probs * a).sum(-1) >= p - 1e-4).all())
+        assert a[..., :2].all()
+
+
+def test_pooled_top_p_capacity_and_refusals():
+    g = torch.Generator().manual_seed(2)
+    q = (torch.randn(1, 300, 2, 64, generator=g) * 4).to(torch.float16).cuda()
+    k = (torch.randn(1, 700, 2, 64, generator=g) * 3).to(torch.float16).cuda()
+    # p = 0.5 keeps 26-80 keys per tile here (torch path on the CPU): within 128.
+    index = fg.predict.pooled_top_p(q, k, 64, 0.5, capacity=100, backend="cute")
+    assert index.capacity == 128 and 0 < int(index.counts.max()) <= 128
+    index.validate()
+    with pytest.raises(RuntimeError, match="seqlen_k"):
+        big = torch.zeros(1, 40961, 2, 64, dtype=torch.float16, device="cuda")
+        fg.predict.pooled_top_p(q, big, 64, 0.5, backend="cute")
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        fg.predict.pooled_top_p(q.float(), k.float(), 64, 0.5, backend="cute")
