@@ -46,7 +46,7 @@ def main(argv=None):
     p.add_argument("--shapes", default="wan480-h12,wan480-h24")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--torch-path", action="store_true",
-                   help="also time calibrate(backend='torch', lse_fn=kernel_lse) (slow)")
+                   help="also time the torch paths of both predictors (slow)")
     p.add_argument("--video-like", action="store_true", help="also time on video-like inputs")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
@@ -72,6 +72,8 @@ def main(argv=None):
             if args.torch_path:
                 systems.append(("calibrate_torch", lambda qq=qq, kk=kk: pred.calibrate(
                     qq, kk, 128, 1.0, backend="torch", lse_fn=pred.kernel_lse)))
+                systems.append(("pooled_top_p_torch", lambda qq=qq, kk=kk: pred.pooled_top_p(
+                    qq, kk, 128, 0.9, backend="torch")))
             for system, fn in systems:
                 ms = median_ms(fn, args.reps, warmup=1)
                 keep = fn().density().item()
