@@ -82,6 +82,15 @@ def test_calibrate_configs_cover_dtype_head_dim_and_q_tile():
         kcompile.CalibrateConfig(96, "bfloat16")
 
 
+@pytest.mark.parametrize("from_probs", [False, True], ids=["from_logits", "from_probs"])
+def test_top_p_machine_code(from_probs):
+    """The histogram weights go through native 32-bit shared-memory atomics (a 64-bit add
+    would be a compare-and-swap loop), and nothing spills."""
+    hist = _hist(kcompile.TopPConfig(from_probs))
+    assert _count(hist, "ATOMS.ADD") >= 3 and _count(hist, "ATOMS.CAS") == 0, hist
+    assert _count(hist, "LDL") == 0 and _count(hist, "STL") == 0, f"spills: {hist}"
+
+
 def test_every_engine_dtype_head_dim_and_q_tile_is_covered():
     seen = {(c.head_dim, c.dtype, c.q_tile, c.engine) for c in CONFIGS}
     assert len(seen) == 2 * 2 * 2 * len(kcompile.ENGINES)

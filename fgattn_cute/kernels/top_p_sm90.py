@@ -107,12 +107,16 @@ class TopPSelectSm90:
             sWords[c] = Uint32(mKeepWords[c])
 
         # 1. Probabilities in shared memory.
+        # Global loads unrolled by 4 so that each thread has several in flight.
+        local_total = Int64(0)
         if const_expr(self.from_probs):
-            for j in cutlass.range(tidx, n, T, unroll=1):
-                sP[j] = x_row[j]
+            for j in cutlass.range(tidx, n, T, unroll=4):
+                v = x_row[j]
+                sP[j] = v
+                local_total += Int64(v * MASS_SCALE)
         else:
             local_max = -Float32.inf
-            for j in cutlass.range(tidx, n, T, unroll=1):
+            for j in cutlass.range(tidx, n, T, unroll=4):
                 v = x_row[j] * scale
                 sP[j] = v
                 local_max = cute.arch.fmax(local_max, v)
@@ -124,12 +128,11 @@ class TopPSelectSm90:
                 local_sum += e
             row_sum = self.block_sum_f(local_sum, red_f, warp, lane)
             for j in cutlass.range(tidx, n, T, unroll=1):
-                sP[j] = sP[j] / row_sum
+                prob = sP[j] / row_sum
+                sP[j] = prob
+                local_total += Int64(prob * MASS_SCALE)
 
         # 2. Integer weights, the target, then the boundary value tau by radix rounds.
-        local_total = Int64(0)
-        for j in cutlass.range(tidx, n, T, unroll=1):
-            local_total += Int64(sP[j] * MASS_SCALE)
         total = self.block_sum_i(local_total, red_i, warp, lane)
         target_f = Float64(total) * p_top
         target = Int64(target_f)
