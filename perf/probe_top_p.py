@@ -1,0 +1,57 @@
+"""The pooled top-p selection kernel alone on score rows of a Wan 480p layer (S = 32,760,
+H x 256 query tiles), and the whole pooled_top_p, next to FA4 dense, one process.
+
+    python perf/probe_top_p.py [--heads 24]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import baselines  # noqa: E402
+from sweep import card_info, median_ms  # noqa: E402
+
+import fgattn_cute as fg  # noqa: E402
+from fgattn_cute.host.compile import TopPConfig, compile_fwd  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--seqlen", type=int, default=32760)
+    p.add_argument("--heads", type=int, default=24)
+    p.add_argument("--reps", type=int, default=10)
+    args = p.parse_args(argv)
+    S, H = args.seqlen, args.heads
+    rows = H * math.ceil(S / 128)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, S, H, 128, generator=gen, device="cuda", dtype=torch.bfloat16)
+               for _ in range(3))
+    dense = median_ms(baselines.fa4_dense(q, k, v), args.reps)
+    print(f"{card_info()[0]}  S={S} H={H}  FA4 dense {dense:.3f} ms")
+    whole = median_ms(lambda: fg.predict.pooled_top_p(q, k, 128, 0.9), args.reps)
+    print(f"pooled_top_p (auto)     {whole:8.3f} ms  {whole / dense:6.3f} x dense")
+    logits = torch.randn(rows, S, generator=gen, device="cuda") * 3
+    words = torch.zeros(math.ceil(S / 32), dtype=torch.int32, device="cuda")
+    indices = torch.empty(rows, math.ceil(S / 128) * 128, dtype=torch.int32, device="cuda")
+    counts = torch.empty(rows, dtype=torch.int32, device="cuda")
+    fn = compile_fwd(TopPConfig(False))
+    ms = median_ms(lambda: fn(logits, words, indices, counts, 128**-0.5, 0.9), args.reps)
+    print(f"select kernel alone     {ms:8.3f} ms  {ms / dense:6.3f} x dense ({rows} rows)")
+    # The GEMM that makes the scores: tile means split in three bf16 parts against [k; k; k].
+    a = torch.randn(H, rows // H, 384, generator=gen, device="cuda").bfloat16()
+    kt = k[0].permute(1, 2, 0)
+    b = torch.cat([kt, kt, kt], dim=1)
+    ms = median_ms(lambda: torch.bmm(a, b, out_dtype=torch.float32), args.reps)
+    print(f"scores GEMM (3 x bf16)  {ms:8.3f} ms  {ms / dense:6.3f} x dense")
+
+
+if __name__ == "__main__":
+    main()
