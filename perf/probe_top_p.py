@@ -38,6 +38,17 @@ def main(argv=None):
     print(f"{card_info()[0]}  S={S} H={H}  FA4 dense {dense:.3f} ms")
     whole = median_ms(lambda: fg.predict.pooled_top_p(q, k, 128, 0.9), args.reps)
     print(f"pooled_top_p (auto)     {whole:8.3f} ms  {whole / dense:6.3f} x dense")
+    from fgattn_cute.predict import pooled
+
+    means = pooled.tile_means(q, 128)
+    steps = {
+        "tile_means": lambda: pooled.tile_means(q, 128),
+        "split_in_three": lambda: pooled._split_in_three(means[0], torch.bfloat16),
+        "k3 copy": lambda: torch.cat([k[0]] * 3, dim=-1),
+    }
+    for name, fn in steps.items():
+        ms = median_ms(fn, args.reps)
+        print(f"  {name:21s} {ms:8.3f} ms")
     logits = torch.randn(rows, S, generator=gen, device="cuda") * 3
     words = torch.zeros(math.ceil(S / 32), dtype=torch.int32, device="cuda")
     indices = torch.empty(rows, math.ceil(S / 128) * 128, dtype=torch.int32, device="cuda")

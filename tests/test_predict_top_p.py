@@ -34,7 +34,6 @@ def _random_probs(seed, rows, n, ties=False, spread=3.0):
 def chunking(request, monkeypatch):
     if request.param:
         monkeypatch.setitem(pooled_mod._ROW_ELEMS, "cpu", 150)
-        monkeypatch.setattr(pooled_mod, "_MEAN_ELEMS", 300)
     return request.param
 
 

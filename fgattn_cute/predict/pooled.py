@@ -57,8 +57,6 @@ _ROUNDS = ((19, 10), (9, 10), (0, 9))
 # Budget, in elements of [rows, Sk], for one chunk of rows (temporaries: about 40 bytes each).
 _ROW_ELEMS = {"cpu": 1 << 22}
 _ROW_ELEMS_DEFAULT = 1 << 24
-# Budget, in elements, for one float32 chunk of q rows when averaging tiles.
-_MEAN_ELEMS = 1 << 24
 
 
 def _cdiv(a, b):
@@ -147,20 +145,16 @@ def top_p_mask(probs, p):
 
 def tile_means(q, q_tile):
     """float32 [B, H, n_q_tiles, D]: the mean of each tile's real queries (the last tile may
-    hold fewer than q_tile)."""
+    hold fewer than q_tile). Sums in float32 straight from q's dtype: no float32 copy of q."""
     B, sq, H, D = q.shape
     n_tiles = _cdiv(sq, q_tile)
+    full = sq // q_tile
     out = torch.empty(B, n_tiles, H, D, dtype=torch.float32, device=q.device)
-    nt = max(1, min(n_tiles, _MEAN_ELEMS // (q_tile * H * D)))
-    for b in range(B):
-        for t0 in range(0, n_tiles, nt):
-            t1 = min(n_tiles, t0 + nt)
-            r0, r1 = t0 * q_tile, min(sq, t1 * q_tile)
-            x = q[b, r0:r1].float()
-            pad = (t1 - t0) * q_tile - (r1 - r0)
-            if pad:
-                x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
-            out[b, t0:t1] = x.view(t1 - t0, q_tile, H, D).sum(dim=1)
+    if full:
+        tiles = q[:, : full * q_tile].reshape(B, full, q_tile, H, D)
+        torch.sum(tiles, dim=2, dtype=torch.float32, out=out[:, :full])
+    if full < n_tiles:
+        torch.sum(q[:, full * q_tile:], dim=1, dtype=torch.float32, out=out[:, full])
     # Real queries per tile, built on the device: a scalar written into a CUDA tensor would
     # be a blocking host-to-device copy.
     first = torch.arange(n_tiles, device=q.device) * q_tile
@@ -250,8 +244,11 @@ def _pooled_top_p_cute(q, k, q_tile, p, scale, keep, capacity):
         for h0 in range(0, H, nh):
             h1 = min(H, h0 + nh)
             a = _split_in_three(means[b, h0:h1], k.dtype)  # [nh, T, 3D]
-            kt = k[b, :, h0:h1].permute(1, 2, 0)  # [nh, D, Sk]
-            logits = torch.bmm(a, torch.cat([kt, kt, kt], dim=1), out_dtype=torch.float32)
+            kh = k[b, :, h0:h1]  # [Sk, nh, D]
+            # [Sk, nh, 3D]: one coalesced copy in k's own order; the GEMM reads it as
+            # [nh, 3D, Sk] with the 3D axis contiguous (a transposed operand, no copy).
+            k3 = torch.cat([kh, kh, kh], dim=-1)
+            logits = torch.bmm(a, k3.permute(1, 2, 0), out_dtype=torch.float32)
             run_top_p_select_sm90(
                 logits.view(-1, sk), words, p, scale, cap,
                 indices=indices[b, h0:h1].view(-1, cap), counts=counts[b, h0:h1].view(-1),
