@@ -4,8 +4,12 @@ Tile t keeps key j when
 
     max over the tile's real queries q of  softmax(scale * Q K^T)[q, j]  >=  threshold / seqlen_k
 
-(the softmax is over all seqlen_k keys; the last tile's padding rows never count). It runs in two
-chunked passes, so that no S x S matrix is ever materialised (S = 75,600, H = 40 included):
+(the softmax is over all seqlen_k keys; the last tile's padding rows never count).
+
+On a Hopper GPU the default is one CuTe kernel (``fgattn_cute/kernels/calibrate_sm90.py``: an
+LSE pass and a keep-bit pass over Q K^T per pair of query tiles, lists written in the kernel).
+The torch path, elsewhere or with ``backend="torch"``, runs two chunked passes, so that no
+S x S matrix is ever materialised (S = 75,600, H = 40 included):
 
 1. ``query_lse``: each query's natural-log log-sum-exp over all keys (an online log-sum-exp over
    key chunks). Replaceable through ``calibrate(..., lse_fn=...)`` by any faster source of the
