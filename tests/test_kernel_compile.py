@@ -82,11 +82,12 @@ def test_calibrate_configs_cover_dtype_head_dim_and_q_tile():
         kcompile.CalibrateConfig(96, "bfloat16")
 
 
-@pytest.mark.parametrize("from_probs", [False, True], ids=["from_logits", "from_probs"])
-def test_top_p_machine_code(from_probs):
+@pytest.mark.parametrize("config", kcompile.all_top_p_configs(),
+                         ids=lambda c: "-".join(map(str, vars(c).values())))
+def test_top_p_machine_code(config):
     """The histogram weights go through native 32-bit shared-memory atomics (a 64-bit add
     would be a compare-and-swap loop), and nothing spills."""
-    hist = _hist(kcompile.TopPConfig(from_probs))
+    hist = _hist(config)
     assert _count(hist, "ATOMS.ADD") >= 3 and _count(hist, "ATOMS.CAS") == 0, hist
     assert _count(hist, "LDL") == 0 and _count(hist, "STL") == 0, f"spills: {hist}"
 

@@ -50,7 +50,7 @@ def _to_mask(indices, counts, n):
     return mask[..., :n]
 
 
-@pytest.mark.parametrize("n", [1, 33, 1000, 4097, 32760, 40960])
+@pytest.mark.parametrize("n", [1, 33, 1000, 4097, 32760, 40960, 40961, 75600])
 @pytest.mark.parametrize("p", [0.05, 0.5, 0.9, 0.999])
 @pytest.mark.parametrize("ties", [False, True])
 def test_selection_equals_full_sort(n, p, ties):
@@ -103,6 +103,18 @@ def test_pooled_top_p_kernel_against_torch_path():
         assert a[..., :2].all()
 
 
+def test_pooled_top_p_long_rows_in_global_memory():
+    """Sk > 40,960: the kernel works on the rows in place in global memory."""
+    g = torch.Generator().manual_seed(9)
+    q = (torch.randn(1, 200, 2, 64, generator=g) * 4).to(torch.bfloat16).cuda()
+    k = (torch.randn(1, 50000, 2, 64, generator=g) * 2).to(torch.bfloat16).cuda()
+    cute = fg.predict.pooled_top_p(q, k, 128, 0.9, always_keep=[49999], backend="cute")
+    cute.validate()
+    torch_path = fg.predict.pooled_top_p(q, k, 128, 0.9, always_keep=[49999], backend="torch")
+    a, b = cute.to_mask().cpu(), torch_path.to_mask().cpu()
+    assert (a != b).float().mean().item() < 1e-3 and a[..., 49999].all()
+
+
 def test_pooled_top_p_capacity_and_refusals():
     g = torch.Generator().manual_seed(2)
     q = (torch.randn(1, 300, 2, 64, generator=g) * 4).to(torch.float16).cuda()
@@ -112,7 +124,7 @@ def test_pooled_top_p_capacity_and_refusals():
     assert index.capacity == 128 and 0 < int(index.counts.max()) <= 128
     index.validate()
     with pytest.raises(RuntimeError, match="seqlen_k"):
-        big = torch.zeros(1, 40961, 2, 64, dtype=torch.float16, device="cuda")
+        big = torch.zeros(1, 131073, 2, 64, dtype=torch.float16, device="cuda")
         fg.predict.pooled_top_p(q, big, 64, 0.5, backend="cute")
     with pytest.raises(RuntimeError, match="bfloat16"):
         fg.predict.pooled_top_p(q.float(), k.float(), 64, 0.5, backend="cute")

@@ -87,6 +87,12 @@ class TopPConfig:
     kernel) or, for tests, from probabilities."""
 
     from_probs: bool = False
+    row_in_smem: bool = True  # False: rows longer than 40,960 keys, worked on in place
+
+
+def all_top_p_configs():
+    """Every top-p selection configuration the package ships (CI compiles each one)."""
+    return [TopPConfig(fp, sm) for fp in (False, True) for sm in (True, False)]
 
 
 def all_calibrate_configs():
@@ -231,7 +237,7 @@ def _build(config: KernelConfig | CalibrateConfig | TopPConfig, arch: str):
     if isinstance(config, TopPConfig):
         from fgattn_cute.kernels.top_p_sm90 import TopPSelectSm90
 
-        kernel = TopPSelectSm90(config.from_probs)
+        kernel = TopPSelectSm90(config.from_probs, config.row_in_smem)
         return cute.compile(kernel, *_fake_args(config), options="--enable-tvm-ffi")
 
     dtype = {"bfloat16": cutlass.BFloat16, "float16": cutlass.Float16}[config.dtype]

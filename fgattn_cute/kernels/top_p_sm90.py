@@ -1,7 +1,8 @@
 """The selection of ``fg.predict.pooled_top_p`` as one kernel: one CTA per row of scores.
 
-Each row (one query tile's pooled scores against every key) is loaded into shared memory once;
-everything after that runs on chip:
+Each row (one query tile's pooled scores against every key) is loaded into shared memory once
+and everything after that runs on chip (rows longer than 40,960 keys are worked on in place in
+global memory instead, where the 132 rows in flight stay in L2):
 
 1. softmax: x = scale * logit, p = exp(x - max) / sum (float32, accurate exp), in place; or, in
    ``from_probs`` mode, the row is already probabilities (the selection alone, for tests that
@@ -31,17 +32,24 @@ MASS_SCALE = float(2**MASS_BITS)
 LOW_BITS = (127 - MASS_BITS) << 23  # float32 bits of 2**-52, the smallest weighted probability
 ROUNDS = ((19, 10), (9, 10), (0, 9))  # (shift, bits), most significant digit first
 HIST_BINS = 1 << 10
-MAX_SEQLEN_K = 40960  # the row lives in shared memory (160 KiB of float32)
+HIST_PARTS = 4  # 14-bit slices of a weight, summed in 32-bit atomics (see hist_add)
+MAX_SEQLEN_K_SMEM = 40960  # rows up to this long live in shared memory (160 KiB of float32)
+MAX_SEQLEN_K = 1 << 17  # longer rows stay in global memory (L2), in place; bound of the bitmap
 
 
 class TopPSelectSm90:
     """Static configuration of one compiled selection kernel; launch through `__call__`."""
 
-    def __init__(self, from_probs: bool = False, num_threads: int = 512):
+    def __init__(self, from_probs: bool = False, row_in_smem: bool = True,
+                 num_threads: int = 512):
         self.from_probs = from_probs
+        # False: the row is overwritten in place in global memory (its caller's scratch) and
+        # every pass after the first reads it back, mostly from L2.
+        self.row_in_smem = row_in_smem
         self.num_threads = num_threads
         self.num_warps = num_threads // 32
-        self.max_n = MAX_SEQLEN_K
+        self.max_n = MAX_SEQLEN_K_SMEM if row_in_smem else MAX_SEQLEN_K
+        self.smem_row = MAX_SEQLEN_K_SMEM if row_in_smem else 4
 
     @cute.jit
     def __call__(
@@ -58,9 +66,9 @@ class TopPSelectSm90:
 
         @cute.struct
         class SharedStorage:
-            row: cute.struct.Align[cute.struct.MemRange[Float32, self.max_n], 16]
+            row: cute.struct.Align[cute.struct.MemRange[Float32, self.smem_row], 16]
             words: cute.struct.Align[cute.struct.MemRange[Uint32, self.max_n // 32], 16]
-            hist: cute.struct.Align[cute.struct.MemRange[Uint32, 3 * HIST_BINS], 16]
+            hist: cute.struct.Align[cute.struct.MemRange[Uint32, HIST_PARTS * HIST_BINS], 16]
             red_i: cute.struct.MemRange[Int64, num_warps]
             red_f: cute.struct.MemRange[Float32, num_warps]
             bcast: cute.struct.MemRange[Int64, 4]
@@ -89,18 +97,20 @@ class TopPSelectSm90:
         row_idx = cute.arch.block_idx()[0]
         smem = cutlass.memory.SmemAllocator()
         storage = smem.allocate(SharedStorage)
-        sP = storage.row.get_tensor(cute.make_layout(self.max_n))
+        x_row = mX[row_idx, None]
+        if const_expr(self.row_in_smem):
+            sP = storage.row.get_tensor(cute.make_layout(self.max_n))
+        else:
+            sP = x_row
         # The same bytes as int32: non-negative floats order like their bit patterns.
-        sBitsP = cute.make_tensor(cute.recast_ptr(sP.iterator, dtype=Int32),
-                                  cute.make_layout(self.max_n))
+        sBitsP = cute.make_tensor(cute.recast_ptr(sP.iterator, dtype=Int32), sP.layout)
         sWords = storage.words.get_tensor(cute.make_layout(self.max_n // 32))
-        sHist = storage.hist.get_tensor(cute.make_layout((HIST_BINS, 3)))
+        sHist = storage.hist.get_tensor(cute.make_layout((HIST_BINS, HIST_PARTS)))
         red_i = storage.red_i.get_tensor(cute.make_layout(self.num_warps))
         red_f = storage.red_f.get_tensor(cute.make_layout(self.num_warps))
         bcast = storage.bcast.get_tensor(cute.make_layout(4))
         n = cute.size(mX.shape[1])
         n_chunks = cute.ceil_div(n, 32)
-        x_row = mX[row_idx, None]
         T = self.num_threads
 
         for c in cutlass.range(tidx, n_chunks, T, unroll=1):
@@ -221,7 +231,7 @@ class TopPSelectSm90:
         weight of the keys above it."""
         nb = 1 << bits
         for b in cutlass.range(tidx, nb, self.num_threads, unroll=1):
-            for part in cutlass.range_constexpr(3):
+            for part in cutlass.range_constexpr(HIST_PARTS):
                 sHist[b, part] = Uint32(0)
         cute.arch.barrier()
         for j in cutlass.range(tidx, n, self.num_threads, unroll=1):
@@ -235,7 +245,7 @@ class TopPSelectSm90:
             # Lane l scans bins nb - 1 - (l * per .. l * per + per - 1): descending digits.
             per = nb // 32
             lane_sum = Int64(0)
-            for i in cutlass.range_constexpr(per):
+            for i in cutlass.range(per, unroll=1):
                 lane_sum += self.hist_get(sHist, nb - 1 - (lane * per + i))
             incl = lane_sum
             for offset in (1, 2, 4, 8, 16):
@@ -251,7 +261,7 @@ class TopPSelectSm90:
                 running = incl - lane_sum
                 pos = Int32(nb - 1)
                 found = Boolean(False)
-                for i in cutlass.range_constexpr(per):
+                for i in cutlass.range(per, unroll=1):
                     if not found:
                         b = self.hist_get(sHist, nb - 1 - (lane * per + i))
                         if running + b >= need or lane * per + i == nb - 1:
@@ -264,25 +274,24 @@ class TopPSelectSm90:
         cute.arch.barrier()
         return Int32(bcast[0]), bcast[1]
 
-    # A bin's weight is kept as three 32-bit sums (bits 0-15, 16-31 and 32-51 of each key's
-    # weight): 32-bit shared-memory atomics are native, 64-bit ones compile to a CAS loop. For
-    # rows of up to 65,536 keys summing to at most 1 (weights <= 2**52 in all) none overflows.
+    # A bin's weight is kept as four 32-bit sums, one per 14-bit slice of each key's weight
+    # (bits 0-13, 14-27, 28-41, 42-51): 32-bit shared-memory atomics are native, 64-bit ones
+    # compile to a CAS loop. For rows of up to 2**18 keys summing to at most 1 (weights <=
+    # 2**52 in all) none overflows.
     @cute.jit
     def hist_add(self, sHist, b: Int32, weight: Int64):
-        low = Uint32(weight & 0xFFFF)
-        mid = Uint32((weight >> 16) & 0xFFFF)
-        high = Uint32(weight >> 32)
-        cute.arch.atomic_add(sHist.iterator + b, low)
-        if mid != Uint32(0):
-            cute.arch.atomic_add(sHist.iterator + HIST_BINS + b, mid)
-        if high != Uint32(0):
-            cute.arch.atomic_add(sHist.iterator + 2 * HIST_BINS + b, high)
+        cute.arch.atomic_add(sHist.iterator + b, Uint32(weight & 0x3FFF))
+        for part in cutlass.range_constexpr(1, HIST_PARTS):
+            piece = Uint32((weight >> (14 * part)) & 0x3FFF)
+            if piece != Uint32(0):
+                cute.arch.atomic_add(sHist.iterator + part * HIST_BINS + b, piece)
 
     @cute.jit
     def hist_get(self, sHist, b: Int32) -> Int64:
-        return (
-            Int64(sHist[b, 0]) + (Int64(sHist[b, 1]) << 16) + (Int64(sHist[b, 2]) << 32)
-        )
+        out = Int64(sHist[b, 0])
+        for part in cutlass.range_constexpr(1, HIST_PARTS):
+            out += Int64(sHist[b, part]) << (14 * part)
+        return out
 
     @cute.jit
     def exclusive_warp_prefix(self, value: Int64, red_i, warp: Int32, lane: Int32):

@@ -41,8 +41,8 @@ __all__ = [
 ]
 
 POOLED_BACKENDS = ("auto", "cute", "torch")
-# The selection kernel holds a row in shared memory (fgattn_cute.kernels.top_p_sm90).
-_CUTE_MAX_SEQLEN_K = 40960
+# The selection kernel's bitmap bound (fgattn_cute.kernels.top_p_sm90.MAX_SEQLEN_K).
+_CUTE_MAX_SEQLEN_K = 1 << 17
 # Budget, in bytes, for one chunk of float32 logits on the kernel path.
 _CUTE_LOGIT_BYTES = 1 << 30
 
@@ -278,7 +278,7 @@ def pooled_top_p(q, k, q_tile=128, p=0.9, softmax_scale=None, always_keep=None, 
         always_keep: None, a bool tensor [Sk], or key ids (1-D integer tensor or list of ints).
         capacity: list capacity of the returned ``KeyIndex`` (None: round_up(Sk, 128)); a row
             with more kept keys is an error, never truncated.
-        backend: "cute" (Hopper GPU, bf16 / fp16, Sk <= 40,960, p < 1: the scores by one
+        backend: "cute" (Hopper GPU, bf16 / fp16, Sk <= 131,072, p < 1: the scores by one
             tensor-core GEMM of the tile means split in three 16-bit parts, float32-accurate,
             then one selection kernel per row that does the softmax, the exact rule and the
             list in shared memory; RuntimeError otherwise), "torch" (chunked torch, any device
