@@ -32,7 +32,6 @@ MASS_SCALE = float(2**MASS_BITS)
 LOW_BITS = (127 - MASS_BITS) << 23  # float32 bits of 2**-52, the smallest weighted probability
 ROUNDS = ((19, 10), (9, 10), (0, 9))  # (shift, bits), most significant digit first
 HIST_BINS = 1 << 10
-HIST_PARTS = 4  # 14-bit slices of a weight, summed in 32-bit atomics (see hist_add)
 MAX_SEQLEN_K_SMEM = 40960  # rows up to this long live in shared memory (160 KiB of float32)
 MAX_SEQLEN_K = 1 << 17  # longer rows stay in global memory (L2), in place; bound of the bitmap
 
@@ -49,6 +48,9 @@ class TopPSelectSm90:
         self.num_threads = num_threads
         self.num_warps = num_threads // 32
         self.max_n = MAX_SEQLEN_K_SMEM if row_in_smem else MAX_SEQLEN_K
+        # Bit offsets of the slices a weight is split into for the 32-bit histogram atomics
+        # (see hist_add): fewer, wider slices when rows are short.
+        self.slices = (0, 16, 32) if row_in_smem else (0, 14, 28, 42)
         self.smem_row = MAX_SEQLEN_K_SMEM if row_in_smem else 4
 
     @cute.jit
@@ -68,7 +70,9 @@ class TopPSelectSm90:
         class SharedStorage:
             row: cute.struct.Align[cute.struct.MemRange[Float32, self.smem_row], 16]
             words: cute.struct.Align[cute.struct.MemRange[Uint32, self.max_n // 32], 16]
-            hist: cute.struct.Align[cute.struct.MemRange[Uint32, HIST_PARTS * HIST_BINS], 16]
+            hist: cute.struct.Align[
+                cute.struct.MemRange[Uint32, len(self.slices) * HIST_BINS], 16
+            ]
             red_i: cute.struct.MemRange[Int64, num_warps]
             red_f: cute.struct.MemRange[Float32, num_warps]
             bcast: cute.struct.MemRange[Int64, 4]
@@ -105,7 +109,7 @@ class TopPSelectSm90:
         # The same bytes as int32: non-negative floats order like their bit patterns.
         sBitsP = cute.make_tensor(cute.recast_ptr(sP.iterator, dtype=Int32), sP.layout)
         sWords = storage.words.get_tensor(cute.make_layout(self.max_n // 32))
-        sHist = storage.hist.get_tensor(cute.make_layout((HIST_BINS, HIST_PARTS)))
+        sHist = storage.hist.get_tensor(cute.make_layout((HIST_BINS, len(self.slices))))
         red_i = storage.red_i.get_tensor(cute.make_layout(self.num_warps))
         red_f = storage.red_f.get_tensor(cute.make_layout(self.num_warps))
         bcast = storage.bcast.get_tensor(cute.make_layout(4))
@@ -231,7 +235,7 @@ class TopPSelectSm90:
         weight of the keys above it."""
         nb = 1 << bits
         for b in cutlass.range(tidx, nb, self.num_threads, unroll=1):
-            for part in cutlass.range_constexpr(HIST_PARTS):
+            for part in cutlass.range_constexpr(len(self.slices)):
                 sHist[b, part] = Uint32(0)
         cute.arch.barrier()
         for j in cutlass.range(tidx, n, self.num_threads, unroll=1):
@@ -274,23 +278,26 @@ class TopPSelectSm90:
         cute.arch.barrier()
         return Int32(bcast[0]), bcast[1]
 
-    # A bin's weight is kept as four 32-bit sums, one per 14-bit slice of each key's weight
-    # (bits 0-13, 14-27, 28-41, 42-51): 32-bit shared-memory atomics are native, 64-bit ones
-    # compile to a CAS loop. For rows of up to 2**18 keys summing to at most 1 (weights <=
-    # 2**52 in all) none overflows.
+    # A bin's weight is kept as 32-bit sums of slices of each key's weight (bits 0-15, 16-31
+    # and 32-51 for rows in shared memory; 0-13, 14-27, 28-41 and 42-51 for longer rows):
+    # 32-bit shared-memory atomics are native, 64-bit ones compile to a CAS loop. None
+    # overflows for rows of up to 2**16 (resp. 2**18) keys whose weights sum to at most 2**52
+    # (a row summing to 1).
     @cute.jit
     def hist_add(self, sHist, b: Int32, weight: Int64):
-        cute.arch.atomic_add(sHist.iterator + b, Uint32(weight & 0x3FFF))
-        for part in cutlass.range_constexpr(1, HIST_PARTS):
-            piece = Uint32((weight >> (14 * part)) & 0x3FFF)
+        ends = self.slices[1:] + (MASS_BITS,)
+        widths = [hi - lo for lo, hi in zip(self.slices, ends, strict=True)]
+        cute.arch.atomic_add(sHist.iterator + b, Uint32(weight & ((1 << widths[0]) - 1)))
+        for part in cutlass.range_constexpr(1, len(self.slices)):
+            piece = Uint32((weight >> self.slices[part]) & ((1 << widths[part]) - 1))
             if piece != Uint32(0):
                 cute.arch.atomic_add(sHist.iterator + part * HIST_BINS + b, piece)
 
     @cute.jit
     def hist_get(self, sHist, b: Int32) -> Int64:
         out = Int64(sHist[b, 0])
-        for part in cutlass.range_constexpr(1, HIST_PARTS):
-            out += Int64(sHist[b, part]) << (14 * part)
+        for part in cutlass.range_constexpr(1, len(self.slices)):
+            out += Int64(sHist[b, part]) << self.slices[part]
         return out
 
     @cute.jit
