@@ -1,4 +1,5 @@
-"""A small launch of each gather engine, for compute-sanitizer (memcheck, racecheck).
+"""A small launch of each gather engine and of both predictor kernels, for compute-sanitizer
+(memcheck, racecheck).
 
     python perf/sanitize.py                      # compiles (and fills the disk cache)
     compute-sanitizer --tool memcheck python perf/sanitize.py
@@ -6,6 +7,8 @@
 
 Three query tiles with an empty list, a dense list and a random partial one, B=1, H=2, so
 every code path (gather, contiguous tile, padding, empty tile, partial last tile) runs once.
+The predictors: calibrate (two query tiles per CTA, the second absent for the last pair),
+pooled top-p from shared-memory rows and from rows kept in global memory.
 """
 
 import math
@@ -32,3 +35,20 @@ for engine in ("cpasync", "tma", "hybrid"):
     torch.cuda.synchronize()
     err = ((out.float() - ref).norm() / ref.norm()).item()
     print(f"{engine}: relative error {err:.2e}", "ok" if err < 1e-2 else "FAIL")
+
+# The predictor kernels, checked against their torch paths on the same inputs.
+for threshold in (1.0, 8.0):
+    got = fg.predict.calibrate(q, k, 128, threshold, always_keep=[0], backend="cute")
+    want = fg.predict.calibrate(q, k, 128, threshold, always_keep=[0], backend="torch")
+    torch.cuda.synchronize()
+    differ = (got.to_mask() != want.to_mask()).float().mean().item()
+    print(f"calibrate threshold {threshold}: {differ:.1e} of keys differ", "ok" if differ < 1e-3
+          else "FAIL")
+k_long = torch.randn(1, 41000, H, D, generator=gen, device="cuda", dtype=torch.bfloat16)
+for keys in (k, k_long):
+    got = fg.predict.pooled_top_p(q, keys, 128, 0.9, always_keep=[1], backend="cute")
+    want = fg.predict.pooled_top_p(q, keys, 128, 0.9, always_keep=[1], backend="torch")
+    torch.cuda.synchronize()
+    differ = (got.to_mask() != want.to_mask()).float().mean().item()
+    print(f"pooled_top_p Sk={keys.shape[1]}: {differ:.1e} of keys differ", "ok" if differ < 1e-3
+          else "FAIL")
