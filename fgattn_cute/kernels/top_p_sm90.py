@@ -202,6 +202,7 @@ class TopPSelectSm90:
             rank = tie_rank + Int64(cute.arch.popc(tie_ballot & lower_lanes)) + 1
             keep = any_mass & (greater | (tie & (rank <= take)))
             word = Uint32(cute.arch.vote_ballot_sync(keep)) | sWords[c]
+            cute.arch.sync_warp()  # every lane has read the word before lane 0 replaces it
             if lane == 0:
                 sWords[c] = word
             kept += Int32(cute.arch.popc(word))
