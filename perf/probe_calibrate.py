@@ -40,13 +40,16 @@ def main(argv=None):
     indices = torch.empty(1, H, T, cap, dtype=torch.int32, device="cuda")
     counts = torch.empty(1, H, T, dtype=torch.int32, device="cuda")
     print(f"{card_info()[0]}  S={S} H={H} D={D}  FA4 dense {dense:.3f} ms")
-    variants = (("", 3), ("", 2), ("", 4), ("no_exp", 3), ("one_pass", 3))
-    for probe, stages in variants:
-        fn = compile_fwd(CalibrateConfig(D, "bfloat16", 128, stages, probe))
+    variants = (("", 3, ("bits",)), ("", 3, ("lse", "bits")), ("", 3, ()), ("", 4, ("bits",)),
+                ("no_exp", 3, ("bits",)), ("one_pass", 3, ("bits",)), ("one_pass", 3, ()))
+    for probe, stages, pingpong in variants:
+        fn = compile_fwd(CalibrateConfig(D, "bfloat16", 128, stages, probe, pingpong))
         ms = median_ms(lambda fn=fn: fn(q, k, words, indices, counts, D**-0.5,
                                         math.log(1.0 / S)), args.reps)
         label = probe or "none"
-        print(f"probe={label:9s} stages={stages}  {ms:8.3f} ms  {ms / dense:6.3f} x dense")
+        turns = "+".join(pingpong) or "-"
+        print(f"probe={label:9s} stages={stages} pingpong={turns:8s} {ms:8.3f} ms  "
+              f"{ms / dense:6.3f} x dense")
 
 
 if __name__ == "__main__":

@@ -68,6 +68,7 @@ class CalibrateConfig:
     q_tile: int = 128
     num_stages: int = 3
     probe: str = ""  # benchmark probes of CalibrateSm90 (wrong results): "no_exp", "one_pass"
+    pingpong: tuple = ("bits",)  # passes whose warpgroups take turns at issuing
 
     def __post_init__(self):
         if self.head_dim not in (64, 128):
@@ -244,7 +245,7 @@ def _build(config: KernelConfig | CalibrateConfig | TopPConfig, arch: str):
         from fgattn_cute.kernels.calibrate_sm90 import CalibrateSm90
 
         kernel = CalibrateSm90(dtype, config.head_dim, config.q_tile, config.num_stages,
-                               config.probe)
+                               config.probe, config.pingpong)
         return cute.compile(kernel, *_fake_args(config), options="--enable-tvm-ffi")
 
     from fgattn_cute.kernels.fg_fwd_sm90 import FgAttentionForwardSm90
@@ -262,7 +263,8 @@ def _build(config: KernelConfig | CalibrateConfig | TopPConfig, arch: str):
 
 
 def _key_name(config: KernelConfig | CalibrateConfig | TopPConfig, arch: str) -> str:
-    fields = "-".join(f"{v}" for v in asdict(config).values())
+    fields = "-".join("+".join(v) if isinstance(v, tuple) else f"{v}"
+                      for v in asdict(config).values())
     return f"{arch}-{type(config).__name__}-{fields}"
 
 

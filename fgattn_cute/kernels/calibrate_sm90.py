@@ -46,6 +46,7 @@ TILE_N = 128
 WORDS_PER_TILE = TILE_N // 32
 TILES_PER_CTA = 2  # query tiles per CTA, one per consumer warpgroup
 BARRIER_WG = 1  # named barriers 1 and 2: one per consumer warpgroup (0 is __syncthreads)
+BARRIER_SCHED = 3  # and 4: the warpgroups' turns at issuing wgmmas (ping-pong)
 MAX_SEQLEN_K = 1 << 17  # each tile's shared-memory bitmap holds this many keys (16 KiB)
 
 
@@ -61,13 +62,15 @@ class CalibrateSm90:
     """Static configuration of one compiled calibrate kernel; launch through `__call__`."""
 
     def __init__(self, dtype, head_dim: int, q_tile: int = 128, num_stages: int = 3,
-                 probe: str = ""):
+                 probe: str = "", pingpong: tuple = ("bits",)):
         if dtype not in (cutlass.BFloat16, cutlass.Float16):
             raise TypeError(f"dtype must be BFloat16 or Float16, got {dtype}")
         if head_dim not in (64, 128):
             raise ValueError(f"head_dim must be 64 or 128, got {head_dim}")
         if q_tile not in (64, 128):
             raise ValueError(f"q_tile must be 64 or 128, got {q_tile}")
+        # Which passes take turns at issuing (see sweep); measured per pass in perf/NOTES.md.
+        self.pingpong = pingpong
         if probe not in ("", "no_exp", "one_pass"):
             raise ValueError(f"probe must be '', 'no_exp' or 'one_pass', got {probe!r}")
         # Benchmark probes (wrong results, timing only): "no_exp" drops the exponentials of
@@ -81,6 +84,9 @@ class CalibrateSm90:
         self.num_mma_wg = TILES_PER_CTA
         self.num_mma_threads = self.num_mma_wg * WARPGROUP
         self.num_mma_warps = self.num_mma_threads // 32
+        # Issuing tile n + 1's wgmma before tile n's math needs a second accumulator: room for
+        # it with 64-row tiles only.
+        self.overlap = q_tile == 64
         self.num_threads = self.num_mma_threads + WARPGROUP
         # The producer only issues TMA: it keeps the minimum and the consumers take the rest.
         self.producer_regs, self.mma_regs = 24, 240
@@ -322,21 +328,12 @@ class CalibrateSm90:
         q_tile_idx = TILES_PER_CTA * m_block + wg
         barrier_id = BARRIER_WG + wg
         thr_qk = mma_qk.get_slice(tidx)
+        tSrQ = thr_qk.make_fragment_A(thr_qk.partition_A(sQ[None, None, wg]))
         tSrK = thr_qk.make_fragment_B(thr_qk.partition_B(sK))
-        # The tile as 64-row halves (one for q_tile 64, two for 128), each its own wgmma
-        # operand, accumulator, softmax state and cut.
-        halves = self.tile_m // 64
-        s_shape = mma_qk.partition_shape_C((64, self.tile_n))
-        tScS = acc_rows_cols(thr_qk.partition_C(cute.make_identity_tensor((64, self.tile_n))))
+        s_shape = mma_qk.partition_shape_C((self.tile_m, self.tile_n))
+        cS = cute.make_identity_tensor((self.tile_m, self.tile_n))
+        tScS = acc_rows_cols(thr_qk.partition_C(cS))
         num_rows = cute.size(tScS, mode=[0])
-        tSrQ = [
-            thr_qk.make_fragment_A(thr_qk.partition_A(
-                cute.local_tile(sQ[None, None, wg], (64, self.head_dim), (h, 0))
-            ))
-            for h in range(halves)
-        ]
-        softmax = [OnlineSoftmax(scale_log2, num_rows) for _ in range(halves)]
-        thr = [cute.make_rmem_tensor(num_rows, Float32) for _ in range(halves)]
         last_valid = seqlen_k - (n_blocks - 1) * self.tile_n
         bits_wg = sBits[None, wg]
 
@@ -346,18 +343,23 @@ class CalibrateSm90:
         for w in cutlass.range(tidx, n_words, WARPGROUP, unroll=1):
             bits_wg[w] = Uint32(mKeepWords[w])
 
+        if const_expr(not self.overlap and len(self.pingpong) > 0):
+            if wg == 0:  # warpgroup 0 issues first (see sweep)
+                cute.arch.barrier_arrive(barrier_id=BARRIER_SCHED, number_of_threads=2 * WARPGROUP)
+
         # Pass 1: each row's log-sum-exp.
+        softmax = OnlineSoftmax(scale_log2, num_rows)
+        thr = cute.make_rmem_tensor(num_rows, Float32)
         cute.arch.mbarrier_wait(bar_q, 0)
         if const_expr(self.probe != "one_pass"):
             self.sweep("lse", mma_qk, ring, tSrQ, tSrK, s_shape, tScS, softmax, thr, bits_wg,
                        n_blocks, last_valid, lane)
-        for h in cutlass.range_constexpr(halves):
-            softmax[h].finish()  # row_sum now holds the natural-log LSE
-            for r in cutlass.range_constexpr(num_rows):
-                # Padding rows of a partial (or absent) tile never keep a key.
-                thr[h][r] = Float32.inf
-                if q_tile_idx * self.tile_m + 64 * h + tScS[r, 0][0] < seqlen_q:
-                    thr[h][r] = (log_cut + softmax[h].row_sum[r]) * inv_scale
+        softmax.finish()  # row_sum now holds the natural-log LSE
+        for r in cutlass.range_constexpr(num_rows):
+            # Padding rows of a partial (or absent) tile never keep a key.
+            thr[r] = Float32.inf
+            if q_tile_idx * self.tile_m + tScS[r, 0][0] < seqlen_q:
+                thr[r] = (log_cut + softmax.row_sum[r]) * inv_scale
         cute.arch.barrier(barrier_id=barrier_id, number_of_threads=WARPGROUP)
 
         # Pass 2: keep bits.
@@ -378,83 +380,65 @@ class CalibrateSm90:
         mode: cutlass.Constexpr[str],
         mma_qk: cute.TiledMma,
         ring: StageRing,
-        tSrQ: list,
+        tSrQ: cute.Tensor,
         tSrK: cute.Tensor,
         s_shape: cutlass.Constexpr,
         tScS: cute.Tensor,
-        softmax: list,
-        thr: list,
+        softmax: OnlineSoftmax,
+        thr: cute.Tensor,
         sBits: cute.Tensor,
         n_blocks: Int32,
         last_valid: Int32,
         lane: Int32,
     ):
         """One pass over every key tile: S = Q K^T, then `mode` "lse" (online softmax) or "bits"
-        (keep bits into the bitmap). The tensor cores always have a wgmma of this warpgroup to
-        work on while its math runs: with one 64-row half (q_tile 64), the next tile's wgmma is
-        issued before the current tile's math (two accumulators, one copy per tile); with two
-        halves (q_tile 128), half A of tile n + 1 is issued before the math of half B of tile
-        n, and half B of tile n runs during the math of half A."""
+        (keep bits into the bitmap). With `overlap`, the next tile's wgmma is issued before the
+        current tile's math, so the exponentials or compares of tile n run while the tensor
+        cores compute tile n + 1; otherwise the other warpgroup's wgmmas fill that time."""
         first_fill = 0 if const_expr(mode == "lse") else n_blocks
-        if const_expr(len(tSrQ) == 1):
-            acc_S = cute.make_rmem_tensor(s_shape, Float32)
+        acc_S = cute.make_rmem_tensor(s_shape, Float32)
+        if const_expr(self.overlap):
             acc_next = cute.make_rmem_tensor(s_shape, Float32)
-            stage = self.wait_stage(ring, first_fill)
-            self.issue_scores(mma_qk, tSrQ[0], tSrK, acc_S, stage)
+            stage = self.issue_scores(mma_qk, ring, tSrQ, tSrK, acc_S, first_fill)
             warpgroup.wait_group(0)
             if lane == 0:
                 ring.release(stage)
             for n in cutlass.range(1, n_blocks, unroll=1):
-                stage = self.wait_stage(ring, first_fill + n)
-                self.issue_scores(mma_qk, tSrQ[0], tSrK, acc_next, stage)
-                bits = self.half_math(mode, acc_S, tScS, softmax[0], thr[0], self.tile_n)
-                if const_expr(mode == "bits"):
-                    self.or_into_bitmap(bits, sBits, n - 1, lane)
+                stage = self.issue_scores(mma_qk, ring, tSrQ, tSrK, acc_next, first_fill + n)
+                self.tile_math(mode, acc_S, tScS, softmax, thr, sBits, n - 1, self.tile_n, lane)
                 warpgroup.wait_group(0)
                 if lane == 0:
                     ring.release(stage)
                 acc_S.store(acc_next.load())
-            bits = self.half_math(mode, acc_S, tScS, softmax[0], thr[0], last_valid)
-            if const_expr(mode == "bits"):
-                self.or_into_bitmap(bits, sBits, n_blocks - 1, lane)
+            self.tile_math(mode, acc_S, tScS, softmax, thr, sBits, n_blocks - 1, last_valid,
+                           lane)
         else:
-            acc_a = cute.make_rmem_tensor(s_shape, Float32)
-            acc_b = cute.make_rmem_tensor(s_shape, Float32)
-            stage = self.wait_stage(ring, first_fill)
-            self.issue_scores(mma_qk, tSrQ[0], tSrK, acc_a, stage)
-            self.issue_scores(mma_qk, tSrQ[1], tSrK, acc_b, stage)
+            # Ping-pong: the warpgroups take turns at issuing, so one's math runs while the
+            # tensor cores work through the other's wgmmas (left alone, both tend to issue
+            # together and then do their math together, with the tensor cores idle).
+            wg = cute.arch.make_warp_uniform((cute.arch.thread_idx()[0] - WARPGROUP) // WARPGROUP)
             for n in cutlass.range(n_blocks, unroll=1):
+                if const_expr(mode in self.pingpong):
+                    cute.arch.barrier(barrier_id=BARRIER_SCHED + wg,
+                                      number_of_threads=2 * WARPGROUP)
+                stage = self.issue_scores(mma_qk, ring, tSrQ, tSrK, acc_S, first_fill + n)
+                if const_expr(mode in self.pingpong):
+                    cute.arch.barrier_arrive(barrier_id=BARRIER_SCHED + 1 - wg,
+                                             number_of_threads=2 * WARPGROUP)
+                warpgroup.wait_group(0)
+                if lane == 0:
+                    ring.release(stage)
                 valid = self.tile_n
                 if n == n_blocks - 1:
                     valid = last_valid
-                warpgroup.wait_group(1)  # half A of tile n is done, half B may still run
-                bits_a = self.half_math(mode, acc_a, tScS, softmax[0], thr[0], valid)
-                next_stage = stage
-                if n + 1 < n_blocks:
-                    next_stage = self.wait_stage(ring, first_fill + n + 1)
-                    self.issue_scores(mma_qk, tSrQ[0], tSrK, acc_a, next_stage)
-                    warpgroup.wait_group(1)  # half B of tile n is done
-                else:
-                    warpgroup.wait_group(0)
-                if lane == 0:
-                    ring.release(stage)
-                bits_b = self.half_math(mode, acc_b, tScS, softmax[1], thr[1], valid)
-                if const_expr(mode == "bits"):
-                    self.or_into_bitmap(bits_a | bits_b, sBits, n, lane)
-                if n + 1 < n_blocks:
-                    self.issue_scores(mma_qk, tSrQ[1], tSrK, acc_b, next_stage)
-                stage = next_stage
+                self.tile_math(mode, acc_S, tScS, softmax, thr, sBits, n, valid, lane)
 
     @cute.jit
-    def wait_stage(self, ring: StageRing, i: Int32) -> Int32:
-        """Wait for the i-th fill of the ring; return its stage."""
+    def issue_scores(self, mma_qk, ring: StageRing, tSrQ, tSrK, acc_S, i: Int32) -> Int32:
+        """Wait for the i-th fill of the ring and issue S = Q K^T on it (not waited for);
+        return the stage to release once the wgmma is done."""
         stage, phase = ring.stage_phase(i)
         ring.wait_full(stage, phase)
-        return stage
-
-    @cute.jit
-    def issue_scores(self, mma_qk, tSrQ, tSrK, acc_S, stage: Int32):
-        """Issue S = Q K^T on a filled stage as one wgmma group (not waited for)."""
         warpgroup.fence()
         atom = cute.make_mma_atom(mma_qk.op)
         atom.set(warpgroup.Field.ACCUMULATE, False)
@@ -462,26 +446,28 @@ class CalibrateSm90:
             cute.gemm(atom, acc_S, tSrQ[None, None, k], tSrK[None, None, k, stage], acc_S)
             atom.set(warpgroup.Field.ACCUMULATE, True)
         warpgroup.commit_group()
+        return stage
 
     @cute.jit
-    def half_math(
+    def tile_math(
         self,
         mode: cutlass.Constexpr[str],
         acc_S: cute.Tensor,
         tScS: cute.Tensor,
         softmax: OnlineSoftmax,
         thr: cute.Tensor,
+        sBits: cute.Tensor,
+        n: Int32,
         valid: Int32,
-    ) -> Uint32:
-        """The math of one 64-row half of a key tile whose first `valid` columns are real keys:
-        fold it into the softmax state ("lse"), or return its column hit bits ("bits")."""
-        bits = Uint32(0)
+        lane: Int32,
+    ):
+        """The math of key tile n, whose first `valid` columns are real keys."""
         if const_expr(mode == "lse"):
             mask_columns(acc_S, tScS, valid, self.tile_n)
             self.lse_step(acc_S, softmax)
         else:
             bits = self.clear_columns(self.row_hits(acc_S, thr), tScS, valid)
-        return bits
+            self.or_into_bitmap(bits, sBits, n, lane)
 
     @cute.jit
     def lse_step(self, acc_S: cute.Tensor, softmax: OnlineSoftmax):
@@ -569,40 +555,43 @@ class CalibrateSm90:
         barrier_id: Int32,
     ) -> Int32:
         """Write the set bits' key ids, ascending, to indices[0 .. count), zeros after; return
-        the count. Each warp of the warpgroup takes a contiguous run of words and walks it one
-        word at a time, lane l writing key 32 w + l when its bit is set (coalesced stores); its
-        first slot is the sum of the popcounts of the warps before it."""
+        the count. Thread t of the warpgroup takes a contiguous run of words; its first slot is
+        the prefix sum of the popcounts before it."""
         capacity = cute.size(indices)
-        warp = tidx // 32
-        num_warps = WARPGROUP // 32
-        per_warp = cute.ceil_div(n_words, num_warps)
-        w_begin = cutlass.min(warp * per_warp, n_words)
-        w_end = cutlass.min(w_begin + per_warp, n_words)
+        per_thread = cute.ceil_div(n_words, WARPGROUP)
+        w_begin = cutlass.min(tidx * per_thread, n_words)
+        w_end = cutlass.min(w_begin + per_thread, n_words)
         mine = Int32(0)
-        for w in cutlass.range(w_begin + lane, w_end, 32, unroll=1):
+        for w in cutlass.range(w_begin, w_end, unroll=1):
             mine += Int32(cute.arch.popc(sBits[w]))
-        for offset in (16, 8, 4, 2, 1):
-            mine += cute.arch.shuffle_sync_bfly(mine, offset)
-        if lane == 0:
-            sWarpTotals[warp] = mine
+
+        # Inclusive scan within the warp, then across the warps through shared memory.
+        incl = mine
+        for offset in (1, 2, 4, 8, 16):
+            up = cute.arch.shuffle_sync_up(incl, offset)
+            if lane >= offset:
+                incl += up
+        warp = tidx // 32
+        if lane == 31:
+            sWarpTotals[warp] = incl
         cute.arch.barrier(barrier_id=barrier_id, number_of_threads=WARPGROUP)
         before = Int32(0)
         total = Int32(0)
-        for i in cutlass.range_constexpr(num_warps):
+        for i in cutlass.range_constexpr(WARPGROUP // 32):
             t = sWarpTotals[i]
             total += t
             if i < warp:
                 before += t
 
-        slot = before
-        lower_lanes = (Uint32(1) << Uint32(lane)) - Uint32(1)
+        slot = before + incl - mine
         for w in cutlass.range(w_begin, w_end, unroll=1):
             word = sBits[w]
-            if ((word >> Uint32(lane)) & Uint32(1)) != Uint32(0):
-                pos = slot + Int32(cute.arch.popc(word & lower_lanes))
-                if pos < capacity:
-                    indices[pos] = w * 32 + lane
-            slot += Int32(cute.arch.popc(word))
+            while word != Uint32(0):
+                low = word & (~word + Uint32(1))
+                if slot < capacity:
+                    indices[slot] = w * 32 + Int32(cute.arch.popc(low - Uint32(1)))
+                slot += 1
+                word = word ^ low
         for s in cutlass.range(total + tidx, capacity, WARPGROUP, unroll=1):
             indices[s] = 0
         return total
