@@ -243,3 +243,38 @@ def test_compiled_select_equals_eager():
     for p in (0.3, 0.9, 0.999):  # p is a tensor: one compilation for every p
         p_t = torch.tensor(p, dtype=torch.float64)
         assert torch.equal(select(probs, p_t), top_p_sorted(probs, p))
+
+
+def test_backend_argument():
+    q, k = _qk(8, 1, 1, 40, 50, 16)
+    with pytest.raises(ValueError, match="backend"):
+        fg.predict.pooled_top_p(q, k, 64, backend="triton")
+    with pytest.raises(RuntimeError, match="backend: .*Hopper"):
+        fg.predict.pooled_top_p(q, k, 64, 0.9, backend="cute")
+    with pytest.raises(RuntimeError, match="backend: .*select_fn"):
+        fg.predict.pooled_top_p(q, k, 64, 0.9, backend="cute",
+                                select_fn=pooled_mod.top_p_select)
+    auto = fg.predict.pooled_top_p(q, k, 64, 0.9)
+    torch_path = fg.predict.pooled_top_p(q, k, 64, 0.9, backend="torch")
+    assert torch.equal(auto.indices, torch_path.indices)
+    assert torch.equal(auto.counts, torch_path.counts)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_split_in_three_is_float32_accurate(dtype):
+    """The kernel path's scores: tile means split in three 16-bit parts against [k; k; k]
+    equal the float32 dot products to float32 accuracy (checked here with float64 sums)."""
+    gen = torch.Generator().manual_seed(3)
+    means = torch.randn(5, 7, 64, generator=gen) * 0.3
+    k = (torch.randn(5, 200, 64, generator=gen) * 2).to(dtype)
+    parts = pooled_mod._split_in_three(means, dtype)
+    assert parts.dtype == dtype and parts.shape == (5, 7, 192)
+    rebuilt = parts[..., :64].double() + parts[..., 64:128].double() + parts[..., 128:].double()
+    # Relative to the largest mean: fp16's third part can be subnormal for tiny entries.
+    biggest = means.double().abs().amax(dim=-1, keepdim=True)
+    assert ((rebuilt - means.double()).abs() <= biggest * 2**-20).all()
+    k3 = torch.cat([k, k, k], dim=-1).double()
+    split = parts.double() @ k3.transpose(1, 2)
+    exact = means.double() @ k.double().transpose(1, 2)
+    scale = means.double().abs() @ k.double().abs().transpose(1, 2)
+    assert ((split - exact).abs() <= scale * 2**-20).all()

@@ -218,7 +218,8 @@ def _cute_unsupported(q, k, p, select_fn):
 
 def _split_in_three(x, dtype):
     """[..., 3 D] in ``dtype``: hi | mid | lo with hi + mid + lo = x (float32) to about 2**-24
-    relative (three 8-bit mantissas for bf16), so that one 16-bit GEMM against [k; k; k] gives
+    relative (three 8-bit mantissas for bf16; for fp16, whose third part can be subnormal,
+    about 2**-24 of the row's largest entry), so that one 16-bit GEMM against [k; k; k] gives
     float32-accurate dot products of x with k (the products are exact, the sums float32)."""
     hi = x.to(dtype)
     rest = x - hi.float()
