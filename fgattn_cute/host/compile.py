@@ -32,6 +32,59 @@ DEFAULT_ENGINE = "cpasync"
 _EXPORT_NAME = "fgattn_fwd_sm90"
 
 
+def _check_tile_shape(head_dim: int, dtype: str, q_tile: int):
+    """The checks every wgmma kernel config shares."""
+    if head_dim not in (64, 128):
+        raise ValueError(f"head_dim must be 64 or 128, got {head_dim}")
+    if dtype not in ("bfloat16", "float16"):
+        raise ValueError(f"dtype must be 'bfloat16' or 'float16', got {dtype!r}")
+    if q_tile not in (64, 128):
+        raise ValueError(f"q_tile must be 64 or 128, got {q_tile}")
+
+
+def _check_stages(num_stages: int):
+    if num_stages not in (2, 3, 4):
+        raise ValueError(f"num_stages must be 2, 3 or 4, got {num_stages}")
+
+
+# Fake arguments for compiling without tensors: symbolic sizes and strides, so one compile
+# serves every shape (the DSL is imported only when a kernel is built).
+def _dsl_dtype(name: str):
+    import cutlass
+
+    return {"bfloat16": cutlass.BFloat16, "float16": cutlass.Float16}[name]
+
+
+def _fake_tokens(dtype, batch, seqlen, heads, head_dim):
+    """[B, S, H, D] with any strides that keep 16-byte alignment, head dim contiguous."""
+    import cutlass.cute as cute
+
+    stride = tuple(cute.sym_int64(divisibility=8) for _ in range(3)) + (1,)
+    shape = (batch, seqlen, heads, head_dim)
+    return cute.runtime.make_fake_tensor(dtype, shape, stride=stride, assumed_align=16)
+
+
+def _fake_compact(dtype, shape, align):
+    import cutlass.cute as cute
+
+    order = tuple(reversed(range(len(shape))))
+    return cute.runtime.make_fake_compact_tensor(
+        dtype, shape, stride_order=order, assumed_align=align
+    )
+
+
+def _fake_stream():
+    import cutlass.cute as cute
+
+    return cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
+
+
+def _sym(n: int):
+    import cutlass.cute as cute
+
+    return [cute.sym_int32() for _ in range(n)]
+
+
 @dataclass(frozen=True)
 class KernelConfig:
     """Everything that is static in one compiled forward kernel."""
@@ -45,18 +98,43 @@ class KernelConfig:
     gather_only: bool = False  # benchmark mode (perf/bench_gather.py): no math
 
     def __post_init__(self):
-        if self.head_dim not in (64, 128):
-            raise ValueError(f"head_dim must be 64 or 128, got {self.head_dim}")
-        if self.dtype not in ("bfloat16", "float16"):
-            raise ValueError(f"dtype must be 'bfloat16' or 'float16', got {self.dtype!r}")
-        if self.q_tile not in (64, 128):
-            raise ValueError(f"q_tile must be 64 or 128, got {self.q_tile}")
+        _check_tile_shape(self.head_dim, self.dtype, self.q_tile)
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         if self.tile_n not in (64, 128):
             raise ValueError(f"tile_n must be 64 or 128, got {self.tile_n}")
-        if self.num_stages not in (2, 3, 4):
-            raise ValueError(f"num_stages must be 2, 3 or 4, got {self.num_stages}")
+        _check_stages(self.num_stages)
+
+    def kernel(self):
+        from fgattn_cute.kernels.fg_fwd_sm90 import FgAttentionForwardSm90
+
+        return FgAttentionForwardSm90(
+            _dsl_dtype(self.dtype),
+            self.head_dim,
+            q_tile=self.q_tile,
+            tile_n=self.tile_n,
+            num_stages=self.num_stages,
+            engine=self.engine,
+            gather_only=self.gather_only,
+        )
+
+    def fake_args(self):
+        """q, k, v, out, lse, indices, counts, softmax_scale, stream."""
+        from cutlass import Float32, Int32
+
+        dtype = _dsl_dtype(self.dtype)
+        b, h, seqlen_q, seqlen_k, n_q_tiles, capacity = _sym(6)
+        return (
+            _fake_tokens(dtype, b, seqlen_q, h, self.head_dim),
+            _fake_tokens(dtype, b, seqlen_k, h, self.head_dim),
+            _fake_tokens(dtype, b, seqlen_k, h, self.head_dim),
+            _fake_tokens(dtype, b, seqlen_q, h, self.head_dim),
+            _fake_compact(Float32, (b, h, seqlen_q), 4),
+            _fake_compact(Int32, (b, h, n_q_tiles, capacity), 16),
+            _fake_compact(Int32, (b, h, n_q_tiles), 4),
+            Float32(1.0),
+            _fake_stream(),
+        )
 
 
 @dataclass(frozen=True)
@@ -71,14 +149,31 @@ class CalibrateConfig:
     pingpong: tuple = ("bits",)  # passes whose warpgroups take turns at issuing
 
     def __post_init__(self):
-        if self.head_dim not in (64, 128):
-            raise ValueError(f"head_dim must be 64 or 128, got {self.head_dim}")
-        if self.dtype not in ("bfloat16", "float16"):
-            raise ValueError(f"dtype must be 'bfloat16' or 'float16', got {self.dtype!r}")
-        if self.q_tile not in (64, 128):
-            raise ValueError(f"q_tile must be 64 or 128, got {self.q_tile}")
-        if self.num_stages not in (2, 3, 4):
-            raise ValueError(f"num_stages must be 2, 3 or 4, got {self.num_stages}")
+        _check_tile_shape(self.head_dim, self.dtype, self.q_tile)
+        _check_stages(self.num_stages)
+
+    def kernel(self):
+        from fgattn_cute.kernels.calibrate_sm90 import CalibrateSm90
+
+        return CalibrateSm90(_dsl_dtype(self.dtype), self.head_dim, self.q_tile,
+                             self.num_stages, self.probe, self.pingpong)
+
+    def fake_args(self):
+        """q, k, keep words, indices, counts, softmax_scale, log_cut, stream."""
+        from cutlass import Float32, Int32
+
+        dtype = _dsl_dtype(self.dtype)
+        b, h, seqlen_q, seqlen_k, n_q_tiles, capacity, n_words = _sym(7)
+        return (
+            _fake_tokens(dtype, b, seqlen_q, h, self.head_dim),
+            _fake_tokens(dtype, b, seqlen_k, h, self.head_dim),
+            _fake_compact(Int32, (n_words,), 4),
+            _fake_compact(Int32, (b, h, n_q_tiles, capacity), 16),
+            _fake_compact(Int32, (b, h, n_q_tiles), 4),
+            Float32(1.0),
+            Float32(0.0),
+            _fake_stream(),
+        )
 
 
 @dataclass(frozen=True)
@@ -88,6 +183,26 @@ class TopPConfig:
 
     from_probs: bool = False
     row_in_smem: bool = True  # False: rows longer than 40,960 keys, worked on in place
+
+    def kernel(self):
+        from fgattn_cute.kernels.top_p_sm90 import TopPSelectSm90
+
+        return TopPSelectSm90(self.from_probs, self.row_in_smem)
+
+    def fake_args(self):
+        """rows, keep words, indices, counts, scale, p, stream."""
+        from cutlass import Float32, Float64, Int32
+
+        rows, seqlen_k, capacity, n_words = _sym(4)
+        return (
+            _fake_compact(Float32, (rows, seqlen_k), 16),
+            _fake_compact(Int32, (n_words,), 4),
+            _fake_compact(Int32, (rows, capacity), 16),
+            _fake_compact(Int32, (rows,), 4),
+            Float32(1.0),
+            Float64(0.5),
+            _fake_stream(),
+        )
 
 
 def all_top_p_configs():
@@ -168,98 +283,12 @@ def cache_dir() -> Path | None:
     return base / source_fingerprint()
 
 
-def _fake_args(config: KernelConfig | CalibrateConfig | TopPConfig):
-    """Fake tensors with symbolic sizes and strides, in the order the kernel takes them."""
-    import cutlass
-    import cutlass.cute as cute
-    from cutlass import Float32, Int32
-
-    dtype = {"bfloat16": cutlass.BFloat16, "float16": cutlass.Float16}.get(
-        getattr(config, "dtype", None)
-    )
-    b, h, seqlen_q, seqlen_k = (cute.sym_int32() for _ in range(4))
-    n_q_tiles, capacity, n_words = cute.sym_int32(), cute.sym_int32(), cute.sym_int32()
-
-    def tokens(seqlen):
-        # [B, S, H, D]: any strides that keep 16-byte alignment, head dim contiguous.
-        stride = tuple(cute.sym_int64(divisibility=8) for _ in range(3)) + (1,)
-        shape = (b, seqlen, h, config.head_dim)
-        return cute.runtime.make_fake_tensor(dtype, shape, stride=stride, assumed_align=16)
-
-    def compact(dt, shape, align):
-        order = tuple(reversed(range(len(shape))))
-        return cute.runtime.make_fake_compact_tensor(
-            dt, shape, stride_order=order, assumed_align=align
-        )
-
-    stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
-    if isinstance(config, TopPConfig):
-        rows = cute.sym_int32()
-        return (
-            compact(Float32, (rows, seqlen_k), 16),
-            compact(Int32, (n_words,), 4),
-            compact(Int32, (rows, capacity), 16),
-            compact(Int32, (rows,), 4),
-            Float32(1.0),
-            cutlass.Float64(0.5),
-            stream,
-        )
-    if isinstance(config, CalibrateConfig):
-        return (
-            tokens(seqlen_q),
-            tokens(seqlen_k),
-            compact(Int32, (n_words,), 4),
-            compact(Int32, (b, h, n_q_tiles, capacity), 16),
-            compact(Int32, (b, h, n_q_tiles), 4),
-            Float32(1.0),
-            Float32(0.0),
-            stream,
-        )
-    return (
-        tokens(seqlen_q),
-        tokens(seqlen_k),
-        tokens(seqlen_k),
-        tokens(seqlen_q),
-        compact(Float32, (b, h, seqlen_q), 4),
-        compact(Int32, (b, h, n_q_tiles, capacity), 16),
-        compact(Int32, (b, h, n_q_tiles), 4),
-        Float32(1.0),
-        stream,
-    )
-
-
 def _build(config: KernelConfig | CalibrateConfig | TopPConfig, arch: str):
     """Trace and compile one configuration (seconds)."""
     os.environ.setdefault("CUTE_DSL_ARCH", arch)
-    import cutlass
     import cutlass.cute as cute
 
-    if isinstance(config, TopPConfig):
-        from fgattn_cute.kernels.top_p_sm90 import TopPSelectSm90
-
-        kernel = TopPSelectSm90(config.from_probs, config.row_in_smem)
-        return cute.compile(kernel, *_fake_args(config), options="--enable-tvm-ffi")
-
-    dtype = {"bfloat16": cutlass.BFloat16, "float16": cutlass.Float16}[config.dtype]
-    if isinstance(config, CalibrateConfig):
-        from fgattn_cute.kernels.calibrate_sm90 import CalibrateSm90
-
-        kernel = CalibrateSm90(dtype, config.head_dim, config.q_tile, config.num_stages,
-                               config.probe, config.pingpong)
-        return cute.compile(kernel, *_fake_args(config), options="--enable-tvm-ffi")
-
-    from fgattn_cute.kernels.fg_fwd_sm90 import FgAttentionForwardSm90
-
-    kernel = FgAttentionForwardSm90(
-        dtype,
-        config.head_dim,
-        q_tile=config.q_tile,
-        tile_n=config.tile_n,
-        num_stages=config.num_stages,
-        engine=config.engine,
-        gather_only=config.gather_only,
-    )
-    return cute.compile(kernel, *_fake_args(config), options="--enable-tvm-ffi")
+    return cute.compile(config.kernel(), *config.fake_args(), options="--enable-tvm-ffi")
 
 
 def _key_name(config: KernelConfig | CalibrateConfig | TopPConfig, arch: str) -> str:
