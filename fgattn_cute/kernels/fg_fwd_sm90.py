@@ -3,8 +3,9 @@
 One CTA per (query tile, head, batch). Warp specialised, FlashAttention-3 style:
 
 - warpgroup 0, the producer (registers given back with setmaxnreg): loads the Q tile by TMA
-  once, then for every group of `tile_n` kept keys gathers those K rows, then the same V rows,
-  into the next stage of a ring of 128B-swizzled smem tiles (one mbarrier ring for K, one for V).
+  once, then for every group of `tile_n` kept keys gathers those K rows and the same V rows
+  into the next stage of a ring of 128B-swizzled smem tiles (one mbarrier ring for K, one for
+  V), K one stage ahead of V.
 - warpgroups 1.. (one per 64 query rows), the consumers: S = Q K^T by wgmma from smem, padding
   slots of the last stage masked to -inf, online softmax in registers (exp2, scale folded in),
   P converted to 16 bits and fed from registers to wgmma O += P V; then O / rowsum goes to
@@ -335,32 +336,56 @@ class FgAttentionForwardSm90:
         mK_bh = mK[None, None, head, batch]
         mV_bh = mV[None, None, head, batch]
 
-        # The keys of stage n + 1 are loaded while stage n is issued, so no copy waits on a
-        # round trip for its index.
+        k_src = (ring_k, atom_K_tile, gK_tile, sK, atom_K_row, gK_rows, sK_rows, mK_bh)
+        v_src = (ring_v, atom_V_tile, gV_tile, sV, atom_V_row, gV_rows, sV_rows, mV_bh)
+
+        # K runs one stage ahead of V (K_0, then K_{n+1} before V_n), so a V stage that the
+        # consumers release late never holds back the next K; V_n is needed a whole iteration
+        # after K_n. The keys of a stage are loaded two stages before its K copies, so no copy
+        # waits on a round trip for its index.
         n_blocks = cute.ceil_div(count, self.tile_n)
         keys = self.fetch_stage_keys(indices, 0, count, warp, lane)
+        if n_blocks > 0:
+            self.fill(self.k_method, k_src, 0, keys, tidx, warp)
+        next_keys = keys
+        if n_blocks > 1:
+            next_keys = self.fetch_stage_keys(indices, self.tile_n, count, warp, lane)
         for n in cutlass.range(n_blocks, unroll=1):
-            next_keys = keys
-            if n + 1 < n_blocks:
-                next_keys = self.fetch_stage_keys(
-                    indices, (n + 1) * self.tile_n, count, warp, lane
+            later_keys = next_keys
+            if n + 2 < n_blocks:
+                later_keys = self.fetch_stage_keys(
+                    indices, (n + 2) * self.tile_n, count, warp, lane
                 )
-            first_key, last_key, tma_key, cp_key = keys
-            stage, phase = ring_k.stage_phase(n)
-            # A full stage whose keys form one run (the lists are strictly ascending) loads as
-            # a single (tile_n, D) box; last_key is -1 for a partial stage.
-            contiguous = last_key - first_key == self.tile_n - 1
-            ring_k.wait_empty(stage, phase)
-            self.load_stage(
-                self.k_method, ring_k, stage, contiguous, first_key, atom_K_tile, gK_tile,
-                sK, atom_K_row, gK_rows, sK_rows, mK_bh, tma_key, cp_key, tidx, warp,
-            )
-            ring_v.wait_empty(stage, phase)
-            self.load_stage(
-                self.v_method, ring_v, stage, contiguous, first_key, atom_V_tile, gV_tile,
-                sV, atom_V_row, gV_rows, sV_rows, mV_bh, tma_key, cp_key, tidx, warp,
-            )
+            if n + 1 < n_blocks:
+                self.fill(self.k_method, k_src, n + 1, next_keys, tidx, warp)
+            self.fill(self.v_method, v_src, n, keys, tidx, warp)
             keys = next_keys
+            next_keys = later_keys
+
+    @cute.jit
+    def fill(
+        self,
+        method: cutlass.Constexpr[str],
+        src: tuple,
+        n: Int32,
+        keys: tuple,
+        tidx: Int32,
+        warp: Int32,
+    ):
+        """Wait until the n-th fill of K's or V's ring may be written, then issue its copies.
+        src: (ring, tile atom, tile coordinates, smem, row atom, row coordinates, smem rows,
+        global tensor of this head)."""
+        ring, atom_tile, g_tile, sX, atom_row, g_rows, s_rows, mX = src
+        first_key, last_key, tma_key, cp_key = keys
+        # A full stage whose keys form one run (the lists are strictly ascending) loads as a
+        # single (tile_n, D) box; last_key is -1 for a partial stage.
+        contiguous = last_key - first_key == self.tile_n - 1
+        stage, phase = ring.stage_phase(n)
+        ring.wait_empty(stage, phase)
+        self.load_stage(
+            method, ring, stage, contiguous, first_key, atom_tile, g_tile, sX, atom_row,
+            g_rows, s_rows, mX, tma_key, cp_key, tidx, warp,
+        )
 
     @cute.jit
     def fetch_stage_keys(
