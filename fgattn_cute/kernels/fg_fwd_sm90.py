@@ -92,6 +92,10 @@ class FgAttentionForwardSm90:
         # two different hardware paths working side by side.
         self.k_method = "tma" if engine in ("tma", "hybrid") else "cpasync"
         self.v_method = "tma" if engine == "tma" else "cpasync"
+        # Loading K one stage ahead of V helps the engines that use cp.async (5-10% on sparse
+        # lists) and hurts the TMA-row engine, whose producer is bound by issuing copies
+        # (perf/NOTES.md, H200 A/B).
+        self.k_ahead = engine != "tma"
         self.tma_gather = TmaRowGather(tile_n, head_dim, dtype)
         self.cp_gather = CpAsyncGather(tile_n, head_dim, dtype)
         self.stage_bytes = tile_n * head_dim * dtype.width // 8
@@ -339,28 +343,37 @@ class FgAttentionForwardSm90:
         k_src = (ring_k, atom_K_tile, gK_tile, sK, atom_K_row, gK_rows, sK_rows, mK_bh)
         v_src = (ring_v, atom_V_tile, gV_tile, sV, atom_V_row, gV_rows, sV_rows, mV_bh)
 
-        # K runs one stage ahead of V (K_0, then K_{n+1} before V_n), so a V stage that the
-        # consumers release late never holds back the next K; V_n is needed a whole iteration
-        # after K_n. The keys of a stage are loaded two stages before its K copies, so no copy
-        # waits on a round trip for its index.
         n_blocks = cute.ceil_div(count, self.tile_n)
         keys = self.fetch_stage_keys(indices, 0, count, warp, lane)
-        if n_blocks > 0:
-            self.fill(self.k_method, k_src, 0, keys, tidx, warp)
-        next_keys = keys
-        if n_blocks > 1:
-            next_keys = self.fetch_stage_keys(indices, self.tile_n, count, warp, lane)
-        for n in cutlass.range(n_blocks, unroll=1):
-            later_keys = next_keys
-            if n + 2 < n_blocks:
-                later_keys = self.fetch_stage_keys(
-                    indices, (n + 2) * self.tile_n, count, warp, lane
-                )
-            if n + 1 < n_blocks:
-                self.fill(self.k_method, k_src, n + 1, next_keys, tidx, warp)
-            self.fill(self.v_method, v_src, n, keys, tidx, warp)
-            keys = next_keys
-            next_keys = later_keys
+        if const_expr(self.k_ahead):
+            # K runs one stage ahead of V: step n fills K_n, then V_{n-1}, so a V stage that the
+            # consumers release late never holds back the next K (V_n is needed a whole
+            # iteration after K_n). The keys of stage n + 1 are loaded during step n, so no
+            # copy waits on a round trip for its index; one fill site each keeps the code small.
+            prev_keys = keys
+            for n in cutlass.range(n_blocks + 1, unroll=1):
+                next_keys = keys
+                if n + 1 < n_blocks:
+                    next_keys = self.fetch_stage_keys(
+                        indices, (n + 1) * self.tile_n, count, warp, lane
+                    )
+                if n < n_blocks:
+                    self.fill(self.k_method, k_src, n, keys, tidx, warp)
+                if n > 0:
+                    self.fill(self.v_method, v_src, n - 1, prev_keys, tidx, warp)
+                prev_keys = keys
+                keys = next_keys
+        else:
+            # K_n, then V_n; the keys of stage n + 1 are loaded while stage n is issued.
+            for n in cutlass.range(n_blocks, unroll=1):
+                next_keys = keys
+                if n + 1 < n_blocks:
+                    next_keys = self.fetch_stage_keys(
+                        indices, (n + 1) * self.tile_n, count, warp, lane
+                    )
+                self.fill(self.k_method, k_src, n, keys, tidx, warp)
+                self.fill(self.v_method, v_src, n, keys, tidx, warp)
+                keys = next_keys
 
     @cute.jit
     def fill(
