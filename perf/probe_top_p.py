@@ -1,7 +1,11 @@
 """The pooled top-p selection kernel alone on score rows of a Wan 480p layer (S = 32,760,
 H x 256 query tiles), and the whole pooled_top_p, next to FA4 dense, one process.
 
-    python perf/probe_top_p.py [--heads 24]
+    python perf/probe_top_p.py [--heads 24] [--variant before=dev/variants/top_p_before.py]
+
+--variant name=path (repeatable) also times the selection kernel of a module file that defines
+`TopPSelectSm90` (a copy before or after a change) on the same rows, in interleaved rounds with
+the package's kernel, and checks that it selects the same keys.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ def main(argv=None):
     p.add_argument("--seqlen", type=int, default=32760)
     p.add_argument("--heads", type=int, default=24)
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--variant", action="append", default=[])
     args = p.parse_args(argv)
     S, H = args.seqlen, args.heads
     rows = H * math.ceil(S / 128)
@@ -56,12 +61,47 @@ def main(argv=None):
     fn = compile_fwd(TopPConfig(False))
     ms = median_ms(lambda: fn(logits, words, indices, counts, 128**-0.5, 0.9), args.reps)
     print(f"select kernel alone     {ms:8.3f} ms  {ms / dense:6.3f} x dense ({rows} rows)")
+    if args.variant:
+        compare_variants(args.variant, fn, logits, words, indices, counts, args.reps, dense)
     # The GEMM that makes the scores: tile means split in three bf16 parts against [k; k; k].
     a = torch.randn(H, rows // H, 384, generator=gen, device="cuda").bfloat16()
     kt = k[0].permute(1, 2, 0)
     b = torch.cat([kt, kt, kt], dim=1)
     ms = median_ms(lambda: torch.bmm(a, b, out_dtype=torch.float32), args.reps)
     print(f"scores GEMM (3 x bf16)  {ms:8.3f} ms  {ms / dense:6.3f} x dense")
+
+
+def compare_variants(specs, fn, logits, words, indices, counts, reps, dense, rounds=5):
+    import importlib.util
+
+    import cutlass.cute as cute
+
+    fns = {"current": fn}
+    for spec in specs:
+        name, path = spec.split("=", 1)
+        mod_spec = importlib.util.spec_from_file_location(f"variant_{name}", path)
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+        fns[name] = cute.compile(module.TopPSelectSm90(False, True), *TopPConfig().fake_args(),
+                                 options="--enable-tvm-ffi")
+    fn(logits, words, indices, counts, 128**-0.5, 0.9)
+    want = (indices.clone(), counts.clone())
+    times = {name: [] for name in fns}
+    for r in range(rounds):
+        order = list(fns)[r % len(fns):] + list(fns)[:r % len(fns)]
+        for name in order:
+            f = fns[name]
+            times[name].append(median_ms(
+                lambda f=f: f(logits, words, indices, counts, 128**-0.5, 0.9), reps))
+    for name, f in fns.items():
+        indices.fill_(-7)
+        counts.fill_(-7)
+        f(logits, words, indices, counts, 128**-0.5, 0.9)
+        same = torch.equal(indices, want[0]) and torch.equal(counts, want[1])
+        ms = sorted(times[name])[rounds // 2]
+        print(f"  select {name:12s} {ms:8.3f} ms  {ms / dense:6.3f} x dense  "
+              f"{'same keys' if same else 'DIFFERENT keys'}  rounds "
+              + " ".join(f"{t:.3f}" for t in times[name]))
 
 
 if __name__ == "__main__":

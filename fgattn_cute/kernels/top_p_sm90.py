@@ -36,6 +36,10 @@ MAX_SEQLEN_K_SMEM = 40960  # rows up to this long live in shared memory (160 KiB
 MAX_SEQLEN_K = 1 << 17  # longer rows stay in global memory (L2), in place; bound of the bitmap
 
 
+def _add(a, b):
+    return a + b
+
+
 class TopPSelectSm90:
     """Static configuration of one compiled selection kernel; launch through `__call__`."""
 
@@ -120,34 +124,39 @@ class TopPSelectSm90:
         for c in cutlass.range(tidx, n_chunks, T, unroll=1):
             sWords[c] = Uint32(mKeepWords[c])
 
-        # 1. Probabilities in shared memory.
-        # Global loads unrolled by 4 so that each thread has several in flight.
+        # The first radix round's histogram (every key with a non-zero weight takes part) is
+        # built in the same pass that sums the weights, so that round needs no pass of its own.
+        self.clear_hist(sHist, HIST_BINS, tidx)
+        cute.arch.barrier()
+
+        # 1. Probabilities in shared memory, their weights and the first round's histogram.
+        # Global loads unrolled by 8: one CTA per SM, so each thread needs several in flight.
         local_total = Int64(0)
         if const_expr(self.from_probs):
-            for j in cutlass.range(tidx, n, T, unroll=4):
+            for j in cutlass.range(tidx, n, T, unroll=8):
                 v = x_row[j]
                 sP[j] = v
-                local_total += Int64(v * MASS_SCALE)
+                local_total += self.weigh_first_digit(sHist, v)
         else:
             local_max = -Float32.inf
-            for j in cutlass.range(tidx, n, T, unroll=4):
+            for j in cutlass.range(tidx, n, T, unroll=8):
                 v = x_row[j] * scale
                 sP[j] = v
                 local_max = cute.arch.fmax(local_max, v)
-            row_max = self.block_max(local_max, red_f, warp, lane)
+            row_max = self.block_reduce(local_max, cute.arch.fmax, red_f, warp, lane)
             local_sum = Float32(0.0)
             for j in cutlass.range(tidx, n, T, unroll=1):
                 e = cute.math.exp(sP[j] - row_max)
                 sP[j] = e
                 local_sum += e
-            row_sum = self.block_sum_f(local_sum, red_f, warp, lane)
+            row_sum = self.block_reduce(local_sum, _add, red_f, warp, lane)
             for j in cutlass.range(tidx, n, T, unroll=1):
                 prob = sP[j] / row_sum
                 sP[j] = prob
-                local_total += Int64(prob * MASS_SCALE)
+                local_total += self.weigh_first_digit(sHist, prob)
 
         # 2. Integer weights, the target, then the boundary value tau by radix rounds.
-        total = self.block_sum_i(local_total, red_i, warp, lane)
+        total = self.block_reduce(local_total, _add, red_i, warp, lane)
         target_f = Float64(total) * p_top
         target = Int64(target_f)
         if Float64(target) < target_f:
@@ -155,9 +164,11 @@ class TopPSelectSm90:
 
         prefix = Int32(0)
         above = Int64(0)
-        for shift, bits in ROUNDS:
-            prefix, above = self.radix_round(
-                sP, sBitsP, sHist, bcast, n, prefix, above, target, shift, bits, tidx, warp, lane
+        tau_bin_weight = Int64(0)
+        for i, (shift, bits) in enumerate(ROUNDS):
+            prefix, above, tau_bin_weight = self.radix_round(
+                sP, sBitsP, sHist, bcast, n, prefix, above, target, shift, bits, i == 0,
+                tidx, warp, lane,
             )
         tau = prefix
         # Weight of one key equal to tau: float32 bits tau + LOW_BITS, read back as a float.
@@ -173,6 +184,10 @@ class TopPSelectSm90:
             tau_weight = Int64(1)
         take = (target - above + tau_weight - 1) // tau_weight
         any_mass = total > 0
+        # The last round's bin is the single value tau, so it weighs (keys equal to tau) x
+        # tau_weight. When all of them are taken (the usual case: one key), no tie needs a rank.
+        ties_total = tau_bin_weight // tau_weight
+        rank_ties = take < ties_total
 
         # 3. Keep bits in index order, then the list.
         chunks_per_warp = cute.ceil_div(n_chunks, self.num_warps)
@@ -180,14 +195,16 @@ class TopPSelectSm90:
         c_end = cutlass.min(c_begin + chunks_per_warp, n_chunks)
         lower_lanes = (Uint32(1) << Uint32(lane)) - Uint32(1)
 
-        ties = Int32(0)
-        for c in cutlass.range(c_begin, c_end, unroll=1):
-            j = c * 32 + lane
-            tie = Boolean(False)
-            if j < n:
-                tie = sBitsP[j] - LOW_BITS == tau
-            ties += Int32(cute.arch.popc(Uint32(cute.arch.vote_ballot_sync(tie))))
-        tie_rank, _ = self.exclusive_warp_prefix(Int64(ties), red_i, warp, lane)
+        tie_rank = Int64(0)
+        if rank_ties:
+            ties = Int32(0)
+            for c in cutlass.range(c_begin, c_end, unroll=1):
+                j = c * 32 + lane
+                tie = Boolean(False)
+                if j < n:
+                    tie = sBitsP[j] - LOW_BITS == tau
+                ties += Int32(cute.arch.popc(Uint32(cute.arch.vote_ballot_sync(tie))))
+            tie_rank, _ = self.exclusive_warp_prefix(Int64(ties), red_i, warp, lane)
 
         kept = Int32(0)
         for c in cutlass.range(c_begin, c_end, unroll=1):
@@ -229,22 +246,22 @@ class TopPSelectSm90:
     @cute.jit
     def radix_round(self, sP, sBitsP, sHist, bcast, n: Int32, prefix: Int32, above: Int64,
                     target: Int64, shift: cutlass.Constexpr[int], bits: cutlass.Constexpr[int],
-                    tidx: Int32, warp: Int32, lane: Int32):
+                    hist_ready: cutlass.Constexpr[bool], tidx: Int32, warp: Int32, lane: Int32):
         """One digit: the weight histogram of the keys whose higher digits equal `prefix`, and
         the digit at which the cumulative weight from the top reaches target - above (clamped
-        to the lowest digit, as the torch code does). Returns the extended prefix and the
-        weight of the keys above it."""
+        to the lowest digit, as the torch code does). Returns the extended prefix, the weight
+        of the keys above it and the weight of the keys in its bin. With hist_ready (the first
+        round) the histogram was built by the pass that summed the weights."""
         nb = 1 << bits
-        for b in cutlass.range(tidx, nb, self.num_threads, unroll=1):
-            for part in cutlass.range_constexpr(len(self.slices)):
-                sHist[b, part] = Uint32(0)
-        cute.arch.barrier()
-        for j in cutlass.range(tidx, n, self.num_threads, unroll=1):
-            rb = sBitsP[j] - LOW_BITS  # < 0 exactly where the weight is 0
-            if rb >> (shift + bits) == prefix:
-                weight = Int64(sP[j] * MASS_SCALE)
-                if weight != 0:
-                    self.hist_add(sHist, (rb >> shift) & (nb - 1), weight)
+        if const_expr(not hist_ready):
+            self.clear_hist(sHist, nb, tidx)
+            cute.arch.barrier()
+            for j in cutlass.range(tidx, n, self.num_threads, unroll=1):
+                rb = sBitsP[j] - LOW_BITS  # < 0 exactly where the weight is 0
+                if rb >> (shift + bits) == prefix:
+                    weight = Int64(sP[j] * MASS_SCALE)
+                    if weight != 0:
+                        self.hist_add(sHist, (rb >> shift) & (nb - 1), weight)
         cute.arch.barrier()
         if warp == 0:
             # Lane l scans bins nb - 1 - (l * per .. l * per + per - 1): descending digits.
@@ -276,8 +293,25 @@ class TopPSelectSm90:
                             running += b
                 bcast[0] = Int64((prefix << bits) | (nb - 1 - pos))
                 bcast[1] = above + running
+                bcast[3] = self.hist_get(sHist, nb - 1 - pos)
         cute.arch.barrier()
-        return Int32(bcast[0]), bcast[1]
+        return Int32(bcast[0]), bcast[1], bcast[3]
+
+    @cute.jit
+    def clear_hist(self, sHist, nb: cutlass.Constexpr[int], tidx: Int32):
+        for b in cutlass.range(tidx, nb, self.num_threads, unroll=1):
+            for part in cutlass.range_constexpr(len(self.slices)):
+                sHist[b, part] = Uint32(0)
+
+    @cute.jit
+    def weigh_first_digit(self, sHist, prob: Float32) -> Int64:
+        """The key's integer weight, added to the first round's bin of its probability."""
+        weight = Int64(prob * MASS_SCALE)
+        if weight != 0:
+            shift, bits = ROUNDS[0]
+            rb = prob.bitcast(Int32) - LOW_BITS
+            self.hist_add(sHist, (rb >> shift) & ((1 << bits) - 1), weight)
+        return weight
 
     # A bin's weight is kept as 32-bit sums of slices of each key's weight (bits 0-15, 16-31
     # and 32-51 for rows in shared memory; 0-13, 14-27, 28-41 and 42-51 for longer rows):
@@ -318,40 +352,16 @@ class TopPSelectSm90:
         return before, total
 
     @cute.jit
-    def block_max(self, value: Float32, red_f, warp: Int32, lane: Int32) -> Float32:
+    def block_reduce(self, value, op, red, warp: Int32, lane: Int32):
+        """op-reduce one value per thread over the CTA (warp butterflies, then the warps'
+        results through `red`, a shared buffer of value's type); every thread gets the result."""
         for offset in (16, 8, 4, 2, 1):
-            value = cute.arch.fmax(value, cute.arch.shuffle_sync_bfly(value, offset))
+            value = op(value, cute.arch.shuffle_sync_bfly(value, offset))
         if lane == 0:
-            red_f[warp] = value
+            red[warp] = value
         cute.arch.barrier()
-        out = red_f[0]
+        out = red[0]
         for w in cutlass.range_constexpr(1, self.num_warps):
-            out = cute.arch.fmax(out, red_f[w])
-        cute.arch.barrier()
-        return out
-
-    @cute.jit
-    def block_sum_f(self, value: Float32, red_f, warp: Int32, lane: Int32) -> Float32:
-        for offset in (16, 8, 4, 2, 1):
-            value = value + cute.arch.shuffle_sync_bfly(value, offset)
-        if lane == 0:
-            red_f[warp] = value
-        cute.arch.barrier()
-        out = red_f[0]
-        for w in cutlass.range_constexpr(1, self.num_warps):
-            out = out + red_f[w]
-        cute.arch.barrier()
-        return out
-
-    @cute.jit
-    def block_sum_i(self, value: Int64, red_i, warp: Int32, lane: Int32) -> Int64:
-        for offset in (16, 8, 4, 2, 1):
-            value = value + cute.arch.shuffle_sync_bfly(value, offset)
-        if lane == 0:
-            red_i[warp] = value
-        cute.arch.barrier()
-        out = red_i[0]
-        for w in cutlass.range_constexpr(1, self.num_warps):
-            out = out + red_i[w]
+            out = op(out, red[w])
         cute.arch.barrier()
         return out

@@ -180,3 +180,17 @@ def keep_words(keep, sk, device):
     weights = 1 << torch.arange(8, dtype=torch.uint8, device=device)
     packed = (bits.view(-1, 8) * weights).sum(dim=-1, dtype=torch.uint8)  # little-endian bytes
     return packed.view(torch.int32)
+
+
+def hopper_kernel_unsupported(q, k, max_seqlen_k):
+    """None when a predictor's Hopper kernel takes q and k (device, dtype, number of keys),
+    else the reason it does not."""
+    from ..interface import CUTE_DTYPES, _describe_device, _is_hopper
+
+    if not _is_hopper(q.device):
+        return f"it needs a Hopper GPU (compute capability 9.x), got {_describe_device(q.device)}"
+    if q.dtype not in CUTE_DTYPES:
+        return f"it runs torch.bfloat16 and torch.float16, got {q.dtype}"
+    if k.shape[1] > max_seqlen_k:
+        return f"it runs seqlen_k <= {max_seqlen_k}, got {k.shape[1]}"
+    return None

@@ -274,21 +274,16 @@ def _check_lse(lse, q):
 
 def _cute_unsupported(q, k, q_tile, hooks):
     """None when the calibrate kernel runs these inputs, else the reason it does not."""
-    from ..interface import CUTE_DTYPES, CUTE_HEAD_DIMS, CUTE_Q_TILES, _describe_device, _is_hopper
+    from ..interface import CUTE_HEAD_DIMS, CUTE_Q_TILES
 
     if hooks:
         return "lse_fn / mask_fn replace parts of the torch path"
-    if not _is_hopper(q.device):
-        return f"it needs a Hopper GPU (compute capability 9.x), got {_describe_device(q.device)}"
-    if q.dtype not in CUTE_DTYPES:
-        return f"it runs torch.bfloat16 and torch.float16, got {q.dtype}"
-    if q.shape[-1] not in CUTE_HEAD_DIMS:
-        return f"it runs head dims {CUTE_HEAD_DIMS}, got {q.shape[-1]}"
-    if q_tile not in CUTE_Q_TILES:
-        return f"it runs q_tile {CUTE_Q_TILES}, got {q_tile}"
-    if k.shape[1] > _CUTE_MAX_SEQLEN_K:
-        return f"it runs seqlen_k <= {_CUTE_MAX_SEQLEN_K}, got {k.shape[1]}"
-    return None
+    reason = _args.hopper_kernel_unsupported(q, k, _CUTE_MAX_SEQLEN_K)
+    if reason is None and q.shape[-1] not in CUTE_HEAD_DIMS:
+        reason = f"it runs head dims {CUTE_HEAD_DIMS}, got {q.shape[-1]}"
+    if reason is None and q_tile not in CUTE_Q_TILES:
+        reason = f"it runs q_tile {CUTE_Q_TILES}, got {q_tile}"
+    return reason
 
 
 def _tma_ready(x):

@@ -201,19 +201,11 @@ def pooled_probs(q, k, q_tile=128, softmax_scale=None):
 
 def _cute_unsupported(q, k, p, select_fn):
     """None when the selection kernel runs this call, else the reason it does not."""
-    from ..interface import CUTE_DTYPES, _describe_device, _is_hopper
-
     if select_fn is not None:
         return "select_fn replaces the selection of the torch path"
     if p >= 1.0:
         return "p = 1 keeps every key (the torch path does it without scoring)"
-    if not _is_hopper(q.device):
-        return f"it needs a Hopper GPU (compute capability 9.x), got {_describe_device(q.device)}"
-    if q.dtype not in CUTE_DTYPES:
-        return f"it runs torch.bfloat16 and torch.float16, got {q.dtype}"
-    if k.shape[1] > _CUTE_MAX_SEQLEN_K:
-        return f"it runs seqlen_k <= {_CUTE_MAX_SEQLEN_K}, got {k.shape[1]}"
-    return None
+    return _args.hopper_kernel_unsupported(q, k, _CUTE_MAX_SEQLEN_K)
 
 
 def _split_in_three(x, dtype):
