@@ -34,9 +34,8 @@ import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass import Float32, Int32, Uint32, const_expr
 from cutlass.cute.nvgpu import cpasync, warpgroup
-from cutlass.tensor_utils import LayoutEnum
 
-from fgattn_cute.kernels.layout import acc_rows_cols, permute_modes
+from fgattn_cute.kernels.layout import acc_rows_cols, permute_modes, swizzled_tile_layout
 from fgattn_cute.kernels.pipeline import StageRing
 from fgattn_cute.kernels.softmax import OnlineSoftmax, mask_columns
 
@@ -99,13 +98,7 @@ class CalibrateSm90:
 
     # ---------------------------------------------------------------- host side
     def _smem_layout(self, rows: int, stages: int | None = None):
-        atom = warpgroup.make_smem_layout_atom(
-            sm90_utils.get_smem_layout_atom(LayoutEnum.ROW_MAJOR, self.dtype, self.head_dim),
-            self.dtype,
-        )
-        shape = (rows, self.head_dim) if stages is None else (rows, self.head_dim, stages)
-        order = (0, 1) if stages is None else (0, 1, 2)
-        return cute.tile_to_shape(atom, shape, order=order)
+        return swizzled_tile_layout(self.dtype, self.head_dim, rows, stages)
 
     @cute.jit
     def __call__(

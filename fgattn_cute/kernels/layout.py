@@ -1,4 +1,4 @@
-"""Layout views of wgmma accumulators and shared-memory tiles.
+"""Shared-memory tile layouts, and layout views of wgmma accumulators and smem tiles.
 
 A Hopper wgmma accumulator fragment of a 64 x N tile has the per-thread shape
 ((2, 2, N / 8), MMA_M, MMA_N): mode 0 holds two adjacent columns, the row pair (r, r + 8) and
@@ -6,6 +6,20 @@ the N / 8 column groups. These helpers re-index the same registers, without movi
 """
 
 import cutlass.cute as cute
+import cutlass.utils.hopper_helpers as sm90_utils
+from cutlass.cute.nvgpu import warpgroup
+from cutlass.tensor_utils import LayoutEnum
+
+
+def swizzled_tile_layout(dtype, head_dim: int, rows: int, stages: int | None = None):
+    """Shared-memory layout of a (rows, head_dim) K-major tile, or of `stages` of them, in the
+    widest swizzle wgmma reads for this head dim (128B for 64 16-bit elements or more)."""
+    atom = warpgroup.make_smem_layout_atom(
+        sm90_utils.get_smem_layout_atom(LayoutEnum.ROW_MAJOR, dtype, head_dim), dtype
+    )
+    shape = (rows, head_dim) if stages is None else (rows, head_dim, stages)
+    order = (0, 1) if stages is None else (0, 1, 2)
+    return cute.tile_to_shape(atom, shape, order=order)
 
 
 def acc_rows_cols(acc: cute.Tensor) -> cute.Tensor:
