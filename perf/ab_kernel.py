@@ -110,12 +110,16 @@ def main(argv=None):
                     checks[vname] = "bitwise" if same else f"diff {rel_err(out, first):.1e}"
                 runs[vname] = run
             # Rounds of every variant in turn, so that clock or thermal drift during the run
-            # falls on all of them alike; the figure is the median over rounds.
+            # falls on all of them alike; the figure is the median over rounds (in round order).
             runs["fa4_dense"], checks["fa4_dense"] = dense, ""
+            # Each round starts one place further along the list: whichever system runs right
+            # after FA4 dense (the hottest kernel, which can lower the clock for a while) is a
+            # different one each round.
             times = {vname: [] for vname in runs}
-            for _ in range(args.rounds):
-                for vname, run in runs.items():
-                    times[vname].append(median_ms(run, args.reps, warmup=1))
+            order = list(runs)
+            for r in range(args.rounds):
+                for vname in order[r % len(order):] + order[:r % len(order)]:
+                    times[vname].append(median_ms(runs[vname], args.reps, warmup=1))
             dense_ms = sorted(times["fa4_dense"])[args.rounds // 2]
             for vname, ts in times.items():
                 ms = sorted(ts)[len(ts) // 2]
