@@ -145,7 +145,7 @@ class TopPSelectSm90:
                 local_max = cute.arch.fmax(local_max, v)
             row_max = self.block_reduce(local_max, cute.arch.fmax, red_f, warp, lane)
             local_sum = Float32(0.0)
-            for j in cutlass.range(tidx, n, T, unroll=4):
+            for j in cutlass.range(tidx, n, T, unroll=1):
                 e = cute.math.exp(sP[j] - row_max)
                 sP[j] = e
                 local_sum += e
