@@ -1,8 +1,14 @@
-"""Summaries of a sweep: a markdown table per shape (with the performance bar checked) and PNG
-plots of time and speedup against the kept fraction."""
+"""Summaries of a sweep: a markdown table per shape (with the performance bar checked), the
+speed of light of each case, and PNG plots of time and speedup against the kept fraction.
+
+    python perf/plot.py perf/results/sweep-H200-2026-11-27.json   # rewrite its .md and .png
+"""
 
 from __future__ import annotations
 
+import json
+import re
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -52,10 +58,46 @@ def summarize(meta, records, stem) -> str:
                          f"{r['ms']:.3f} | {r['tflops']:.0f} | {ideal} |")
         if dense:
             lines += ["", _bar(rs, dense, d), ""]
+        if ceil:
+            lines += _speed_of_light(rs, ceil)
     text = "\n".join(lines) + "\n"
     Path(f"{stem}.md").write_text(text)
     _plots(by_shape, stem)
     return text
+
+
+def _speed_of_light(rs, ceil):
+    """Per kept fraction: the work, the two floors at the card's measured ceilings, the bytes
+    the M x 1 gather moves out of L2, and how close the best fgattn engine and the best FA4
+    system doing the same kept work come to the matmul ceiling."""
+    r0 = rs[0]
+    S, H, D = r0["seqlen"], r0["heads"], r0["head_dim"]
+    n_tiles = -(-S // 128)
+    hbm_gb = 8 * S * H * D / 1e9  # Q, K, V read once and O written once, 16-bit
+    hbm_ms = hbm_gb / ceil["copy_tbps"]
+    lines = ["Speed of light (B=1; FLOPs 4 S^2 D H keep; HBM bytes 8 S H D; L2 -> SM bytes: each "
+             "query tile reads its kept K and V rows, n_tiles x keep S x D x 2 B x 2 x H; "
+             f"ceilings measured in this run: {ceil['matmul_tflops']:.0f} TF/s, "
+             f"{ceil['copy_tbps']:.2f} TB/s):", "",
+             "| keep | TFLOP | compute floor ms | HBM GB (floor ms) | L2->SM GB | best fgattn ms "
+             "(% of matmul ceiling, L2->SM TB/s) | best FA4 ms (% of ceiling) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    keeps = sorted({round(r["keep"], 1) for r in rs if r["system"] == "fgattn"}, reverse=True)
+    for keep in keeps:
+        tflop = 4 * S * S * D * H * keep / 1e12
+        floor_ms = tflop / ceil["matmul_tflops"] * 1e3
+        gather_gb = n_tiles * keep * S * D * 2 * 2 * H / 1e9
+        ours = [r["ms"] for r in rs if r["system"] == "fgattn" and abs(r["keep"] - keep) < 0.02]
+        fa4 = [r["ms"] for r in rs if r["system"].startswith("fa4")
+               and abs(r["keep"] - keep) < 0.02]
+        best = min(ours) if ours else None
+        best_fa4 = min(fa4) if fa4 else None
+        ours_txt = (f"{best:.3f} ({100 * floor_ms / best:.0f}%, {gather_gb / best:.1f})"
+                    if best else "-")
+        fa4_txt = f"{best_fa4:.3f} ({100 * floor_ms / best_fa4:.0f}%)" if best_fa4 else "-"
+        lines.append(f"| {keep:.1f} | {tflop:.2f} | {floor_ms:.3f} | {hbm_gb:.2f} ({hbm_ms:.3f}) "
+                     f"| {gather_gb:.1f} | {ours_txt} | {fa4_txt} |")
+    return lines + [""]
 
 
 def _bar(rs, dense, head_dim):
@@ -115,3 +157,19 @@ def _plots(by_shape, stem):
         fig.tight_layout()
         fig.savefig(f"{stem}-{shape}.png", dpi=80)
         plt.close(fig)
+
+
+def main(argv=None):
+    """Rewrite the markdown summary and plots of a sweep JSON (the records carry the card,
+    clocks, commit, versions and ceilings; the date comes from the file name)."""
+    path = Path((argv or sys.argv[1:])[0])
+    records = json.loads(path.read_text())
+    r0 = records[0]
+    date = re.search(r"\d{4}-\d{2}-\d{2}", path.stem)
+    meta = {k: r0[k] for k in ("card", "card_name", "clocks", "commit", "versions", "ceilings")}
+    meta["date"] = date.group(0) if date else "unknown date"
+    print(summarize(meta, records, str(path.with_suffix(""))))
+
+
+if __name__ == "__main__":
+    main()

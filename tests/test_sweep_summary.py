@@ -1,0 +1,64 @@
+"""perf/plot.py: the sweep summary (bar check and speed of light) from records, no GPU."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "perf"))
+
+import plot  # noqa: E402
+
+S, H, D = 32768, 4, 128
+CEIL = {"matmul_tflops": 800.0, "copy_tbps": 4.0}
+
+
+def _record(system, keep, ms, engine="", granularity="128x1"):
+    return {"seqlen": S, "heads": H, "head_dim": D, "shape": "toy", "system": system,
+            "engine": engine, "granularity": granularity, "keep": keep, "ms": ms,
+            "tflops": 4 * S * S * D * H * keep / ms / 1e9, "card": "H200",
+            "card_name": "NVIDIA H200", "clocks": "-", "commit": "abc1234",
+            "versions": {}, "ceilings": CEIL}
+
+
+@pytest.fixture
+def records():
+    return [
+        _record("fa4_dense", 1.0, 3.0),
+        _record("fgattn", 1.0, 3.1, "cpasync"),
+        _record("fgattn", 0.3, 1.2, "cpasync"),
+        _record("fgattn", 0.3, 1.5, "tma"),
+        _record("fa4_block", 0.3, 1.0, granularity="128x128"),
+    ]
+
+
+def test_summary_checks_the_bar_and_gives_the_speed_of_light(records, tmp_path):
+    meta = {"card_name": "NVIDIA H200", "date": "2026-11-27", "commit": "abc1234",
+            "clocks": "-", "ceilings": CEIL}
+    text = plot.summarize(meta, records, str(tmp_path / "sweep-H200-2026-11-27"))
+    assert (tmp_path / "sweep-H200-2026-11-27.md").read_text() == text
+    # keep 1: 3.1 <= 1.05 x 3.0; keep 0.3: 1.2 > 1.1 x 0.3 x 3.0 = 0.99
+    assert "keep 1.000: best fgattn 3.100 ms vs bar 3.150 ms -> meets the bar" in text
+    assert "keep 0.300: best fgattn 1.200 ms vs bar 0.990 ms -> MISSES the bar" in text
+    assert "NOT faster than every FA4 variant at this keep (1.000 ms best)" in text
+    # speed of light at keep 0.3: 4 S^2 D H keep FLOPs over the 800 TF/s ceiling
+    tflop = 4 * S * S * D * H * 0.3 / 1e12
+    floor_ms = tflop / 800 * 1e3
+    row = next(line for line in text.splitlines() if line.startswith("| 0.3 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert float(cells[1]) == pytest.approx(tflop, abs=0.005)
+    assert float(cells[2]) == pytest.approx(floor_ms, abs=0.0005)
+    # the best engine (cp.async, 1.2 ms: 69% of the ceiling) and the best FA4 system (1.0 ms)
+    gather_tbps = 256 * 0.3 * S * D * 2 * 2 * H / 1.2e-3 / 1e12
+    assert cells[5] == f"1.200 ({100 * floor_ms / 1.2:.0f}%, {gather_tbps:.1f})"
+    assert cells[6] == f"1.000 ({100 * floor_ms / 1.0:.0f}%)"
+
+
+def test_main_rewrites_the_summary_of_a_json(records, tmp_path):
+    path = tmp_path / "sweep-H200-2026-11-27.json"
+    path.write_text(json.dumps(records))
+    plot.main([str(path)])
+    text = (tmp_path / "sweep-H200-2026-11-27.md").read_text()
+    assert text.startswith("# Sweep on NVIDIA H200 (2026-11-27, commit abc1234)")
+    assert "Speed of light" in text
