@@ -5,7 +5,7 @@ One CTA per (query tile, head, batch). Warp specialised, FlashAttention-3 style:
 - warpgroup 0, the producer (registers given back with setmaxnreg): loads the Q tile by TMA
   once, then for every group of `tile_n` kept keys gathers those K rows and the same V rows
   into the next stage of a ring of 128B-swizzled smem tiles (one mbarrier ring for K, one for
-  V), K one stage ahead of V.
+  V); with the engines that use cp.async, K runs one stage ahead of V.
 - warpgroups 1.. (one per 64 query rows), the consumers: S = Q K^T by wgmma from smem, padding
   slots of the last stage masked to -inf, online softmax in registers (exp2, scale folded in),
   P converted to 16 bits and fed from registers to wgmma O += P V; then O / rowsum goes to

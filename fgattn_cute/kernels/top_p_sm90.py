@@ -11,9 +11,11 @@ global memory instead, where the 132 rows in flight stay in L2):
    floor(p_j * 2**52) (int64), the target is ceil(p * total) in float64, and three radix rounds
    over the probabilities' float32 bit patterns (10, 10 and 9 bits, the same digits as the torch
    code) find the boundary value tau and the weight above it; each round is a 1,024-bin int64
-   histogram built with shared-memory atomics, scanned by one warp.
-3. the keys above tau, plus the first ``take`` keys equal to tau in index order, plus the
-   always-keep bits, are written as the sorted key list (``KeyIndex`` row format: zeros after
+   histogram built with shared-memory atomics, scanned by one warp (the first round's is built
+   by the pass that sums the weights).
+3. the keys above tau, plus the first ``take`` keys equal to tau in index order (ranked only
+   when some keys equal to tau are left out), plus the always-keep bits, are written as the
+   sorted key list (``KeyIndex`` row format: zeros after
    the count). Index order comes from warp-contiguous segments of 32-key chunks: a ballot per
    chunk, popcounts within the warp, one prefix sum across the warps.
 
