@@ -35,7 +35,12 @@ import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass import Float32, Int32, Uint32, const_expr
 from cutlass.cute.nvgpu import cpasync, warpgroup
 
-from fgattn_cute.kernels.layout import acc_rows_cols, permute_modes, swizzled_tile_layout
+from fgattn_cute.kernels.layout import (
+    acc_rows_cols,
+    permute_modes,
+    swizzled_tile_layout,
+    tma_tile_partition,
+)
 from fgattn_cute.kernels.pipeline import StageRing
 from fgattn_cute.kernels.softmax import OnlineSoftmax, mask_columns
 
@@ -263,10 +268,7 @@ class CalibrateSm90:
         second Q tile when there is none, are zero-filled and still counted in bytes)."""
         gQ = cute.local_tile(mQ[None, None, head, batch], (self.tile_m, self.head_dim),
                              (None, 0))
-        tQsQ, tQgQ = cpasync.tma_partition(
-            tma_atom_Q, 0, cute.make_layout(1),
-            cute.group_modes(sQ, 0, 2), cute.group_modes(gQ, 0, 2),
-        )
+        tQsQ, tQgQ = tma_tile_partition(tma_atom_Q, sQ, gQ)
         with cute.arch.elect_one():
             cute.arch.mbarrier_arrive_and_expect_tx(bar_q, TILES_PER_CTA * self.q_bytes)
         for t in cutlass.range_constexpr(TILES_PER_CTA):
@@ -275,10 +277,7 @@ class CalibrateSm90:
 
         gK = cute.local_tile(mK[None, None, head, batch], (self.tile_n, self.head_dim),
                              (None, 0))
-        tKsK, tKgK = cpasync.tma_partition(
-            tma_atom_K, 0, cute.make_layout(1),
-            cute.group_modes(sK, 0, 2), cute.group_modes(gK, 0, 2),
-        )
+        tKsK, tKgK = tma_tile_partition(tma_atom_K, sK, gK)
         first_fill = n_blocks if const_expr(self.probe == "one_pass") else 0
         for i in cutlass.range(first_fill, 2 * n_blocks, unroll=1):
             n = i

@@ -30,6 +30,7 @@ from fgattn_cute.kernels.layout import (
     acc_rows_cols,
     permute_modes,
     swizzled_tile_layout,
+    tma_tile_partition,
     transpose_mn,
 )
 from fgattn_cute.kernels.pipeline import StageRing
@@ -313,10 +314,7 @@ class FgAttentionForwardSm90:
             gQ = cute.local_tile(
                 mQ[None, None, head, batch], (self.tile_m, self.head_dim), (m_block, 0)
             )
-            tQsQ, tQgQ = cpasync.tma_partition(
-                tma_atom_Q, 0, cute.make_layout(1),
-                cute.group_modes(sQ, 0, 2), cute.group_modes(gQ, 0, 2),
-            )
+            tQsQ, tQgQ = tma_tile_partition(tma_atom_Q, sQ, gQ)
             with cute.arch.elect_one():
                 cute.arch.mbarrier_arrive_and_expect_tx(bar_q, self.q_bytes)
             cute.copy(tma_atom_Q, tQgQ, tQsQ, tma_bar_ptr=bar_q)
@@ -441,10 +439,7 @@ class FgAttentionForwardSm90:
                     (self.tile_n, self.head_dim),
                     (0, 0),
                 )
-                tXsX, tXgX = cpasync.tma_partition(
-                    atom_tile, 0, cute.make_layout(1),
-                    cute.group_modes(sX[None, None, stage], 0, 2), cute.group_modes(gX, 0, 2),
-                )
+                tXsX, tXgX = tma_tile_partition(atom_tile, sX[None, None, stage], gX)
                 with cute.arch.elect_one():
                     if const_expr(method == "tma"):
                         cute.arch.mbarrier_arrive_and_expect_tx(full, self.stage_bytes)
@@ -664,10 +659,7 @@ class FgAttentionForwardSm90:
             gO = cute.local_tile(
                 mO[None, None, head, batch], (self.tile_m, self.head_dim), (m_block, 0)
             )
-            tOsO, tOgO = cpasync.tma_partition(
-                tma_atom_O, 0, cute.make_layout(1),
-                cute.group_modes(sO, 0, 2), cute.group_modes(gO, 0, 2),
-            )
+            tOsO, tOgO = tma_tile_partition(tma_atom_O, sO, gO)
             cute.copy(tma_atom_O, tOsO, tOgO)
             cute.arch.cp_async_bulk_commit_group()
             cute.arch.cp_async_bulk_wait_group(0, read=True)

@@ -21,6 +21,8 @@ import cutlass.cute as cute
 from cutlass import Int32, Int64
 from cutlass.cute.nvgpu import cpasync
 
+from fgattn_cute.kernels.layout import tma_tile_partition
+
 WARP = 32
 CHUNK = 64  # elements per 128-byte row chunk for 16-bit types
 
@@ -62,13 +64,7 @@ class TmaRowGather:
             stride=(CHUNK, 1, CHUNK, self.tile_n * CHUNK, stage_elems),
         )
         s_rows = cute.make_tensor(sX.iterator, s_rows_layout)
-        s_part, g_part = cpasync.tma_partition(
-            atom,
-            0,
-            cute.make_layout(1),
-            cute.group_modes(s_rows, 0, 2),
-            cute.group_modes(g_rows, 0, 2),
-        )
+        s_part, g_part = tma_tile_partition(atom, s_rows, g_rows)
         return g_part, s_part
 
     @cute.jit

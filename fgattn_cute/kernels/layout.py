@@ -7,8 +7,16 @@ the N / 8 column groups. These helpers re-index the same registers, without movi
 
 import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils
-from cutlass.cute.nvgpu import warpgroup
+from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.tensor_utils import LayoutEnum
+
+
+def tma_tile_partition(atom: cute.CopyAtom, sX: cute.Tensor, gX: cute.Tensor):
+    """(smem, gmem) views of a TMA copy of one box per CTA (no multicast): the box is the
+    first two modes of sX and gX; the remaining modes index boxes (stages, tiles, rows)."""
+    return cpasync.tma_partition(
+        atom, 0, cute.make_layout(1), cute.group_modes(sX, 0, 2), cute.group_modes(gX, 0, 2)
+    )
 
 
 def swizzled_tile_layout(dtype, head_dim: int, rows: int, stages: int | None = None):
