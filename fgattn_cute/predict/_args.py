@@ -99,6 +99,12 @@ def check_p(p):
     return value
 
 
+def check_backend(backend, choices):
+    if not isinstance(backend, str) or backend not in choices:
+        raise ValueError(f"backend: expected one of {choices}, got {backend!r}")
+    return backend
+
+
 def scale_for(softmax_scale, head_dim):
     """The softmax scale: None gives head_dim ** -0.5; otherwise a positive finite float."""
     return check_scale(softmax_scale, head_dim)

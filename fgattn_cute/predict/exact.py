@@ -357,8 +357,7 @@ def calibrate(q, k, q_tile=128, threshold=0.5, softmax_scale=None, always_keep=N
     q_tile = _args.check_q_tile(q_tile)
     threshold = _args.check_threshold(threshold)
     scale = _args.scale_for(softmax_scale, q.shape[-1])
-    if not isinstance(backend, str) or backend not in CALIBRATE_BACKENDS:
-        raise ValueError(f"backend: expected one of {CALIBRATE_BACKENDS}, got {backend!r}")
+    backend = _args.check_backend(backend, CALIBRATE_BACKENDS)
     sk = k.shape[1]
     keep = _args.always_keep_mask(always_keep, sk, q.device)
     if backend != "torch":

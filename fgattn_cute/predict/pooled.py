@@ -296,8 +296,7 @@ def pooled_top_p(q, k, q_tile=128, p=0.9, softmax_scale=None, always_keep=None, 
     q_tile = _args.check_q_tile(q_tile)
     p = _args.check_p(p)
     scale = _args.scale_for(softmax_scale, q.shape[-1])
-    if not isinstance(backend, str) or backend not in POOLED_BACKENDS:
-        raise ValueError(f"backend: expected one of {POOLED_BACKENDS}, got {backend!r}")
+    backend = _args.check_backend(backend, POOLED_BACKENDS)
     sk = k.shape[1]
     keep = _args.always_keep_mask(always_keep, sk, q.device)
     if backend != "torch":
