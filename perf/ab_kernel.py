@@ -38,15 +38,20 @@ SHAPES = {
 }
 
 
+def load_variant(path: str):
+    """The module in file `path` (a copy of a kernel module before or after a change)."""
+    spec = importlib.util.spec_from_file_location(f"variant_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_kernel_class(path: str | None):
     if path is None:
         from fgattn_cute.kernels.fg_fwd_sm90 import FgAttentionForwardSm90
 
         return FgAttentionForwardSm90
-    spec = importlib.util.spec_from_file_location(f"variant_{Path(path).stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.FgAttentionForwardSm90
+    return load_variant(path).FgAttentionForwardSm90
 
 
 def compile_variant(cls, config: KernelConfig):

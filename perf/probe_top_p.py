@@ -72,18 +72,14 @@ def main(argv=None):
 
 
 def compare_variants(specs, fn, logits, words, indices, counts, reps, dense, rounds=5):
-    import importlib.util
-
     import cutlass.cute as cute
+    from ab_kernel import load_variant
 
     fns = {"current": fn}
     for spec in specs:
         name, path = spec.split("=", 1)
-        mod_spec = importlib.util.spec_from_file_location(f"variant_{name}", path)
-        module = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(module)
-        fns[name] = cute.compile(module.TopPSelectSm90(False, True), *TopPConfig().fake_args(),
-                                 options="--enable-tvm-ffi")
+        selector = load_variant(path).TopPSelectSm90(False, True)
+        fns[name] = cute.compile(selector, *TopPConfig().fake_args(), options="--enable-tvm-ffi")
     fn(logits, words, indices, counts, 128**-0.5, 0.9)
     want = (indices.clone(), counts.clone())
     times = {name: [] for name in fns}
