@@ -1,6 +1,7 @@
 """Gather throughput of each engine inside the real kernel pipeline, and the whole kernel.
 
-    python perf/bench_gather.py [--seqlen 32760] [--heads 24]
+    python perf/bench_gather.py [--seqlen 32760] [--heads 24] [--engines cpasync,tma,hybrid]
+        [--head-dims 128,64] [--keeps 1.0,0.3]
 
 `gather_only` compiles the kernel with consumers that only wait for and release the stages, so
 the time is the producer's: gathered K + V bytes / time is the engine's rate from L2 (the K/V
@@ -31,19 +32,21 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=24)
     p.add_argument("--keeps", default="1.0,0.3")
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--engines", default="cpasync,tma,hybrid")
+    p.add_argument("--head-dims", default="128,64")
     args = p.parse_args(argv)
     name, slug, clocks = card_info()
     print(f"{name} ({clocks})")
     S, H = args.seqlen, args.heads
     rows = []
-    for D in (128, 64):
+    for D in map(int, args.head_dims.split(",")):
         q, k, v = (torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16)
                    for _ in range(3))
         dense = median_ms(baselines.fa4_dense(q, k, v), args.reps)
         for keep in map(float, args.keeps.split(",")):
             index = baselines.random_lists(1, H, S, S, 128, keep, "cuda", seed=1)
             gathered = index.counts.sum().item() * D * 2 * 2  # K and V rows, bf16
-            for engine in ("cpasync", "tma", "hybrid"):
+            for engine in args.engines.split(","):
                 cfg = default_config(D, "bfloat16", 128, engine)
                 only = cfg.__class__(**{**vars(cfg), "gather_only": True})
 
