@@ -1,23 +1,27 @@
 """The selection of ``fg.predict.pooled_top_p`` as one kernel: one CTA per row of scores.
 
-Each row (one query tile's pooled scores against every key) is loaded into shared memory once
-and everything after that runs on chip (rows longer than 40,960 keys are worked on in place in
-global memory instead, where the 132 rows in flight stay in L2):
+Each row (one query tile's pooled scores against every key) is loaded into shared memory once,
+by one bulk copy (the TMA unit), and everything after that runs on chip (rows longer than
+40,960 keys are worked on in place in global memory instead, where the 132 rows in flight stay
+in L2):
 
-1. softmax: x = scale * logit, p = exp(x - max) / sum (float32, accurate exp), in place; or, in
-   ``from_probs`` mode, the row is already probabilities (the selection alone, for tests that
-   compare it bit for bit with ``top_p_select`` on the same input).
+1. softmax: x = scale * logit, p = exp(x - max) / sum (float32, accurate exp, the division
+   correctly rounded), in place; or, in ``from_probs`` mode, the row is already probabilities
+   (the selection alone, for tests that compare it bit for bit with ``top_p_select`` on the
+   same input).
 2. the exact rule of ``fgattn_cute.predict.pooled`` (its module docstring): key j weighs
-   floor(p_j * 2**52) (int64), the target is ceil(p * total) in float64, and three radix rounds
-   over the probabilities' float32 bit patterns (10, 10 and 9 bits, the same digits as the torch
-   code) find the boundary value tau and the weight above it; each round is a 1,024-bin int64
-   histogram built with shared-memory atomics, scanned by one warp (the first round's is built
-   by the pass that sums the weights).
+   floor(p_j * 2**52) (an integer, read off the float's exponent and significand), the target
+   is ceil(p * total) in float64, and three radix rounds over the probabilities' float32 bit
+   patterns (10, 10 and 9 bits, the same digits as the torch code) find the boundary value tau
+   and the weight above it. Each round is a 1,024-bin histogram of exact weights built with
+   32-bit shared-memory atomics (see ``bin_units``) and scanned by the whole CTA; the first
+   round's is built by the pass that computes the probabilities, and its scan gives the row's
+   total weight.
 3. the keys above tau, plus the first ``take`` keys equal to tau in index order (ranked only
    when some keys equal to tau are left out), plus the always-keep bits, are written as the
-   sorted key list (``KeyIndex`` row format: zeros after
-   the count). Index order comes from warp-contiguous segments of 32-key chunks: a ballot per
-   chunk, popcounts within the warp, one prefix sum across the warps.
+   sorted key list (``KeyIndex`` row format: zeros after the count). Index order comes from
+   warp-contiguous segments of 32-key chunks: a ballot per chunk, popcounts within the warp,
+   one prefix sum across the warps.
 
 Same integer arithmetic as the torch selection, so on the same probabilities the kept sets are
 identical; from logits, the probabilities themselves may differ from torch.softmax's in the last
@@ -28,18 +32,30 @@ import cuda.bindings.driver as cuda
 import cutlass
 import cutlass.cute as cute
 from cutlass import Boolean, Float32, Float64, Int32, Int64, Uint32, const_expr
+from cutlass._mlir.dialects import llvm, nvvm
 
 MASS_BITS = 52
 MASS_SCALE = float(2**MASS_BITS)
 LOW_BITS = (127 - MASS_BITS) << 23  # float32 bits of 2**-52, the smallest weighted probability
+# A probability with biased exponent E and 24-bit significand m weighs m << (E - EXACT_EXP)
+# when E >= EXACT_EXP (P >= 2**-29, weight exact), else m >> (EXACT_EXP - E) (floored).
+EXACT_EXP = 127 - MASS_BITS + 23
+SLICE_BITS = 12  # a bin sums each key's significand in two 12-bit slices (32-bit atomics)
 ROUNDS = ((19, 10), (9, 10), (0, 9))  # (shift, bits), most significant digit first
 HIST_BINS = 1 << 10
+LOADS = 4  # keys loaded ahead per thread in the passes whose per-key work branches
+SHARED_CLUSTER = 7  # LLVM address space of shared::cluster (the bulk copy's destination)
 MAX_SEQLEN_K_SMEM = 40960  # rows up to this long live in shared memory (160 KiB of float32)
 MAX_SEQLEN_K = 1 << 17  # longer rows stay in global memory (L2), in place; bound of the bitmap
 
 
 def _add(a, b):
     return a + b
+
+
+def _fma(a: Float32, b: Float32, c: Float32) -> Float32:
+    """a * b + c with one rounding (never split, whatever the compiler's contraction flags)."""
+    return Float32(llvm.intr_fma(a.ir_value(), b.ir_value(), c.ir_value()))
 
 
 class TopPSelectSm90:
@@ -54,9 +70,9 @@ class TopPSelectSm90:
         self.num_threads = num_threads
         self.num_warps = num_threads // 32
         self.max_n = MAX_SEQLEN_K_SMEM if row_in_smem else MAX_SEQLEN_K
-        # Bit offsets of the slices a weight is split into for the 32-bit histogram atomics
-        # (see hist_add): fewer, wider slices when rows are short.
-        self.slices = (0, 16, 32) if row_in_smem else (0, 14, 28, 42)
+        # The scan of a round's histogram gives each thread a whole number of bins.
+        assert all((1 << bits) % num_threads == 0 or num_threads % (1 << bits) == 0
+                   for _, bits in ROUNDS)
         self.smem_row = MAX_SEQLEN_K_SMEM if row_in_smem else 4
 
     @cute.jit
@@ -74,10 +90,11 @@ class TopPSelectSm90:
 
         @cute.struct
         class SharedStorage:
-            row: cute.struct.Align[cute.struct.MemRange[Float32, self.smem_row], 16]
+            row: cute.struct.Align[cute.struct.MemRange[Float32, self.smem_row + 4], 16]
+            load_bar: cute.struct.MemRange[Int64, 1]
             words: cute.struct.Align[cute.struct.MemRange[Uint32, self.max_n // 32], 16]
             hist: cute.struct.Align[
-                cute.struct.MemRange[Uint32, len(self.slices) * HIST_BINS], 16
+                cute.struct.MemRange[Uint32, 2 * HIST_BINS], 16
             ]
             red_i: cute.struct.MemRange[Int64, num_warps]
             red_f: cute.struct.MemRange[Float32, num_warps]
@@ -108,18 +125,22 @@ class TopPSelectSm90:
         smem = cutlass.memory.SmemAllocator()
         storage = smem.allocate(SharedStorage)
         x_row = mX[row_idx, None]
+        n = cute.size(mX.shape[1])
         if const_expr(self.row_in_smem):
-            sP = storage.row.get_tensor(cute.make_layout(self.max_n))
+            # Element j of the row at sP[j], with sP shifted so that the row's 16-byte aligned
+            # part sits 16-byte aligned in shared memory: one bulk copy then moves it.
+            shift = Int32((x_row.iterator.toint() // 4) % 4)
+            sP = cute.make_tensor(storage.row.data_ptr() + shift, cute.make_layout(self.max_n))
+            self.load_row(x_row, sP, storage.load_bar.data_ptr(), n, shift, tidx)
         else:
             sP = x_row
         # The same bytes as int32: non-negative floats order like their bit patterns.
         sBitsP = cute.make_tensor(cute.recast_ptr(sP.iterator, dtype=Int32), sP.layout)
         sWords = storage.words.get_tensor(cute.make_layout(self.max_n // 32))
-        sHist = storage.hist.get_tensor(cute.make_layout((HIST_BINS, len(self.slices))))
+        sHist = storage.hist.get_tensor(cute.make_layout((HIST_BINS, 2)))
         red_i = storage.red_i.get_tensor(cute.make_layout(self.num_warps))
         red_f = storage.red_f.get_tensor(cute.make_layout(self.num_warps))
         bcast = storage.bcast.get_tensor(cute.make_layout(4))
-        n = cute.size(mX.shape[1])
         n_chunks = cute.ceil_div(n, 32)
         T = self.num_threads
 
@@ -131,18 +152,17 @@ class TopPSelectSm90:
         self.clear_hist(sHist, HIST_BINS, tidx)
         cute.arch.barrier()
 
-        # 1. Probabilities in shared memory, their weights and the first round's histogram.
-        # Global loads unrolled by 8: one CTA per SM, so each thread needs several in flight.
-        local_total = Int64(0)
+        # 1. Probabilities in shared memory and the first round's histogram of their weights
+        # (the row's total weight comes out of that round's scan).
         if const_expr(self.from_probs):
             for j in cutlass.range(tidx, n, T, unroll=8):
-                v = x_row[j]
-                sP[j] = v
-                local_total += self.weigh_first_digit(sHist, v)
+                self.weigh_first_digit(sHist, sP[j])
         else:
+            # The scaled logit is stored and read back, so that it is rounded before the
+            # subtraction (as torch does) rather than fused into it.
             local_max = -Float32.inf
             for j in cutlass.range(tidx, n, T, unroll=8):
-                v = x_row[j] * scale
+                v = sP[j] * scale
                 sP[j] = v
                 local_max = cute.arch.fmax(local_max, v)
             row_max = self.block_reduce(local_max, cute.arch.fmax, red_f, warp, lane)
@@ -152,25 +172,30 @@ class TopPSelectSm90:
                 sP[j] = e
                 local_sum += e
             row_sum = self.block_reduce(local_sum, _add, red_f, warp, lane)
-            for j in cutlass.range(tidx, n, T, unroll=1):
-                prob = sP[j] / row_sum
-                sP[j] = prob
-                local_total += self.weigh_first_digit(sHist, prob)
+            # prob = e / row_sum, correctly rounded: the compiler's own division sequence with
+            # the reciprocal refined once per row rather than once per key.
+            rcp = cute.arch.rcp_approx(row_sum)
+            rcp = _fma(rcp, _fma(-row_sum, rcp, Float32(1.0)), rcp)
+            # Four keys per step, all loaded before any is worked on (a key's work branches, so
+            # the compiler would not hoist the next load above it).
+            for j in cutlass.range(tidx, n, LOADS * T, unroll=1):
+                e = [self.load_or(sP, j + k * T, n, Float32(0.0)) for k in range(LOADS)]
+                for k in cutlass.range_constexpr(LOADS):
+                    prob = self.divide(e[k], row_sum, rcp)
+                    if j + k * T < n:
+                        sP[j + k * T] = prob
+                    self.weigh_first_digit(sHist, prob)
 
-        # 2. Integer weights, the target, then the boundary value tau by radix rounds.
-        total = self.block_reduce(local_total, _add, red_i, warp, lane)
-        target_f = Float64(total) * p_top
-        target = Int64(target_f)
-        if Float64(target) < target_f:
-            target += 1
-
+        # 2. The target, then the boundary value tau by radix rounds.
         prefix = Int32(0)
         above = Int64(0)
         tau_bin_weight = Int64(0)
+        target = Int64(0)
+        total = Int64(0)
         for i, (shift, bits) in enumerate(ROUNDS):
-            prefix, above, tau_bin_weight = self.radix_round(
-                sP, sBitsP, sHist, bcast, n, prefix, above, target, shift, bits, i == 0,
-                tidx, warp, lane,
+            prefix, above, tau_bin_weight, target, total = self.radix_round(
+                sP, sBitsP, sHist, red_i, bcast, n, prefix, above, target, total, p_top, shift,
+                bits, i == 0, tidx, warp, lane,
             )
         tau = prefix
         # Weight of one key equal to tau: float32 bits tau + LOW_BITS, read back as a float.
@@ -209,30 +234,35 @@ class TopPSelectSm90:
             tie_rank, _ = self.exclusive_warp_prefix(Int64(ties), red_i, warp, lane)
 
         kept = Int32(0)
-        for c in cutlass.range(c_begin, c_end, unroll=1):
-            j = c * 32 + lane
-            greater = Boolean(False)
-            tie = Boolean(False)
-            if j < n:
-                rb = sBitsP[j] - LOW_BITS
-                greater = rb > tau
-                tie = rb == tau
-            tie_ballot = Uint32(cute.arch.vote_ballot_sync(tie))
-            rank = tie_rank + Int64(cute.arch.popc(tie_ballot & lower_lanes)) + 1
-            keep = any_mass & (greater | (tie & (rank <= take)))
-            word = Uint32(cute.arch.vote_ballot_sync(keep)) | sWords[c]
-            cute.arch.sync_warp()  # every lane has read the word before lane 0 replaces it
-            if lane == 0:
-                sWords[c] = word
-            kept += Int32(cute.arch.popc(word))
-            tie_rank += Int64(cute.arch.popc(tie_ballot))
+        if rank_ties:
+            for c in cutlass.range(c_begin, c_end, unroll=1):
+                j = c * 32 + lane
+                greater = Boolean(False)
+                tie = Boolean(False)
+                if j < n:
+                    rb = sBitsP[j] - LOW_BITS
+                    greater = rb > tau
+                    tie = rb == tau
+                tie_ballot = Uint32(cute.arch.vote_ballot_sync(tie))
+                rank = tie_rank + Int64(cute.arch.popc(tie_ballot & lower_lanes)) + 1
+                keep = any_mass & (greater | (tie & (rank <= take)))
+                kept += self.merge_keep_word(sWords, c, keep, lane)
+                tie_rank += Int64(cute.arch.popc(tie_ballot))
+        else:
+            # Every key equal to tau is taken: keep exactly the keys at or above it.
+            for c in cutlass.range(c_begin, c_end, unroll=4):
+                j = c * 32 + lane
+                keep = Boolean(False)
+                if j < n:
+                    keep = any_mass & (sBitsP[j] - LOW_BITS >= tau)
+                kept += self.merge_keep_word(sWords, c, keep, lane)
         slot_base, kept_total = self.exclusive_warp_prefix(Int64(kept), red_i, warp, lane)
         count = Int32(kept_total)
 
         indices = mIndices[row_idx, None]
         capacity = cute.size(indices)
         slot = Int32(slot_base)
-        for c in cutlass.range(c_begin, c_end, unroll=1):
+        for c in cutlass.range(c_begin, c_end, unroll=4):
             word = sWords[c]
             if ((word >> Uint32(lane)) & Uint32(1)) != Uint32(0):
                 mine = slot + Int32(cute.arch.popc(word & lower_lanes))
@@ -246,96 +276,180 @@ class TopPSelectSm90:
 
     # ------------------------------------------------------------------ helpers
     @cute.jit
-    def radix_round(self, sP, sBitsP, sHist, bcast, n: Int32, prefix: Int32, above: Int64,
-                    target: Int64, shift: cutlass.Constexpr[int], bits: cutlass.Constexpr[int],
-                    hist_ready: cutlass.Constexpr[bool], tidx: Int32, warp: Int32, lane: Int32):
+    def load_row(self, x_row: cute.Tensor, sP: cute.Tensor, bar: cute.Pointer, n: Int32,
+                 shift: Int32, tidx: Int32):
+        """The row into sP: its 16-byte aligned middle by one bulk copy (the TMA unit streams
+        it at full rate, with no loads in flight to keep up per thread), the at most 3 + 3
+        elements before and after it by plain loads. `shift`: the row's start address / 4
+        mod 4, so element `head` is the first at a 16-byte boundary in both memories."""
+        head = cutlass.min((4 - shift) % 4, n)
+        body = (n - head) // 4 * 4
+        if tidx == 0:
+            cute.arch.mbarrier_init(bar, 1)
+        cute.arch.mbarrier_init_fence()
+        cute.arch.barrier()
+        if tidx == 0:
+            if body > 0:
+                cute.arch.mbarrier_arrive_and_expect_tx(bar, body * 4)
+                src = llvm.addrspacecast(llvm.PointerType.get(cute.AddressSpace.gmem.value),
+                                         (x_row.iterator + head).llvm_ptr)
+                dst = llvm.addrspacecast(llvm.PointerType.get(SHARED_CLUSTER),
+                                         (sP.iterator + head).llvm_ptr)
+                nvvm.cp_async_bulk_shared_cluster_global(dst, src, bar.llvm_ptr,
+                                                         Int32(body * 4).ir_value())
+            else:
+                cute.arch.mbarrier_arrive(bar)
+        if tidx < head:
+            sP[tidx] = x_row[tidx]
+        tail = head + body + tidx
+        if tidx < 4 and tail < n:
+            sP[tail] = x_row[tail]
+        cute.arch.mbarrier_wait(bar, 0)
+        cute.arch.barrier()  # the plain stores too
+
+    @cute.jit
+    def radix_round(self, sP, sBitsP, sHist, red_i, bcast, n: Int32, prefix: Int32, above: Int64,
+                    target: Int64, total: Int64, p_top: Float64, shift: cutlass.Constexpr[int],
+                    bits: cutlass.Constexpr[int], first: cutlass.Constexpr[bool], tidx: Int32,
+                    warp: Int32, lane: Int32):
         """One digit: the weight histogram of the keys whose higher digits equal `prefix`, and
         the digit at which the cumulative weight from the top reaches target - above (clamped
         to the lowest digit, as the torch code does). Returns the extended prefix, the weight
-        of the keys above it and the weight of the keys in its bin. With hist_ready (the first
-        round) the histogram was built by the pass that summed the weights."""
+        of the keys above it, the weight of the keys in its bin, and (set by the first round,
+        whose histogram holds every key with a weight, built by the probability pass) the
+        target ceil(p_top * total) and the row's total weight."""
         nb = 1 << bits
-        if const_expr(not hist_ready):
+        if const_expr(not first):
             self.clear_hist(sHist, nb, tidx)
             cute.arch.barrier()
-            for j in cutlass.range(tidx, n, self.num_threads, unroll=1):
-                rb = sBitsP[j] - LOW_BITS  # < 0 exactly where the weight is 0
-                if rb >> (shift + bits) == prefix:
-                    weight = Int64(sP[j] * MASS_SCALE)
-                    if weight != 0:
-                        self.hist_add(sHist, (rb >> shift) & (nb - 1), weight)
+            T = self.num_threads
+            for j in cutlass.range(tidx, n, LOADS * T, unroll=1):
+                # (bits 0, probability 0, stand for keys past the row: they weigh nothing)
+                key_bits = [self.load_or(sBitsP, j + k * T, n, Int32(0)) for k in range(LOADS)]
+                for k in cutlass.range_constexpr(LOADS):
+                    rb = key_bits[k] - LOW_BITS  # < 0 exactly where the weight is 0
+                    if rb >> (shift + bits) == prefix:
+                        self.hist_add(sHist, (rb >> shift) & (nb - 1), self.bin_units(key_bits[k]))
         cute.arch.barrier()
-        if warp == 0:
-            # Lane l scans bins nb - 1 - (l * per .. l * per + per - 1): descending digits.
-            per = nb // 32
-            lane_sum = Int64(0)
-            for i in cutlass.range(per, unroll=1):
-                lane_sum += self.hist_get(sHist, nb - 1 - (lane * per + i))
-            incl = lane_sum
-            for offset in (1, 2, 4, 8, 16):
-                up = cute.arch.shuffle_sync_up(incl, offset)
-                if lane >= offset:
-                    incl += up
-            need = target - above
-            reached = Uint32(cute.arch.vote_ballot_sync(incl >= need))
-            first = Int32(31)
-            if reached != Uint32(0):
-                first = Int32(cute.arch.popc((reached & (~reached + Uint32(1))) - Uint32(1)))
-            if lane == first:
-                running = incl - lane_sum
-                pos = Int32(nb - 1)
-                found = Boolean(False)
-                for i in cutlass.range(per, unroll=1):
-                    if not found:
-                        b = self.hist_get(sHist, nb - 1 - (lane * per + i))
-                        if running + b >= need or lane * per + i == nb - 1:
-                            pos = lane * per + i
-                            found = Boolean(True)
-                        else:
-                            running += b
-                bcast[0] = Int64((prefix << bits) | (nb - 1 - pos))
-                bcast[1] = above + running
-                bcast[3] = self.hist_get(sHist, nb - 1 - pos)
+        # Scan from the top digit down, every thread at once: thread t holds the `per`
+        # descending positions t * per .. t * per + per - 1 (position d is digit nb - 1 - d).
+        per = max(nb // self.num_threads, 1)
+        d0 = tidx * per
+        own = Int64(0)
+        if d0 < nb:  # (threads past the last bin hold none)
+            for i in cutlass.range_constexpr(per):
+                own += self.hist_get(sHist, nb - 1 - (d0 + i), prefix, shift, bits)
+        incl = own
+        for offset in (1, 2, 4, 8, 16):
+            up = cute.arch.shuffle_sync_up(incl, offset)
+            if lane >= offset:
+                incl += up
+        warp_total = cute.arch.shuffle_sync(incl, 31)
+        before, all_bins = self.exclusive_warp_prefix(warp_total, red_i, warp, lane)
+        incl += before
+        if const_expr(first):
+            total = all_bins
+            target_f = Float64(total) * p_top
+            target = Int64(target_f)
+            if Float64(target) < target_f:
+                target += 1
+        excl = incl - own
+        need = target - above
+        # The first position whose cumulative weight reaches `need`, or the lowest digit when
+        # none does (the torch code's clamp): exactly one thread finds it.
+        crosses = (incl >= need) & ((d0 == 0) | (excl < need))
+        clamped = (d0 + per == nb) & (incl < need)
+        if crosses | clamped:
+            running = excl
+            pos = Int32(nb - 1)
+            found = Boolean(False)
+            for i in cutlass.range_constexpr(per):
+                if not found:
+                    b = self.hist_get(sHist, nb - 1 - (d0 + i), prefix, shift, bits)
+                    if running + b >= need or d0 + i == nb - 1:
+                        pos = d0 + i
+                        found = Boolean(True)
+                    else:
+                        running += b
+            bcast[0] = Int64((prefix << bits) | (nb - 1 - pos))
+            bcast[1] = above + running
+            bcast[3] = self.hist_get(sHist, nb - 1 - pos, prefix, shift, bits)
         cute.arch.barrier()
-        return Int32(bcast[0]), bcast[1], bcast[3]
+        return Int32(bcast[0]), bcast[1], bcast[3], target, total
+
+    @cute.jit
+    def merge_keep_word(self, sWords, c: Int32, keep: Boolean, lane: Int32) -> Int32:
+        """Adds this warp's keep ballot for chunk c to its always-keep word; returns the
+        number of keys the word keeps."""
+        word = Uint32(cute.arch.vote_ballot_sync(keep)) | sWords[c]
+        cute.arch.sync_warp()  # every lane has read the word before lane 0 replaces it
+        if lane == 0:
+            sWords[c] = word
+        return Int32(cute.arch.popc(word))
 
     @cute.jit
     def clear_hist(self, sHist, nb: cutlass.Constexpr[int], tidx: Int32):
         for b in cutlass.range(tidx, nb, self.num_threads, unroll=1):
-            for part in cutlass.range_constexpr(len(self.slices)):
-                sHist[b, part] = Uint32(0)
+            sHist[b, 0] = Uint32(0)
+            sHist[b, 1] = Uint32(0)
 
     @cute.jit
-    def weigh_first_digit(self, sHist, prob: Float32) -> Int64:
-        """The key's integer weight, added to the first round's bin of its probability."""
-        weight = Int64(prob * MASS_SCALE)
-        if weight != 0:
-            shift, bits = ROUNDS[0]
-            rb = prob.bitcast(Int32) - LOW_BITS
-            self.hist_add(sHist, (rb >> shift) & ((1 << bits) - 1), weight)
-        return weight
+    def weigh_first_digit(self, sHist, prob: Float32):
+        """Adds a key that weighs something (prob >= 2**-52) to the first round's bin of its
+        probability."""
+        bits = prob.bitcast(Int32)
+        rb = bits - LOW_BITS
+        if rb >= 0:
+            shift, nbits = ROUNDS[0]
+            self.hist_add(sHist, (rb >> shift) & ((1 << nbits) - 1), self.bin_units(bits))
 
-    # A bin's weight is kept as 32-bit sums of slices of each key's weight (bits 0-15, 16-31
-    # and 32-51 for rows in shared memory; 0-13, 14-27, 28-41 and 42-51 for longer rows):
-    # 32-bit shared-memory atomics are native, 64-bit ones compile to a CAS loop. None
-    # overflows for rows of up to 2**16 (resp. 2**18) keys whose weights sum to at most 2**52
-    # (a row summing to 1).
+    # A key with probability P = m * 2**(E - 150) (biased exponent E, 24-bit significand m)
+    # weighs floor(P * 2**52) = m << (E - EXACT_EXP) when E >= EXACT_EXP, else
+    # m >> (EXACT_EXP - E). Every key of a bin has the same E (each round's digits lie within
+    # the first round's, which holds E - 75 above 4 significand bits), so a bin sums, per key,
+    # m or the floored weight (its "units") and weighs that sum << max(E - EXACT_EXP, 0). The
+    # sum (< 24 bits per key) is kept in two 32-bit slices, added with native 32-bit
+    # shared-memory atomics (64-bit ones compile to a CAS loop); neither overflows for rows of
+    # up to 2**20 keys.
     @cute.jit
-    def hist_add(self, sHist, b: Int32, weight: Int64):
-        ends = self.slices[1:] + (MASS_BITS,)
-        widths = [hi - lo for lo, hi in zip(self.slices, ends, strict=True)]
-        cute.arch.atomic_add(sHist.iterator + b, Uint32(weight & ((1 << widths[0]) - 1)))
-        for part in cutlass.range_constexpr(1, len(self.slices)):
-            piece = Uint32((weight >> self.slices[part]) & ((1 << widths[part]) - 1))
-            if piece != Uint32(0):
-                cute.arch.atomic_add(sHist.iterator + part * HIST_BINS + b, piece)
+    def bin_units(self, bits: Int32) -> Int32:
+        """What a key with float32 bits `bits` (weight > 0) adds to its bin."""
+        exponent = bits >> 23
+        significand = (bits & 0x7FFFFF) | 0x800000
+        return significand >> cutlass.max(EXACT_EXP - exponent, 0)
 
     @cute.jit
-    def hist_get(self, sHist, b: Int32) -> Int64:
-        out = Int64(sHist[b, 0])
-        for part in cutlass.range_constexpr(1, len(self.slices)):
-            out += Int64(sHist[b, part]) << self.slices[part]
-        return out
+    def load_or(self, sX: cute.Tensor, j: Int32, n: Int32, fill):
+        """sX[j] if j < n, else `fill`."""
+        value = fill
+        if j < n:
+            value = sX[j]
+        return value
+
+    @cute.jit
+    def divide(self, x: Float32, y: Float32, rcp: Float32) -> Float32:
+        """x / y rounded to nearest, for 0 <= x <= y and y >= 1, given rcp, y's reciprocal
+        refined by one Newton step: one multiply and two FMAs (the compiler's fast path; its
+        slow path only differs for quotients far below 2**-52, which weigh nothing)."""
+        q = x * rcp
+        return _fma(_fma(-y, q, x), rcp, q)
+
+    @cute.jit
+    def hist_add(self, sHist, b: Int32, units: Int32):
+        cute.arch.atomic_add(sHist.iterator + b, Uint32(units & ((1 << SLICE_BITS) - 1)))
+        cute.arch.atomic_add(sHist.iterator + HIST_BINS + b, Uint32(units >> SLICE_BITS))
+
+    @cute.jit
+    def hist_get(self, sHist, b: Int32, prefix: Int32, shift: cutlass.Constexpr[int],
+                 bits: cutlass.Constexpr[int]) -> Int64:
+        """The weight of bin b of the round whose digits (`bits` wide at `shift`) extend
+        `prefix`."""
+        units = Int64(sHist[b, 0]) + (Int64(sHist[b, 1]) << SLICE_BITS)
+        digits = (prefix << bits) | b  # (bits - LOW_BITS) >> shift of the bin's keys
+        exponent = (digits >> (23 - shift)) + (LOW_BITS >> 23)
+        if exponent > EXACT_EXP:
+            units = units << (exponent - EXACT_EXP)
+        return units
 
     @cute.jit
     def exclusive_warp_prefix(self, value: Int64, red_i, warp: Int32, lane: Int32):
