@@ -92,6 +92,22 @@ def test_top_p_machine_code(config):
     assert _count(hist, "LDL") == 0 and _count(hist, "STL") == 0, f"spills: {hist}"
 
 
+@pytest.mark.parametrize("config", kcompile.all_tile_means_configs(),
+                         ids=lambda c: "-".join(map(str, vars(c).values())))
+def test_tile_means_machine_code(config):
+    """Queries are read with 16-byte loads, and nothing spills."""
+    hist = _hist(config)
+    assert _count(hist, "LDG.E.128") >= 1 and _count(hist, "LDG.E.U16") == 0, hist
+    assert _count(hist, "LDL") == 0 and _count(hist, "STL") == 0, f"spills: {hist}"
+
+
+def test_tile_means_configs_cover_dtype_head_dim_and_q_tile():
+    seen = {(c.head_dim, c.dtype, c.q_tile) for c in kcompile.all_tile_means_configs()}
+    assert len(seen) == 2 * 2 * 2
+    with pytest.raises(ValueError, match="head_dim"):
+        kcompile.TileMeansConfig(96, "bfloat16")
+
+
 def test_every_engine_dtype_head_dim_and_q_tile_is_covered():
     seen = {(c.head_dim, c.dtype, c.q_tile, c.engine) for c in CONFIGS}
     assert len(seen) == 2 * 2 * 2 * len(kcompile.ENGINES)

@@ -128,3 +128,48 @@ def test_pooled_top_p_capacity_and_refusals():
         fg.predict.pooled_top_p(q, big, 64, 0.5, backend="cute")
     with pytest.raises(RuntimeError, match="bfloat16"):
         fg.predict.pooled_top_p(q.float(), k.float(), 64, 0.5, backend="cute")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("q_tile", [64, 128])
+def test_tile_means_split_kernel(dtype, head_dim, q_tile):
+    """hi + mid + lo is each tile's mean of its real queries (the last tile partial), read
+    from a strided view of q; every output element is written (poisoned with NaN first)."""
+    from fgattn_cute.host.launch import run_tile_means_split_sm90
+    from fgattn_cute.predict import pooled
+
+    g = torch.Generator().manual_seed(head_dim + q_tile)
+    seqlen, heads = 1000, 3  # 1000 = 7 * 128 + 104 = 15 * 64 + 40: a partial last tile
+    wide = (torch.randn(2, seqlen, heads + 2, head_dim, generator=g) * 3).to(dtype).cuda()
+    q = wide[:, :, 1:1 + heads]  # strided: heads are a slice of a wider tensor
+    n_tiles = math.ceil(seqlen / q_tile)
+    out = torch.full((2, heads, n_tiles, 3 * head_dim), float("nan"), dtype=dtype,
+                     device="cuda")
+    run_tile_means_split_sm90(q, q_tile, out=out)
+    assert not out.isnan().any()
+    parts = out.double().unflatten(-1, (3, head_dim)).sum(-2).cpu()
+    q64 = q.double().cpu()
+    want = torch.stack([q64[:, t * q_tile:(t + 1) * q_tile].mean(1) for t in range(n_tiles)],
+                       dim=2)  # [B, H, T, D]
+    # float32 sums of <= 128 values of |q| < 15, then a split exact to ~2**-24 of the mean
+    torch.testing.assert_close(parts, want, atol=3e-5, rtol=0)
+    torch_path = pooled._split_in_three(pooled.tile_means(q, q_tile), dtype)
+    torch.testing.assert_close(parts, torch_path.double().unflatten(-1, (3, head_dim))
+                               .sum(-2).cpu(), atol=3e-5, rtol=0)
+
+
+def test_pooled_top_p_unaligned_queries():
+    """A strided q is read in place, one whose pointer is not 16-byte aligned through a
+    contiguous copy: either way the lists of the contiguous tensor."""
+    g = torch.Generator().manual_seed(4)
+    base = (torch.randn(1, 300, 2, 72, generator=g) * 4).to(torch.bfloat16).cuda()
+    q = base[..., 8:72]  # 16-byte offset, strides of 72 elements: aligned
+    q_odd = base[..., 1:65]  # 2-byte offset: not aligned for the kernel
+    k = (torch.randn(1, 700, 2, 64, generator=g) * 3).to(torch.bfloat16).cuda()
+    ref = fg.predict.pooled_top_p(q.contiguous(), k, 128, 0.9, backend="cute")
+    got = fg.predict.pooled_top_p(q, k, 128, 0.9, backend="cute")
+    assert torch.equal(got.counts, ref.counts) and torch.equal(got.indices, ref.indices)
+    odd = fg.predict.pooled_top_p(q_odd, k, 128, 0.9, backend="cute")
+    want = fg.predict.pooled_top_p(q_odd.contiguous(), k, 128, 0.9, backend="cute")
+    assert torch.equal(odd.counts, want.counts) and torch.equal(odd.indices, want.indices)

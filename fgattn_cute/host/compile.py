@@ -205,6 +205,47 @@ class TopPConfig:
         )
 
 
+@dataclass(frozen=True)
+class TileMeansConfig:
+    """The query side of fg.predict.pooled_top_p: tile means split in three 16-bit parts."""
+
+    head_dim: int
+    dtype: str  # "bfloat16" or "float16"
+    q_tile: int = 128
+
+    def __post_init__(self):
+        _check_tile_shape(self.head_dim, self.dtype, self.q_tile)
+
+    def kernel(self):
+        from fgattn_cute.kernels.tile_means_sm90 import TileMeansSplitSm90
+
+        return TileMeansSplitSm90(_dsl_dtype(self.dtype), self.head_dim, self.q_tile)
+
+    def fake_args(self):
+        """q, out [B, H, n_q_tiles, 3 D], stream."""
+        dtype = _dsl_dtype(self.dtype)
+        b, h, seqlen_q, n_q_tiles = _sym(4)
+        return (
+            _fake_tokens(dtype, b, seqlen_q, h, self.head_dim),
+            _fake_compact(dtype, (b, h, n_q_tiles, 3 * self.head_dim), 16),
+            _fake_stream(),
+        )
+
+
+# Any of the compiled kernels' configurations.
+AnyConfig = KernelConfig | CalibrateConfig | TopPConfig | TileMeansConfig
+
+
+def all_tile_means_configs():
+    """Every tile-means configuration the package ships (CI compiles each one)."""
+    return [
+        TileMeansConfig(d, dt, qt)
+        for d in (64, 128)
+        for dt in ("bfloat16", "float16")
+        for qt in (128, 64)
+    ]
+
+
 def all_top_p_configs():
     """Every top-p selection configuration the package ships (CI compiles each one)."""
     return [TopPConfig(fp, sm) for fp in (False, True) for sm in (True, False)]
@@ -283,7 +324,7 @@ def cache_dir() -> Path | None:
     return base / source_fingerprint()
 
 
-def _build(config: KernelConfig | CalibrateConfig | TopPConfig, arch: str):
+def _build(config: AnyConfig, arch: str):
     """Trace and compile one configuration (seconds)."""
     os.environ.setdefault("CUTE_DSL_ARCH", arch)
     import cutlass.cute as cute
@@ -291,7 +332,7 @@ def _build(config: KernelConfig | CalibrateConfig | TopPConfig, arch: str):
     return cute.compile(config.kernel(), *config.fake_args(), options="--enable-tvm-ffi")
 
 
-def _key_name(config: KernelConfig | CalibrateConfig | TopPConfig, arch: str) -> str:
+def _key_name(config: AnyConfig, arch: str) -> str:
     fields = "-".join("+".join(v) if isinstance(v, tuple) else f"{v}"
                       for v in asdict(config).values())
     return f"{arch}-{type(config).__name__}-{fields}"
@@ -301,7 +342,7 @@ _memory_cache: dict = {}
 _lock = threading.Lock()
 
 
-def compile_fwd(config: KernelConfig | CalibrateConfig | TopPConfig, arch: str | None = None):
+def compile_fwd(config: AnyConfig, arch: str | None = None):
     """The compiled kernel for `config`: from memory, else from disk, else compiled now."""
     arch = arch or target_arch()
     key = (arch, config)
@@ -320,7 +361,7 @@ def compile_fwd(config: KernelConfig | CalibrateConfig | TopPConfig, arch: str |
     return fn
 
 
-def _load_from_disk(config: KernelConfig | CalibrateConfig | TopPConfig, arch: str):
+def _load_from_disk(config: AnyConfig, arch: str):
     root = cache_dir()
     if root is None:
         return None
@@ -336,7 +377,7 @@ def _load_from_disk(config: KernelConfig | CalibrateConfig | TopPConfig, arch: s
         return None
 
 
-def _save_to_disk(compiled, config: KernelConfig | CalibrateConfig | TopPConfig, arch: str) -> None:
+def _save_to_disk(compiled, config: AnyConfig, arch: str) -> None:
     root = cache_dir()
     if root is None:
         return
@@ -367,7 +408,7 @@ def _nvdisasm() -> str:
     raise FileNotFoundError("nvdisasm not found: pip install 'nvidia-cuda-nvdisasm>=13.4,<14'")
 
 
-def sass_of(config: KernelConfig | CalibrateConfig | TopPConfig, arch: str = "sm_90a") -> str:
+def sass_of(config: AnyConfig, arch: str = "sm_90a") -> str:
     """Disassembly of a fresh compile of `config` (not the cache: the cubin is needed)."""
     os.environ.setdefault("CUTE_DSL_ARCH", arch)
     compiled = _build(config, arch)
@@ -388,6 +429,6 @@ def sass_histogram(sass: str) -> Counter:
     """Counts of the instructions that tell whether the kernel is built as intended."""
     pattern = (
         r"\b(HGMMA\.[\w.]+|UTMALDG[\w.]*|UTMASTG[\w.]*|LDGSTS[\w.]*|LDL[\w.]*|STL[\w.]*"
-        r"|ARRIVES[\w.]*|USETMAXREG[\w.]*|ATOMS[\w.]*)"
+        r"|ARRIVES[\w.]*|USETMAXREG[\w.]*|ATOMS[\w.]*|LDG\.[\w.]*)"
     )
     return Counter(re.findall(pattern, sass))

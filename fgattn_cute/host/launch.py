@@ -11,6 +11,7 @@ import torch
 from fgattn_cute.host.compile import (
     CalibrateConfig,
     KernelConfig,
+    TileMeansConfig,
     TopPConfig,
     compile_fwd,
     default_config,
@@ -107,3 +108,20 @@ def run_top_p_select_sm90(
     with torch.cuda.device(rows.device):
         fn(rows, keep_words, indices, counts, float(scale), float(p))
     return indices, counts
+
+
+def run_tile_means_split_sm90(
+    q: torch.Tensor, q_tile: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[B, H, n_q_tiles, 3 D] in q's dtype: each query tile's mean (of its real queries) as
+    hi | mid | lo 16-bit parts whose sum is the float32 mean to about 2**-24 relative. q: 16-byte
+    aligned pointer and strides, last dim contiguous. out: optional preallocated output (every
+    element is written)."""
+    batch, seqlen_q, heads, head_dim = q.shape
+    fn = compile_fwd(TileMeansConfig(head_dim, _DTYPE_NAMES[q.dtype], q_tile))
+    n_tiles = -(-seqlen_q // q_tile)
+    if out is None:
+        out = torch.empty(batch, heads, n_tiles, 3 * head_dim, dtype=q.dtype, device=q.device)
+    with torch.cuda.device(q.device):
+        fn(q, out)
+    return out

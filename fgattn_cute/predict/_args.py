@@ -200,3 +200,12 @@ def hopper_kernel_unsupported(q, k, max_seqlen_k):
     if k.shape[1] > max_seqlen_k:
         return f"it runs seqlen_k <= {max_seqlen_k}, got {k.shape[1]}"
     return None
+
+
+def tma_ready(x):
+    """x itself if a kernel can load it (16-byte aligned pointer and strides, last dim
+    contiguous), else a contiguous copy."""
+    step = 16 // x.element_size()
+    if x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and not any(s % step for s in x.stride()[:3]):
+        return x
+    return x.contiguous()

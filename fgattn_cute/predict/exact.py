@@ -286,15 +286,6 @@ def _cute_unsupported(q, k, q_tile, hooks):
     return reason
 
 
-def _tma_ready(x):
-    """x itself if the kernel can load it (16-byte aligned pointer and strides), else a
-    contiguous copy."""
-    step = 16 // x.element_size()
-    if x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and not any(s % step for s in x.stride()[:3]):
-        return x
-    return x.contiguous()
-
-
 def _calibrate_cute(q, k, q_tile, threshold, scale, keep, capacity):
     from ..host.key_index import KeyIndex, _check_capacity, _resolve_capacity
     from ..host.launch import run_calibrate_sm90
@@ -304,7 +295,7 @@ def _calibrate_cute(q, k, q_tile, threshold, scale, keep, capacity):
     log_cut = math.log(threshold / sk) if threshold > 0 else -math.inf
     words = _args.keep_words(keep, sk, q.device)
     indices, counts = run_calibrate_sm90(
-        _tma_ready(q), _tma_ready(k), words, q_tile, scale, log_cut, cap
+        _args.tma_ready(q), _args.tma_ready(k), words, q_tile, scale, log_cut, cap
     )
     _check_capacity(counts, cap, sk)
     return KeyIndex._trusted_new(indices, counts, q_tile, q.shape[1], sk)

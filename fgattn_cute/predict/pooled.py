@@ -223,12 +223,18 @@ def _split_in_three(x, dtype):
 def _pooled_top_p_cute(q, k, q_tile, p, scale, keep, capacity):
     from ..host.key_index import _check_capacity, _resolve_capacity
     from ..host.launch import run_top_p_select_sm90
+    from ..interface import CUTE_HEAD_DIMS, CUTE_Q_TILES
 
-    B, sq, H, _ = q.shape
+    B, sq, H, D = q.shape
     sk = k.shape[1]
     n_tiles = _cdiv(sq, q_tile)
     cap = _resolve_capacity(capacity, sk)
-    means = tile_means(q, q_tile)  # [B, H, T, D] float32
+    if D in CUTE_HEAD_DIMS and q_tile in CUTE_Q_TILES:
+        from ..host.launch import run_tile_means_split_sm90
+
+        split_means = run_tile_means_split_sm90(_args.tma_ready(q), q_tile)  # [B, H, T, 3D]
+    else:
+        split_means = _split_in_three(tile_means(q, q_tile), k.dtype)
     words = _args.keep_words(keep, sk, q.device)
     indices = torch.empty(B, H, n_tiles, cap, dtype=torch.int32, device=q.device)
     counts = torch.empty(B, H, n_tiles, dtype=torch.int32, device=q.device)
@@ -236,7 +242,7 @@ def _pooled_top_p_cute(q, k, q_tile, p, scale, keep, capacity):
     for b in range(B):
         for h0 in range(0, H, nh):
             h1 = min(H, h0 + nh)
-            a = _split_in_three(means[b, h0:h1], k.dtype)  # [nh, T, 3D]
+            a = split_means[b, h0:h1]  # [nh, T, 3D]
             kh = k[b, :, h0:h1]  # [Sk, nh, D]
             # [Sk, nh, 3D]: one coalesced copy in k's own order; the GEMM reads it as
             # [nh, 3D, Sk] with the 3D axis contiguous (a transposed operand, no copy).
