@@ -46,12 +46,15 @@ def main(argv=None):
     from fgattn_cute.predict import pooled
 
     means = pooled.tile_means(q, 128)
-    from fgattn_cute.host.launch import run_tile_means_split_sm90
+    from fgattn_cute.host.launch import run_pooled_scores_sm90, run_tile_means_split_sm90
+
+    split = run_tile_means_split_sm90(q, 128)
 
     steps = {
         "tile_means (torch)": lambda: pooled.tile_means(q, 128),
         "split_in_three (torch)": lambda: pooled._split_in_three(means[0], torch.bfloat16),
         "means + split kernel": lambda: run_tile_means_split_sm90(q, 128),
+        "scores kernel": lambda: run_pooled_scores_sm90(split, k),
         "k3 copy": lambda: torch.cat([k[0]] * 3, dim=-1),
     }
     for name, fn in steps.items():

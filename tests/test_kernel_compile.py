@@ -101,6 +101,18 @@ def test_tile_means_machine_code(config):
     assert _count(hist, "LDL") == 0 and _count(hist, "STL") == 0, f"spills: {hist}"
 
 
+@pytest.mark.parametrize("config", kcompile.all_pooled_scores_configs(),
+                         ids=lambda c: "-".join(map(str, vars(c).values())))
+def test_pooled_scores_machine_code(config):
+    """Three wgmma k-loops (hi, mid, lo) per K tile into one accumulator, A and K by TMA,
+    register reallocation, no spills."""
+    hist = _hist(config)
+    assert _count(hist, "HGMMA.64x128x16") == 3 * (config.head_dim // 16), hist
+    assert _count(hist, "UTMALDG") == 3 * (config.head_dim // 64) + config.head_dim // 64, hist
+    assert hist["USETMAXREG.DEALLOC.CTAPOOL"] == 1 and hist["USETMAXREG.TRY_ALLOC.CTAPOOL"] == 1
+    assert _count(hist, "LDL") == 0 and _count(hist, "STL") == 0, f"spills: {hist}"
+
+
 def test_tile_means_configs_cover_dtype_head_dim_and_q_tile():
     seen = {(c.head_dim, c.dtype, c.q_tile) for c in kcompile.all_tile_means_configs()}
     assert len(seen) == 2 * 2 * 2

@@ -173,3 +173,27 @@ def test_pooled_top_p_unaligned_queries():
     odd = fg.predict.pooled_top_p(q_odd, k, 128, 0.9, backend="cute")
     want = fg.predict.pooled_top_p(q_odd.contiguous(), k, 128, 0.9, backend="cute")
     assert torch.equal(odd.counts, want.counts) and torch.equal(odd.indices, want.indices)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_pooled_scores_kernel(dtype, head_dim):
+    """Scores = sum over the three parts of part . k, float32-accurate: against float64 on the
+    same parts, for a partial last block of tiles and of keys, several key ranges per tile
+    block (Sk > 2,048), two batches and a strided k; the output is poisoned first."""
+    from fgattn_cute.host.launch import run_pooled_scores_sm90, run_tile_means_split_sm90
+
+    g = torch.Generator().manual_seed(head_dim)
+    batch, heads, seqlen_q, seqlen_k = 2, 3, 150 * 64 + 17, 4100
+    q = (torch.randn(batch, seqlen_q, heads, head_dim, generator=g) * 2).to(dtype).cuda()
+    wide = (torch.randn(batch, seqlen_k, heads + 1, head_dim, generator=g)).to(dtype).cuda()
+    k = wide[:, :, 1:]  # strided
+    split = run_tile_means_split_sm90(q, 64)  # 151 tiles: two blocks of 128, the second partial
+    out = torch.full((batch, heads, split.shape[2], seqlen_k), float("nan"), device="cuda")
+    run_pooled_scores_sm90(split, k, out=out)
+    assert not out.isnan().any()
+    means = split.double().unflatten(-1, (3, head_dim)).sum(-2)  # [B, H, T, D]
+    want = torch.einsum("bhtd,bshd->bhts", means, k.double())
+    scale = torch.einsum("bhtd,bshd->bhts", means.abs(), k.double().abs())
+    err = ((out.double() - want).abs() / scale.clamp_min(1e-30)).max().item()
+    assert err < 3e-5, err  # float32 sums of exact products (hi alone would give ~4e-3)

@@ -232,8 +232,43 @@ class TileMeansConfig:
         )
 
 
+@dataclass(frozen=True)
+class PooledScoresConfig:
+    """The scores of fg.predict.pooled_top_p: split tile means against every key."""
+
+    head_dim: int
+    dtype: str  # "bfloat16" or "float16"
+
+    def __post_init__(self):
+        _check_tile_shape(self.head_dim, self.dtype, 128)
+
+    def kernel(self):
+        from fgattn_cute.kernels.pooled_scores_sm90 import PooledScoresSm90
+
+        return PooledScoresSm90(_dsl_dtype(self.dtype), self.head_dim)
+
+    def fake_args(self):
+        """split means [B, H, n_q_tiles, 3 D], k, scores [B, H, n_q_tiles, Sk], stream."""
+        from cutlass import Float32
+
+        dtype = _dsl_dtype(self.dtype)
+        b, h, seqlen_k, n_q_tiles = _sym(4)
+        return (
+            _fake_compact(dtype, (b, h, n_q_tiles, 3 * self.head_dim), 16),
+            _fake_tokens(dtype, b, seqlen_k, h, self.head_dim),
+            _fake_compact(Float32, (b, h, n_q_tiles, seqlen_k), 16),
+            _fake_stream(),
+        )
+
+
+def all_pooled_scores_configs():
+    """Every pooled-scores configuration the package ships (CI compiles each one)."""
+    return [PooledScoresConfig(d, dt) for d in (64, 128) for dt in ("bfloat16", "float16")]
+
+
 # Any of the compiled kernels' configurations.
-AnyConfig = KernelConfig | CalibrateConfig | TopPConfig | TileMeansConfig
+AnyConfig = (KernelConfig | CalibrateConfig | TopPConfig | TileMeansConfig
+             | PooledScoresConfig)
 
 
 def all_tile_means_configs():

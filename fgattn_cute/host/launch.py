@@ -11,6 +11,7 @@ import torch
 from fgattn_cute.host.compile import (
     CalibrateConfig,
     KernelConfig,
+    PooledScoresConfig,
     TileMeansConfig,
     TopPConfig,
     compile_fwd,
@@ -124,4 +125,22 @@ def run_tile_means_split_sm90(
         out = torch.empty(batch, heads, n_tiles, 3 * head_dim, dtype=q.dtype, device=q.device)
     with torch.cuda.device(q.device):
         fn(q, out)
+    return out
+
+
+def run_pooled_scores_sm90(
+    split_means: torch.Tensor, k: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """float32 [B, H, n_q_tiles, Sk]: each tile's mean . every key, float32-accurate, from
+    split_means [B, H, n_q_tiles, 3 D] (contiguous; hi | mid | lo as made by
+    run_tile_means_split_sm90) and k [B, Sk, H, D] (16-byte aligned pointer and strides, last
+    dim contiguous). out: optional preallocated output (every element is written)."""
+    batch, heads, n_tiles, _ = split_means.shape
+    head_dim = k.shape[-1]
+    fn = compile_fwd(PooledScoresConfig(head_dim, _DTYPE_NAMES[k.dtype]))
+    if out is None:
+        out = torch.empty(batch, heads, n_tiles, k.shape[1], dtype=torch.float32,
+                          device=k.device)
+    with torch.cuda.device(k.device):
+        fn(split_means, k, out)
     return out

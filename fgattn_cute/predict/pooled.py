@@ -229,10 +229,14 @@ def _pooled_top_p_cute(q, k, q_tile, p, scale, keep, capacity):
     sk = k.shape[1]
     n_tiles = _cdiv(sq, q_tile)
     cap = _resolve_capacity(capacity, sk)
-    if D in CUTE_HEAD_DIMS and q_tile in CUTE_Q_TILES:
-        from ..host.launch import run_tile_means_split_sm90
+    # The query side and the scores by the package's kernels where they run (head dims and
+    # q_tile of the other kernels), else by torch (a GEMM against a [k; k; k] copy).
+    kernels = D in CUTE_HEAD_DIMS and q_tile in CUTE_Q_TILES
+    if kernels:
+        from ..host.launch import run_pooled_scores_sm90, run_tile_means_split_sm90
 
         split_means = run_tile_means_split_sm90(_args.tma_ready(q), q_tile)  # [B, H, T, 3D]
+        k = _args.tma_ready(k)
     else:
         split_means = _split_in_three(tile_means(q, q_tile), k.dtype)
     words = _args.keep_words(keep, sk, q.device)
@@ -242,12 +246,16 @@ def _pooled_top_p_cute(q, k, q_tile, p, scale, keep, capacity):
     for b in range(B):
         for h0 in range(0, H, nh):
             h1 = min(H, h0 + nh)
-            a = split_means[b, h0:h1]  # [nh, T, 3D]
-            kh = k[b, :, h0:h1]  # [Sk, nh, D]
-            # [Sk, nh, 3D]: one coalesced copy in k's own order; the GEMM reads it as
-            # [nh, 3D, Sk] with the 3D axis contiguous (a transposed operand, no copy).
-            k3 = torch.cat([kh, kh, kh], dim=-1)
-            logits = torch.bmm(a, k3.permute(1, 2, 0), out_dtype=torch.float32)
+            if kernels:
+                a = split_means[b:b + 1, h0:h1].contiguous()  # [1, nh, T, 3D], no copy if nh = H
+                logits = run_pooled_scores_sm90(a, k[b:b + 1, :, h0:h1])  # [1, nh, T, Sk]
+            else:
+                kh = k[b, :, h0:h1]  # [Sk, nh, D]
+                # [Sk, nh, 3D]: one coalesced copy in k's own order; the GEMM reads it as
+                # [nh, 3D, Sk] with the 3D axis contiguous (a transposed operand, no copy).
+                k3 = torch.cat([kh, kh, kh], dim=-1)
+                logits = torch.bmm(split_means[b, h0:h1], k3.permute(1, 2, 0),
+                                   out_dtype=torch.float32)
             run_top_p_select_sm90(
                 logits.view(-1, sk), words, p, scale, cap,
                 indices=indices[b, h0:h1].view(-1, cap), counts=counts[b, h0:h1].view(-1),

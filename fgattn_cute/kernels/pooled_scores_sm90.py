@@ -1,0 +1,228 @@
+"""The scores of ``fg.predict.pooled_top_p`` as one Hopper (sm_90a) kernel: float32-accurate dot
+products of each query tile's mean with every key, from 16-bit tensor-core products.
+
+The tile means come split in three 16-bit parts (hi | mid | lo, ``kernels/tile_means_sm90.py``)
+whose sum is the float32 mean; the scores are sum over the parts of part . k, so each K tile is
+multiplied by the three parts into one float32 accumulator: the products are exact and the sums
+float32, with K read once (a torch GEMM needs a [k; k; k] copy to do the same in one call).
+
+One CTA per (128 query tiles, head, batch, range of BLOCKS_PER_CTA key blocks): warp 0 loads the
+three 128 x D parts of A once and streams the K tiles by TMA through a ring of 128B-swizzled
+stages; two consumer warpgroups (64 query tiles each) run the wgmmas and store their float32
+accumulators straight to the [B, H, n_q_tiles, Sk] scores (each store fills whole 32-byte
+sectors of a row between them; nothing is staged in shared memory).
+"""
+
+import cuda.bindings.driver as cuda
+import cutlass
+import cutlass.cute as cute
+import cutlass.utils.hopper_helpers as sm90_utils
+from cutlass import Float32, Int32
+from cutlass.cute.nvgpu import cpasync, warpgroup
+
+from fgattn_cute.kernels.layout import (
+    acc_rows_cols,
+    permute_modes,
+    swizzled_tile_layout,
+    tma_tile_partition,
+)
+from fgattn_cute.kernels.pipeline import StageRing
+
+WARPGROUP = 128
+PARTS = 3  # hi, mid, lo
+TILE_M = 128  # query tiles (rows of A) per CTA: 64 per consumer warpgroup
+TILE_N = 128  # keys per stage
+BLOCKS_PER_CTA = 16  # key blocks per CTA: A is loaded once for this many
+
+
+class PooledScoresSm90:
+    """Static configuration of one compiled kernel; launch through `__call__`."""
+
+    def __init__(self, dtype, head_dim: int, num_stages: int = 3):
+        if dtype not in (cutlass.BFloat16, cutlass.Float16):
+            raise TypeError(f"dtype must be BFloat16 or Float16, got {dtype}")
+        if head_dim not in (64, 128):
+            raise ValueError(f"head_dim must be 64 or 128, got {head_dim}")
+        self.dtype = dtype
+        self.head_dim = head_dim
+        self.num_stages = num_stages
+        self.num_mma_threads = 2 * WARPGROUP
+        self.num_threads = self.num_mma_threads + WARPGROUP
+        self.producer_regs, self.mma_regs = 24, 240
+        self.a_bytes = PARTS * TILE_M * head_dim * dtype.width // 8
+        self.stage_bytes = TILE_N * head_dim * dtype.width // 8
+
+    @cute.jit
+    def __call__(
+        self,
+        mA: cute.Tensor,  # [B, H, n_q_tiles, 3 D] 16-bit: hi | mid | lo of each tile's mean
+        mK: cute.Tensor,  # [B, Sk, H, D] 16-bit
+        mOut: cute.Tensor,  # [B, H, n_q_tiles, Sk] float32
+        stream: cuda.CUstream,
+    ):
+        # A as (tile, D, part, H, B); K as (S, D, H, B).
+        b, h, t, _ = mA.shape
+        mA = cute.make_tensor(
+            mA.iterator,
+            cute.make_layout(
+                (t, self.head_dim, PARTS, h, b),
+                stride=(mA.stride[2], 1, self.head_dim, mA.stride[1], mA.stride[0]),
+            ),
+        )
+        mK = permute_modes(mK, [1, 3, 2, 0])
+        sA_layout = swizzled_tile_layout(self.dtype, self.head_dim, TILE_M, PARTS)
+        sK_layout = swizzled_tile_layout(self.dtype, self.head_dim, TILE_N, self.num_stages)
+        tma_atom_A, tma_A = cpasync.make_tiled_tma_atom(
+            cpasync.CopyBulkTensorTileG2SOp(), mA, cute.select(sA_layout, mode=[0, 1]),
+            (TILE_M, self.head_dim),
+        )
+        tma_atom_K, tma_K = cpasync.make_tiled_tma_atom(
+            cpasync.CopyBulkTensorTileG2SOp(), mK, cute.select(sK_layout, mode=[0, 1]),
+            (TILE_N, self.head_dim),
+        )
+        mma = sm90_utils.make_trivial_tiled_mma(
+            self.dtype,
+            self.dtype,
+            cute.nvgpu.OperandMajorMode.K,
+            cute.nvgpu.OperandMajorMode.K,
+            Float32,
+            atom_layout_mnk=(2, 1, 1),
+            tiler_mn=(64, TILE_N),
+        )
+        stages = self.num_stages
+
+        @cute.struct
+        class SharedStorage:
+            bar_a: cute.struct.MemRange[cutlass.Int64, 1]
+            bar_k: cute.struct.MemRange[cutlass.Int64, 2 * stages]
+            sA: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sA_layout)], 1024]
+            sK: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sK_layout)], 1024]
+
+        n_blocks = cute.ceil_div(cute.size(mK.shape[0]), TILE_N)
+        n_splits = cute.ceil_div(n_blocks, BLOCKS_PER_CTA)
+        grid = (cute.ceil_div(cute.size(t), TILE_M), cute.size(h), cute.size(b) * n_splits)
+        self.kernel(
+            tma_A, tma_K, mOut, tma_atom_A, tma_atom_K, n_blocks, n_splits, sA_layout,
+            sK_layout, mma, SharedStorage,
+        ).launch(
+            grid=grid,
+            block=[self.num_threads, 1, 1],
+            smem=SharedStorage.size_in_bytes(),
+            stream=stream,
+            min_blocks_per_mp=1,
+        )
+
+    @cute.kernel
+    def kernel(
+        self,
+        mA: cute.Tensor,
+        mK: cute.Tensor,
+        mOut: cute.Tensor,
+        tma_atom_A: cute.CopyAtom,
+        tma_atom_K: cute.CopyAtom,
+        n_blocks: Int32,
+        n_splits: Int32,
+        sA_layout: cute.ComposedLayout,
+        sK_layout: cute.ComposedLayout,
+        mma: cute.TiledMma,
+        SharedStorage: cutlass.Constexpr,
+    ):
+        warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        m_block, head, z = cute.arch.block_idx()
+        batch = z // n_splits
+        first_block = (z % n_splits) * BLOCKS_PER_CTA
+        num_local = cutlass.min(BLOCKS_PER_CTA, n_blocks - first_block)
+        if warp_idx == 0:
+            cpasync.prefetch_descriptor(tma_atom_A)
+            cpasync.prefetch_descriptor(tma_atom_K)
+
+        smem = cutlass.memory.SmemAllocator()
+        storage = smem.allocate(SharedStorage)
+        bar_a = storage.bar_a.data_ptr()
+        ring = StageRing(storage.bar_k.data_ptr(), self.num_stages)
+        if warp_idx == 0:
+            with cute.arch.elect_one():
+                cute.arch.mbarrier_init(bar_a, 1)
+                ring.init(1, self.num_mma_threads // 32)
+        cute.arch.mbarrier_init_fence()
+        cute.arch.barrier()
+
+        sA = storage.sA.get_tensor(sA_layout.outer, swizzle=sA_layout.inner)
+        sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
+        if warp_idx < 4:
+            cute.arch.setmaxregister_decrease(self.producer_regs)
+            if warp_idx == 0:
+                self.produce(mA, mK, sA, sK, tma_atom_A, tma_atom_K, bar_a, ring, first_block,
+                             num_local, m_block, head, batch)
+        else:
+            cute.arch.setmaxregister_increase(self.mma_regs)
+            self.consume(mOut, sA, sK, mma, bar_a, ring, first_block, num_local, m_block,
+                         head, batch)
+
+    @cute.jit
+    def produce(self, mA: cute.Tensor, mK: cute.Tensor, sA: cute.Tensor, sK: cute.Tensor,
+                tma_atom_A: cute.CopyAtom, tma_atom_K: cute.CopyAtom, bar_a: cute.Pointer,
+                ring: StageRing, first_block: Int32, num_local: Int32, m_block: Int32,
+                head: Int32, batch: Int32):
+        """One warp: the three parts of A (rows past the last tile zero-filled), then this
+        CTA's K tiles (keys past the end zero-filled, still counted in bytes)."""
+        with cute.arch.elect_one():
+            cute.arch.mbarrier_arrive_and_expect_tx(bar_a, self.a_bytes)
+        for part in cutlass.range_constexpr(PARTS):
+            gA = cute.local_tile(mA[None, None, part, head, batch], (TILE_M, self.head_dim),
+                                 (m_block, 0))
+            tAsA, tAgA = tma_tile_partition(tma_atom_A, sA[None, None, part], gA)
+            cute.copy(tma_atom_A, tAgA, tAsA, tma_bar_ptr=bar_a)
+
+        gK = cute.local_tile(mK[None, None, head, batch], (TILE_N, self.head_dim), (None, 0))
+        tKsK, tKgK = tma_tile_partition(tma_atom_K, sK, gK)
+        for i in cutlass.range(num_local, unroll=1):
+            stage, phase = ring.stage_phase(i)
+            ring.wait_empty(stage, phase)
+            with cute.arch.elect_one():
+                ring.expect_bytes(stage, self.stage_bytes)
+            cute.copy(tma_atom_K, tKgK[None, first_block + i], tKsK[None, stage],
+                      tma_bar_ptr=ring.full + stage)
+
+    @cute.jit
+    def consume(self, mOut: cute.Tensor, sA: cute.Tensor, sK: cute.Tensor,
+                mma: cute.TiledMma, bar_a: cute.Pointer, ring: StageRing, first_block: Int32,
+                num_local: Int32, m_block: Int32, head: Int32, batch: Int32):
+        tidx = cute.arch.thread_idx()[0] - WARPGROUP
+        wg = cute.arch.make_warp_uniform(tidx // WARPGROUP)
+        lane = tidx % 32
+        thr_mma = mma.get_slice(tidx)
+        wg_mma = mma.get_slice(wg * WARPGROUP)
+        tSrA = wg_mma.make_fragment_A(wg_mma.partition_A(sA))  # (MMA, M, K, part)
+        tSrK = wg_mma.make_fragment_B(wg_mma.partition_B(sK))  # (MMA, N, K, stage)
+        acc = cute.make_rmem_tensor(mma.partition_shape_C((TILE_M, TILE_N)), Float32)
+        # (row, column) of each accumulator element within the CTA's tile
+        tScS = acc_rows_cols(thr_mma.partition_C(cute.make_identity_tensor((TILE_M, TILE_N))))
+        acc_rc = acc_rows_cols(acc)
+        out = mOut[batch, head, None, None]  # (n_q_tiles, Sk)
+        n_tiles = cute.size(out.shape[0])
+        seqlen_k = cute.size(out.shape[1])
+        cute.arch.mbarrier_wait(bar_a, 0)
+        atom = cute.make_mma_atom(mma.op)
+        for i in cutlass.range(num_local, unroll=1):
+            stage, phase = ring.stage_phase(i)
+            ring.wait_full(stage, phase)
+            warpgroup.fence()
+            atom.set(warpgroup.Field.ACCUMULATE, False)
+            for part in cutlass.range_constexpr(PARTS):
+                for k in cutlass.range_constexpr(cute.size(tSrA.shape[2])):
+                    cute.gemm(atom, acc, tSrA[None, None, k, part],
+                              tSrK[None, None, k, stage], acc)
+                    atom.set(warpgroup.Field.ACCUMULATE, True)
+            warpgroup.commit_group()
+            warpgroup.wait_group(0)
+            if lane == 0:
+                ring.release(stage)
+            key0 = (first_block + i) * TILE_N
+            for r in cutlass.range_constexpr(cute.size(tScS, mode=[0])):
+                tile = m_block * TILE_M + tScS[r, 0][0]
+                if tile < n_tiles:
+                    for c in cutlass.range_constexpr(cute.size(tScS, mode=[1])):
+                        key = key0 + tScS[r, c][1]
+                        if key < seqlen_k:
+                            out[tile, key] = acc_rc[r, c]
