@@ -177,14 +177,16 @@ def test_pooled_top_p_unaligned_queries():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_pooled_scores_kernel(dtype, head_dim):
+@pytest.mark.parametrize("seqlen_k", [4100, 4099])
+def test_pooled_scores_kernel(dtype, head_dim, seqlen_k):
     """Scores = sum over the three parts of part . k, float32-accurate: against float64 on the
     same parts, for a partial last block of tiles and of keys, several key ranges per tile
-    block (Sk > 2,048), two batches and a strided k; the output is poisoned first."""
+    block (Sk > 2,048), two batches and a strided k, with 8-byte stores (even Sk) and 4-byte
+    ones (odd Sk); the output is poisoned first."""
     from fgattn_cute.host.launch import run_pooled_scores_sm90, run_tile_means_split_sm90
 
     g = torch.Generator().manual_seed(head_dim)
-    batch, heads, seqlen_q, seqlen_k = 2, 3, 150 * 64 + 17, 4100
+    batch, heads, seqlen_q = 2, 3, 150 * 64 + 17
     q = (torch.randn(batch, seqlen_q, heads, head_dim, generator=g) * 2).to(dtype).cuda()
     wide = (torch.randn(batch, seqlen_k, heads + 1, head_dim, generator=g)).to(dtype).cuda()
     k = wide[:, :, 1:]  # strided

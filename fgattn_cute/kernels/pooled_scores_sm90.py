@@ -17,7 +17,7 @@ import cuda.bindings.driver as cuda
 import cutlass
 import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils
-from cutlass import Float32, Int32
+from cutlass import Float32, Int32, Int64
 from cutlass.cute.nvgpu import cpasync, warpgroup
 
 from fgattn_cute.kernels.layout import (
@@ -202,6 +202,10 @@ class PooledScoresSm90:
         out = mOut[batch, head, None, None]  # (n_q_tiles, Sk)
         n_tiles = cute.size(out.shape[0])
         seqlen_k = cute.size(out.shape[1])
+        # Even rows (and an 8-byte aligned base) make every column pair 8-byte aligned.
+        row_stride = Int64(out.layout.stride[0])
+        pairs = (seqlen_k % 2 == 0) & (out.iterator.toint() % 8 == 0)
+        pair = cute.make_rmem_tensor(cute.make_layout(2), Float32)
         cute.arch.mbarrier_wait(bar_a, 0)
         atom = cute.make_mma_atom(mma.op)
         for i in cutlass.range(num_local, unroll=1):
@@ -222,7 +226,21 @@ class PooledScoresSm90:
             for r in cutlass.range_constexpr(cute.size(tScS, mode=[0])):
                 tile = m_block * TILE_M + tScS[r, 0][0]
                 if tile < n_tiles:
-                    for c in cutlass.range_constexpr(cute.size(tScS, mode=[1])):
-                        key = key0 + tScS[r, c][1]
-                        if key < seqlen_k:
-                            out[tile, key] = acc_rc[r, c]
+                    if pairs:
+                        # Columns 2j, 2j + 1 of a thread are adjacent: one 8-byte store.
+                        for j in cutlass.range_constexpr(cute.size(tScS, mode=[1]) // 2):
+                            key = key0 + tScS[r, 2 * j][1]
+                            if key < seqlen_k:
+                                pair[0] = acc_rc[r, 2 * j]
+                                pair[1] = acc_rc[r, 2 * j + 1]
+                                dst = cute.make_tensor(
+                                    cute.make_ptr(Float32, (out.iterator + (
+                                        Int64(tile) * row_stride + key)).toint(),
+                                        cute.AddressSpace.gmem, assumed_align=8),
+                                    cute.make_layout(2))
+                                cute.autovec_copy(pair, dst)
+                    else:
+                        for c in cutlass.range_constexpr(cute.size(tScS, mode=[1])):
+                            key = key0 + tScS[r, c][1]
+                            if key < seqlen_k:
+                                out[tile, key] = acc_rc[r, c]
