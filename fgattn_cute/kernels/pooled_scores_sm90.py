@@ -9,8 +9,9 @@ float32, with K read once (a torch GEMM needs a [k; k; k] copy to do the same in
 One CTA per (128 query tiles, head, batch, range of BLOCKS_PER_CTA key blocks): warp 0 loads the
 three 128 x D parts of A once and streams the K tiles by TMA through a ring of 128B-swizzled
 stages; two consumer warpgroups (64 query tiles each) run the wgmmas and store their float32
-accumulators straight to the [B, H, n_q_tiles, Sk] scores (each store fills whole 32-byte
-sectors of a row between them; nothing is staged in shared memory).
+accumulators straight to the [B, H, n_q_tiles, Sk] scores, a thread's two adjacent columns
+with one 8-byte store when the rows allow it (a warp's store then fills one 32-byte sector in
+each of 8 rows; 4-byte stores, half sectors, took twice as long: perf/NOTES.md).
 """
 
 import cuda.bindings.driver as cuda

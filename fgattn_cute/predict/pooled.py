@@ -285,10 +285,11 @@ def pooled_top_p(q, k, q_tile=128, p=0.9, softmax_scale=None, always_keep=None, 
         always_keep: None, a bool tensor [Sk], or key ids (1-D integer tensor or list of ints).
         capacity: list capacity of the returned ``KeyIndex`` (None: round_up(Sk, 128)); a row
             with more kept keys is an error, never truncated.
-        backend: "cute" (Hopper GPU, bf16 / fp16, Sk <= 131,072, p < 1: the scores by one
-            tensor-core GEMM of the tile means split in three 16-bit parts, float32-accurate,
-            then one selection kernel per row that does the softmax, the exact rule and the
-            list in shared memory; RuntimeError otherwise), "torch" (chunked torch, any device
+        backend: "cute" (Hopper GPU, bf16 / fp16, Sk <= 131,072, p < 1: the tile means split
+            in three 16-bit parts by one kernel, the float32-accurate scores of the parts
+            against every key by a wgmma kernel, then one selection kernel per row that does
+            the softmax, the exact rule and the list in shared memory; RuntimeError
+            otherwise), "torch" (chunked torch, any device
             and dtype) or "auto" (the kernel where it runs the call, else torch). The rule is
             the same; the probabilities may differ in their last bits between the two (matmul
             and softmax summation order), which can move a key at the boundary.
@@ -300,9 +301,9 @@ def pooled_top_p(q, k, q_tile=128, p=0.9, softmax_scale=None, always_keep=None, 
         a trusted ``KeyIndex`` on q's device.
 
     Cost (R = B * H * n_q_tiles rows of Sk keys, at S = 32,760, H = 24, q_tile 128: R * Sk =
-    2.0e8). Kernel path: the tile means (one read of q), a bf16 GEMM of 3 x 2 * R * Sk * D
-    flops with a float32 output (0.8 GB), one read of it by the selection kernel, and the lists;
-    5.7 ms on an H200 (0.30x FA4 dense). Torch path: a float32 [R, D] x [D, Sk] matmul, a
+    2.0e8). Kernel path: the tile means (one read of q), 3 x 2 * R * Sk * D tensor-core flops
+    with a float32 output (0.8 GB), one read of it by the selection kernel, and the lists (0.8
+    GB); 2.5 ms on an H200 (0.13x FA4 dense). Torch path: a float32 [R, D] x [D, Sk] matmul, a
     softmax, ``top_p_mask`` (three histogram rounds) and ``KeyIndex.from_mask``, tens of bytes
     per (row, key) in eager torch: 48 ms there.
     """
