@@ -58,6 +58,9 @@ def main(argv=None):
                 t_full = median_ms(call(cfg), args.reps)
                 rows.append((D, keep, engine, gathered / t_gather / 1e9, t_gather, t_full,
                              t_full / (keep * dense), dense))
+                # As it goes, so that a run cut off by a time limit still shows its rows.
+                print(f"D={D} keep={keep} {engine}: gather only {t_gather:.2f} ms, kernel "
+                      f"{t_full:.2f} ms, FA4 dense {dense:.2f} ms", flush=True)
     print(f"\n{slug}: S={S} H={H} B=1 bf16, random 128x1 lists ('keep 1.0' = dense list: "
           "whole-tile TMA boxes)")
     print("| D | keep | engine | gather-only TB/s | gather-only ms | kernel ms | x ideal "
