@@ -199,3 +199,16 @@ def test_pooled_scores_kernel(dtype, head_dim, seqlen_k):
     scale = torch.einsum("bhtd,bshd->bhts", means.abs(), k.double().abs())
     err = ((out.double() - want).abs() / scale.clamp_min(1e-30)).max().item()
     assert err < 3e-5, err  # float32 sums of exact products (hi alone would give ~4e-3)
+
+
+def test_pooled_top_p_head_dim_without_query_kernels():
+    """A head dim the query-side kernels lack (96): torch's tile means and a GEMM against
+    [k; k; k] feed the selection kernel; only boundary keys may differ from the torch path."""
+    g = torch.Generator().manual_seed(11)
+    q = (torch.randn(1, 500, 2, 96, generator=g) * 4).to(torch.bfloat16).cuda()
+    k = (torch.randn(1, 3000, 2, 96, generator=g) * 2).to(torch.bfloat16).cuda()
+    cute = fg.predict.pooled_top_p(q, k, 128, 0.9, backend="cute")
+    cute.validate()
+    torch_path = fg.predict.pooled_top_p(q, k, 128, 0.9, backend="torch")
+    a, b = cute.to_mask().cpu(), torch_path.to_mask().cpu()
+    assert (a != b).float().mean().item() < 1e-3
