@@ -63,8 +63,8 @@ class TileMeansSplitSm90:
         col_group = tidx % self.col_groups
         row_group = tidx // self.col_groups
 
-        # This thread's VECTOR columns, summed over rows row_group, row_group + row_groups, ...
-        # (query row, VECTOR columns of this thread) of this tile and head
+        # gQ[None, (row, col_group)]: VECTOR columns of one query row of this head. A thread
+        # sums its columns over rows row_group, row_group + row_groups, ... of the tile.
         gQ = cute.zipped_divide(mQ[batch, None, head, None], (1, VECTOR))
         acc = cute.make_rmem_tensor(gQ[None, (0, 0)].shape, Float32)
         acc.fill(0.0)
