@@ -82,7 +82,8 @@ def _speed_of_light(rs, ceil):
              "| keep | TFLOP | compute floor ms | HBM GB (floor ms) | L2->SM GB | best fgattn ms "
              "(% of matmul ceiling, L2->SM TB/s) | best FA4 ms (% of ceiling) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
-    keeps = sorted({round(r["keep"], 1) for r in rs if r["system"] == "fgattn"}, reverse=True)
+    # (3 places, as _bar: a sweep's keeps include 0.05, which one place would make 0.1)
+    keeps = sorted({round(r["keep"], 3) for r in rs if r["system"] == "fgattn"}, reverse=True)
     for keep in keeps:
         tflop = 4 * S * S * D * H * keep / 1e12
         floor_ms = tflop / ceil["matmul_tflops"] * 1e3
@@ -95,7 +96,8 @@ def _speed_of_light(rs, ceil):
         ours_txt = (f"{best:.3f} ({100 * floor_ms / best:.0f}%, {gather_gb / best:.1f})"
                     if best else "-")
         fa4_txt = f"{best_fa4:.3f} ({100 * floor_ms / best_fa4:.0f}%)" if best_fa4 else "-"
-        lines.append(f"| {keep:.1f} | {tflop:.2f} | {floor_ms:.3f} | {hbm_gb:.2f} ({hbm_ms:.3f}) "
+        label = f"{keep:.1f}" if round(keep, 1) == keep else f"{keep:.2f}"
+        lines.append(f"| {label} | {tflop:.2f} | {floor_ms:.3f} | {hbm_gb:.2f} ({hbm_ms:.3f}) "
                      f"| {gather_gb:.1f} | {ours_txt} | {fa4_txt} |")
     return lines + [""]
 

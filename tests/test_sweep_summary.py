@@ -30,6 +30,7 @@ def records():
         _record("fgattn", 0.3, 1.2, "cpasync"),
         _record("fgattn", 0.3, 1.5, "tma"),
         _record("fa4_block", 0.3, 1.0, granularity="128x128"),
+        _record("fgattn", 0.05000026, 0.25, "cpasync"),  # a measured keep, not exactly 0.05
     ]
 
 
@@ -53,6 +54,8 @@ def test_summary_checks_the_bar_and_gives_the_speed_of_light(records, tmp_path):
     gather_tbps = 256 * 0.3 * S * D * 2 * 2 * H / 1.2e-3 / 1e12
     assert cells[5] == f"1.200 ({100 * floor_ms / 1.2:.0f}%, {gather_tbps:.1f})"
     assert cells[6] == f"1.000 ({100 * floor_ms / 1.0:.0f}%)"
+    # keep 0.05 has its own row (it once merged into 0.1 and vanished)
+    assert any(line.startswith("| 0.05 |") for line in text.splitlines())
 
 
 def test_main_rewrites_the_summary_of_a_json(records, tmp_path):
