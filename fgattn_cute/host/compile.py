@@ -1,7 +1,9 @@
 """Compile the sm90 kernels once per static configuration; cache them in memory and on disk.
 
-Three kernels: the attention forward (``KernelConfig``), the calibrate predictor
-(``CalibrateConfig``) and the pooled top-p selection (``TopPConfig``). Batch, heads, sequence
+Five kernels: the attention forward (``KernelConfig``), the calibrate predictor
+(``CalibrateConfig``) and the three of the pooled top-p predictor: tile means
+(``TileMeansConfig``), scores (``PooledScoresConfig``) and selection (``TopPConfig``). Batch,
+heads, sequence
 lengths, the number of query tiles or rows and the list capacity are dynamic (symbolic sizes
 and strides), so one compile serves every problem shape. The static key is the arch and the
 config's fields.
@@ -32,12 +34,17 @@ DEFAULT_ENGINE = "cpasync"
 _EXPORT_NAME = "fgattn_fwd_sm90"
 
 
-def _check_tile_shape(head_dim: int, dtype: str, q_tile: int):
-    """The checks every wgmma kernel config shares."""
+def _check_head_dim_dtype(head_dim: int, dtype: str):
+    """The checks every config of a kernel that reads q or k shares."""
     if head_dim not in (64, 128):
         raise ValueError(f"head_dim must be 64 or 128, got {head_dim}")
     if dtype not in ("bfloat16", "float16"):
         raise ValueError(f"dtype must be 'bfloat16' or 'float16', got {dtype!r}")
+
+
+def _check_tile_shape(head_dim: int, dtype: str, q_tile: int):
+    """The checks of the kernels that also work in query tiles."""
+    _check_head_dim_dtype(head_dim, dtype)
     if q_tile not in (64, 128):
         raise ValueError(f"q_tile must be 64 or 128, got {q_tile}")
 
@@ -240,7 +247,7 @@ class PooledScoresConfig:
     dtype: str  # "bfloat16" or "float16"
 
     def __post_init__(self):
-        _check_tile_shape(self.head_dim, self.dtype, 128)
+        _check_head_dim_dtype(self.head_dim, self.dtype)
 
     def kernel(self):
         from fgattn_cute.kernels.pooled_scores_sm90 import PooledScoresSm90
@@ -259,16 +266,6 @@ class PooledScoresConfig:
             _fake_compact(Float32, (b, h, n_q_tiles, seqlen_k), 16),
             _fake_stream(),
         )
-
-
-def all_pooled_scores_configs():
-    """Every pooled-scores configuration the package ships (CI compiles each one)."""
-    return [PooledScoresConfig(d, dt) for d in (64, 128) for dt in ("bfloat16", "float16")]
-
-
-# Any of the compiled kernels' configurations.
-AnyConfig = (KernelConfig | CalibrateConfig | TopPConfig | TileMeansConfig
-             | PooledScoresConfig)
 
 
 def all_tile_means_configs():
@@ -294,6 +291,16 @@ def all_calibrate_configs():
         for dt in ("bfloat16", "float16")
         for qt in (128, 64)
     ]
+
+
+def all_pooled_scores_configs():
+    """Every pooled-scores configuration the package ships (CI compiles each one)."""
+    return [PooledScoresConfig(d, dt) for d in (64, 128) for dt in ("bfloat16", "float16")]
+
+
+# Any of the compiled kernels' configurations.
+AnyConfig = (KernelConfig | CalibrateConfig | TopPConfig | TileMeansConfig
+             | PooledScoresConfig)
 
 
 def default_config(head_dim: int, dtype: str, q_tile: int, engine: str | None = None):

@@ -1,4 +1,4 @@
-"""Launch the sm90 kernels (attention forward, calibrate) on validated torch tensors.
+"""Launch the sm90 kernels (attention forward and the predictors') on validated torch tensors.
 
 No host synchronisation and no allocation beyond the outputs: the kernels are called through
 tvm-ffi with the torch tensors themselves, on torch's current stream.

@@ -148,7 +148,8 @@ class TopPSelectSm90:
             sWords[c] = Uint32(mKeepWords[c])
 
         # The first radix round's histogram (every key with a non-zero weight takes part) is
-        # built in the same pass that sums the weights, so that round needs no pass of its own.
+        # built in the pass that computes the probabilities, so that round needs no pass of its
+        # own.
         self.clear_hist(sHist, HIST_BINS, tidx)
         cute.arch.barrier()
 
@@ -176,7 +177,7 @@ class TopPSelectSm90:
             # the reciprocal refined once per row rather than once per key.
             rcp = cute.arch.rcp_approx(row_sum)
             rcp = _fma(rcp, _fma(-row_sum, rcp, Float32(1.0)), rcp)
-            # Four keys per step, all loaded before any is worked on (a key's work branches, so
+            # LOADS keys per step, all loaded before any is worked on (a key's work branches, so
             # the compiler would not hoist the next load above it).
             for j in cutlass.range(tidx, n, LOADS * T, unroll=1):
                 e = [self.load_or(sP, j + k * T, n, Float32(0.0)) for k in range(LOADS)]

@@ -289,8 +289,8 @@ def pooled_top_p(q, k, q_tile=128, p=0.9, softmax_scale=None, always_keep=None, 
             in three 16-bit parts by one kernel, the float32-accurate scores of the parts
             against every key by a wgmma kernel, then one selection kernel per row that does
             the softmax, the exact rule and the list in shared memory; RuntimeError
-            otherwise), "torch" (chunked torch, any device
-            and dtype) or "auto" (the kernel where it runs the call, else torch). The rule is
+            otherwise), "torch" (chunked torch, any device and dtype) or "auto" (the kernel
+            where it runs the call, else torch). The rule is
             the same; the probabilities may differ in their last bits between the two (matmul
             and softmax summation order), which can move a key at the boundary.
         select_fn: ``select_fn(probs [R, Sk] float32, p 0-dim float64 tensor) -> bool [R, Sk]``,
