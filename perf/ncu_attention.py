@@ -29,6 +29,7 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--keep", type=float, default=0.3)
+    p.add_argument("--engine", default="cpasync", help="gather engine (fgattn)")
     args = p.parse_args(argv)
     S, H, D = args.seqlen, args.heads, args.head_dim
     q, k, v = (torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -39,7 +40,8 @@ def main(argv=None):
 
         from fgattn_cute.host.compile import default_config
 
-        fn = compile_variant(load_kernel_class(args.variant), default_config(D, "bfloat16", 128))
+        config = default_config(D, "bfloat16", 128, args.engine)
+        fn = compile_variant(load_kernel_class(args.variant), config)
         index = baselines.random_lists(1, H, S, S, 128, args.keep, "cuda")
         out = torch.empty_like(q)
         lse = torch.empty(1, H, S, device="cuda")

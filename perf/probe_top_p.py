@@ -25,6 +25,7 @@ from sweep import card_info, median_ms  # noqa: E402
 
 import fgattn_cute as fg  # noqa: E402
 from fgattn_cute.host.compile import TopPConfig, compile_fwd  # noqa: E402
+from fgattn_cute.kernels.top_p_sm90 import MAX_SEQLEN_K_SMEM  # noqa: E402
 
 
 def main(argv=None):
@@ -64,7 +65,7 @@ def main(argv=None):
     words = torch.zeros(math.ceil(S / 32), dtype=torch.int32, device="cuda")
     indices = torch.empty(rows, math.ceil(S / 128) * 128, dtype=torch.int32, device="cuda")
     counts = torch.empty(rows, dtype=torch.int32, device="cuda")
-    fn = compile_fwd(TopPConfig(False))
+    fn = compile_fwd(TopPConfig(False, S <= MAX_SEQLEN_K_SMEM))  # long rows: in place
     ms = median_ms(lambda: fn(logits, words, indices, counts, 128**-0.5, 0.9), args.reps)
     print(f"select kernel alone     {ms:8.3f} ms  {ms / dense:6.3f} x dense ({rows} rows)")
     if args.variant:
@@ -81,6 +82,8 @@ def compare_variants(specs, fn, logits, words, indices, counts, reps, dense, rou
     import cutlass.cute as cute
     from ab_kernel import load_variant
 
+    if logits.shape[1] > MAX_SEQLEN_K_SMEM:
+        raise SystemExit("--variant compares the shared-memory row kernel: --seqlen <= 40960")
     fns = {"current": fn}
     for spec in specs:
         name, path = spec.split("=", 1)

@@ -21,6 +21,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fgattn_cute as fg  # noqa: E402
 
+failures = []
+
+
+def report(line, ok):
+    print(line, "ok" if ok else "FAIL")
+    if not ok:
+        failures.append(line)
+
+
 S, H, D = 300, 2, 128
 gen = torch.Generator(device="cuda").manual_seed(0)
 q, k, v = (torch.randn(1, S, H, D, generator=gen, device="cuda", dtype=torch.bfloat16)
@@ -34,7 +43,7 @@ for engine in ("cpasync", "tma", "hybrid"):
     out = fg.sparse_attention(q, k, v, index, engine=engine)
     torch.cuda.synchronize()
     err = ((out.float() - ref).norm() / ref.norm()).item()
-    print(f"{engine}: relative error {err:.2e}", "ok" if err < 1e-2 else "FAIL")
+    report(f"{engine}: relative error {err:.2e}", err < 1e-2)
 
 # The predictor kernels, checked against their torch paths on the same inputs.
 for threshold in (1.0, 8.0):
@@ -42,13 +51,12 @@ for threshold in (1.0, 8.0):
     want = fg.predict.calibrate(q, k, 128, threshold, always_keep=[0], backend="torch")
     torch.cuda.synchronize()
     differ = (got.to_mask() != want.to_mask()).float().mean().item()
-    print(f"calibrate threshold {threshold}: {differ:.1e} of keys differ", "ok" if differ < 1e-3
-          else "FAIL")
+    report(f"calibrate threshold {threshold}: {differ:.1e} of keys differ", differ < 1e-3)
 k_long = torch.randn(1, 41000, H, D, generator=gen, device="cuda", dtype=torch.bfloat16)
 for keys in (k, k_long):
     got = fg.predict.pooled_top_p(q, keys, 128, 0.9, always_keep=[1], backend="cute")
     want = fg.predict.pooled_top_p(q, keys, 128, 0.9, always_keep=[1], backend="torch")
     torch.cuda.synchronize()
     differ = (got.to_mask() != want.to_mask()).float().mean().item()
-    print(f"pooled_top_p Sk={keys.shape[1]}: {differ:.1e} of keys differ", "ok" if differ < 1e-3
-          else "FAIL")
+    report(f"pooled_top_p Sk={keys.shape[1]}: {differ:.1e} of keys differ", differ < 1e-3)
+sys.exit(1 if failures else 0)  # a failed check fails the run

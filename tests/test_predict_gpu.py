@@ -92,12 +92,19 @@ def test_compiled_select_on_gpu():
 
 
 def test_tf32_does_not_change_the_predictors():
+    """The torch paths' float32 matmuls stay IEEE when the caller allows TF32 (the kernel paths
+    do no float32 matmul, so they would pass whatever the setting)."""
     _, _, qg, kg = _inputs()
-    ref = (fg.predict.calibrate(qg, kg, 128, 1.0), fg.predict.pooled_top_p(qg, kg, 128, 0.9))
+
+    def both():
+        return (fg.predict.calibrate(qg, kg, 128, 1.0, backend="torch"),
+                fg.predict.pooled_top_p(qg, kg, 128, 0.9, backend="torch"))
+
+    ref = both()
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")  # TF32 allowed: the predictors must not use it
     try:
-        got = (fg.predict.calibrate(qg, kg, 128, 1.0), fg.predict.pooled_top_p(qg, kg, 128, 0.9))
+        got = both()
     finally:
         torch.set_float32_matmul_precision(before)
     for a, b in zip(ref, got, strict=True):
