@@ -1,5 +1,5 @@
-"""A small launch of each gather engine and of both predictor kernels, for compute-sanitizer
-(memcheck, racecheck).
+"""A small launch of each gather engine, of both predictors' kernels and of the KeyIndex
+conversions, for compute-sanitizer (memcheck, racecheck).
 
     python perf/sanitize.py                      # compiles (and fills the disk cache)
     compute-sanitizer --tool memcheck python perf/sanitize.py
@@ -59,4 +59,13 @@ for keys in (k, k_long):
     torch.cuda.synchronize()
     differ = (got.to_mask() != want.to_mask()).float().mean().item()
     report(f"pooled_top_p Sk={keys.shape[1]}: {differ:.1e} of keys differ", differ < 1e-3)
+# The KeyIndex conversion kernels (from_mask and to_mask above ran them too): a round trip
+# through the bitmap, with a row length that leaves the last byte partly past the row.
+sk = 301
+bits = torch.rand(1, H, 3, sk, generator=gen, device="cuda") < 0.3
+lists = fg.KeyIndex.from_mask(bits, 128, 300, backend="cute")
+back = lists.pack(backend="cute").unpack(backend="cute")
+torch.cuda.synchronize()
+same = torch.equal(back.indices, lists.indices) and torch.equal(back.to_mask(backend="cute"), bits)
+report("KeyIndex pack / unpack round trip", same)
 sys.exit(1 if failures else 0)  # a failed check fails the run

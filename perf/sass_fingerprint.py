@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fgattn_cute.host.compile import (  # noqa: E402
     all_calibrate_configs,
     all_configs,
+    all_key_lists_configs,
     all_pooled_scores_configs,
     all_tile_means_configs,
     all_top_p_configs,
@@ -27,7 +28,8 @@ ADDRESS = re.compile(r"/\*[0-9a-f]{4,}\*/")
 
 def main():
     for config in (all_configs() + all_calibrate_configs() + all_top_p_configs()
-                   + all_tile_means_configs() + all_pooled_scores_configs()):
+                   + all_tile_means_configs() + all_pooled_scores_configs()
+                   + all_key_lists_configs()):
         code = [ADDRESS.sub("", line).strip() for line in sass_of(config).splitlines()
                 if ADDRESS.search(line)]
         digest = hashlib.sha1("\n".join(code).encode()).hexdigest()[:16]

@@ -113,6 +113,28 @@ def test_pooled_scores_machine_code(config):
     assert _count(hist, "LDL") == 0 and _count(hist, "STL") == 0, f"spills: {hist}"
 
 
+@pytest.mark.parametrize("config", kcompile.all_key_lists_configs(),
+                         ids=lambda c: "-".join(map(str, vars(c).values())))
+def test_key_lists_machine_code(config):
+    """Bits -> lists: blocks of 32 keep words unrolled (a popcount per word when counting and
+    two when writing; from a mask, a ballot per word over 32 loads issued together), the zeros
+    after the count by 16-byte stores; lists -> bits: 32-bit shared-memory ORs. No spills."""
+    hist = _hist(config)
+    if config.to_lists:
+        assert _count(hist, "POPC") >= 3 * 32 and _count(hist, "STG.E.128") >= 1, hist
+        loads = 4 if config.packed else 32  # one block's: 4 bytes a lane, or a byte per word
+        assert _count(hist, "LDG.E.U8") >= loads, hist
+        assert _count(hist, "VOTE.ANY") == (0 if config.packed else 2 * 32), hist
+    else:
+        assert _count(hist, "ATOMS.OR") >= 1 and _count(hist, "ATOMS.CAS") == 0, hist
+    assert _count(hist, "LDL") == 0 and _count(hist, "STL") == 0, f"spills: {hist}"
+
+
+def test_key_lists_configs_cover_both_directions_and_forms():
+    seen = {(c.to_lists, c.packed) for c in kcompile.all_key_lists_configs()}
+    assert len(seen) == 4
+
+
 def test_tile_means_configs_cover_dtype_head_dim_and_q_tile():
     seen = {(c.head_dim, c.dtype, c.q_tile) for c in kcompile.all_tile_means_configs()}
     assert len(seen) == 2 * 2 * 2

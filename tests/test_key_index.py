@@ -205,3 +205,27 @@ def test_to_device_keeps_trust():
 def test_repr_mentions_shapes():
     text = repr(fg.KeyIndex.dense(1, 2, 100, 77, 64, "cpu"))
     assert "heads=2" in text and "capacity=128" in text and "trusted=True" in text
+
+
+def test_conversion_backends_on_cpu():
+    """"auto" and "torch" agree on the CPU (the torch path); "cute" needs a Hopper GPU and says
+    so; an unknown backend names the argument."""
+    mask = random_mask(_gen(3), 1, 2, 2, 77, 0.4)
+    index = fg.KeyIndex.from_mask(mask, 64, 100, backend="torch")
+    auto = fg.KeyIndex.from_mask(mask, 64, 100)
+    assert torch.equal(auto.indices, index.indices) and torch.equal(auto.counts, index.counts)
+    packed = index.pack(backend="torch")
+    assert torch.equal(index.pack().bitmap, packed.bitmap)
+    assert torch.equal(index.to_mask(backend="torch"), mask)
+    assert torch.equal(packed.unpack(backend="torch").indices, index.indices)
+    calls = [
+        lambda b: fg.KeyIndex.from_mask(mask, 64, 100, backend=b),
+        lambda b: index.to_mask(backend=b),
+        lambda b: index.pack(backend=b),
+        lambda b: packed.unpack(backend=b),
+    ]
+    for call in calls:
+        with pytest.raises(RuntimeError, match="Hopper GPU"):
+            call("cute")
+        with pytest.raises(ValueError, match="backend: expected one of"):
+            call("triton")

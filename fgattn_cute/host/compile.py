@@ -1,9 +1,9 @@
 """Compile the sm90 kernels once per static configuration; cache them in memory and on disk.
 
-Five kernels: the attention forward (``KernelConfig``), the calibrate predictor
-(``CalibrateConfig``) and the three of the pooled top-p predictor: tile means
-(``TileMeansConfig``), scores (``PooledScoresConfig``) and selection (``TopPConfig``). Batch,
-heads, sequence
+The kernels: the attention forward (``KernelConfig``), the calibrate predictor
+(``CalibrateConfig``), the three of the pooled top-p predictor: tile means
+(``TileMeansConfig``), scores (``PooledScoresConfig``) and selection (``TopPConfig``), and the
+KeyIndex conversions between keep bits and lists (``KeyListsConfig``). Batch, heads, sequence
 lengths, the number of query tiles or rows and the list capacity are dynamic (symbolic sizes
 and strides), so one compile serves every problem shape. The static key is the arch and the
 config's fields.
@@ -268,6 +268,34 @@ class PooledScoresConfig:
         )
 
 
+@dataclass(frozen=True)
+class KeyListsConfig:
+    """The KeyIndex conversions: keep bits -> lists (``to_lists``: KeyIndex.from_mask and
+    PackedKeyIndex.unpack) or lists -> keep bits (KeyIndex.to_mask and pack); ``packed``: the
+    bits as a bitmap (8 keys a byte), else one byte per key."""
+
+    to_lists: bool
+    packed: bool
+
+    def kernel(self):
+        from fgattn_cute.kernels.key_lists_sm90 import KeepBitsToListsSm90, ListsToKeepBitsSm90
+
+        cls = KeepBitsToListsSm90 if self.to_lists else ListsToKeepBitsSm90
+        return cls(self.packed)
+
+    def fake_args(self):
+        """(bits, indices, counts | indices, counts, bits), seqlen_k, stream."""
+        import cutlass.cute as cute
+        from cutlass import Int32, Uint8
+
+        rows, bytes_per_row = _sym(2)
+        capacity = cute.sym_int32(divisibility=4)  # (always a multiple of 128): 16-byte rows
+        bits = _fake_compact(Uint8, (rows, bytes_per_row), 1)
+        lists = (_fake_compact(Int32, (rows, capacity), 16), _fake_compact(Int32, (rows,), 4))
+        tensors = (bits, *lists) if self.to_lists else (*lists, bits)
+        return (*tensors, Int32(1), _fake_stream())
+
+
 def all_tile_means_configs():
     """Every tile-means configuration the package ships (CI compiles each one)."""
     return [
@@ -298,9 +326,14 @@ def all_pooled_scores_configs():
     return [PooledScoresConfig(d, dt) for d in (64, 128) for dt in ("bfloat16", "float16")]
 
 
+def all_key_lists_configs():
+    """Every KeyIndex conversion the package ships (CI compiles each one)."""
+    return [KeyListsConfig(t, pk) for t in (True, False) for pk in (True, False)]
+
+
 # Any of the compiled kernels' configurations.
 AnyConfig = (KernelConfig | CalibrateConfig | TopPConfig | TileMeansConfig
-             | PooledScoresConfig)
+             | PooledScoresConfig | KeyListsConfig)
 
 
 def default_config(head_dim: int, dtype: str, q_tile: int, engine: str | None = None):
@@ -471,6 +504,7 @@ def sass_histogram(sass: str) -> Counter:
     """Counts of the instructions that tell whether the kernel is built as intended."""
     pattern = (
         r"\b(HGMMA\.[\w.]+|UTMALDG[\w.]*|UTMASTG[\w.]*|LDGSTS[\w.]*|LDL[\w.]*|STL[\w.]*"
-        r"|ARRIVES[\w.]*|USETMAXREG[\w.]*|ATOMS[\w.]*|LDG\.[\w.]*)"
+        r"|ARRIVES[\w.]*|USETMAXREG[\w.]*|ATOMS[\w.]*|LDG\.[\w.]*|STG\.[\w.]*|VOTE\.[\w.]*"
+        r"|POPC)"
     )
     return Counter(re.findall(pattern, sass))

@@ -12,8 +12,13 @@ groups of up to 128 entries. Builders that take ``capacity`` round it up to a mu
 ``capacity=None`` means the worst case, ``round_up(seqlen_k, 128)``.
 
 The builders (``from_mask``, ``from_block_mask``, ``dense``, ``PackedKeyIndex.unpack``) and
-``to_mask``, ``density``, ``pack`` are plain tensor ops on the input's device with no host
-synchronisation, so they can run inside CUDA graphs and be traced by ``torch.compile``.
+``to_mask``, ``density``, ``pack`` run on the input's device with no host synchronisation, so
+they can run inside CUDA graphs. The conversions between keep bits and lists (``from_mask``,
+``to_mask``, ``pack``, ``unpack``) take ``backend``: "cute" (one sm90 kernel each, see
+``fgattn_cute.kernels.key_lists_sm90``: a ``SparsityCache`` runs them per layer and step),
+"torch" (plain tensor ops, any device, traceable by ``torch.compile``) or "auto" (the kernel on
+a Hopper GPU, except while ``torch.compile`` traces; torch otherwise). Both give the same
+tensors.
 
 Trust: an index made by a builder, or checked by ``validate()``, is *trusted*: ``sparse_attention``
 then checks only shapes, dtypes and devices. An index made by calling ``KeyIndex(...)`` directly is
@@ -32,6 +37,9 @@ __all__ = ["CAPACITY_ALIGN", "KeyIndex", "PackedKeyIndex"]
 
 CAPACITY_ALIGN = 128
 """Every ``KeyIndex.capacity`` is a positive multiple of this."""
+
+# fgattn_cute.kernels.key_lists_sm90.MAX_SEQLEN_K (not imported: it would import the DSL).
+_MAX_SEQLEN_K_BITS = 1 << 17
 
 # Largest temporary (in elements) one chunk of rows may allocate in the builders. The int64 index
 # tensors that scatter needs are 8 bytes per element, so a chunk costs at most a few hundred MB.
@@ -77,6 +85,35 @@ def _resolve_capacity(capacity, seqlen_k):
     if capacity is None:
         return _round_up(seqlen_k, CAPACITY_ALIGN)
     return _round_up(_as_int("capacity", capacity, 1), CAPACITY_ALIGN)
+
+
+BACKENDS = ("auto", "cute", "torch")
+"""Backends of the conversions between keep bits and lists (see the module docstring)."""
+
+
+def _use_kernel(backend, device, seqlen_k, bitmap_bound=False):
+    """Whether the sm90 kernel runs a conversion: ``backend`` checked, "cute" raising with the
+    reason when the kernel cannot run the call. ``bitmap_bound``: the lists -> bits kernel,
+    whose shared-memory bitmap holds up to 131,072 keys."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    from ..interface import _describe_device, _is_hopper
+
+    why_not = None
+    if torch.compiler.is_compiling():
+        why_not = "torch.compile is tracing (the kernel is opaque to it)"
+    elif not _is_hopper(device):
+        why_not = f"it needs a Hopper GPU (compute capability 9.x), got {_describe_device(device)}"
+    elif bitmap_bound and seqlen_k > _MAX_SEQLEN_K_BITS:
+        why_not = f"it runs seqlen_k <= {_MAX_SEQLEN_K_BITS}, got {seqlen_k}"
+    if why_not is None:
+        return True
+    if backend == "cute":
+        raise RuntimeError(f"backend: the KeyIndex conversion kernel cannot run this call: "
+                           f"{why_not}")
+    return False
 
 
 def _row_chunks(rows, elems_per_row):
@@ -283,11 +320,12 @@ class KeyIndex:
     # ----------------------------------------------------------------- builders
 
     @classmethod
-    def from_mask(cls, mask, q_tile, seqlen_q, capacity=None):
+    def from_mask(cls, mask, q_tile, seqlen_q, capacity=None, *, backend="auto"):
         """Build from a bool ``mask`` [B, H, n_q_tiles, seqlen_k]: tile t keeps key j where
         ``mask[b, h, t, j]``. ``capacity`` (None: round_up(seqlen_k, 128)) is rounded up to a
         multiple of 128; a row with more kept keys than that is an error, never truncated
-        (ValueError on CPU; on other devices a device-side assert, so no host sync)."""
+        (ValueError on CPU; on other devices a device-side assert, so no host sync).
+        ``backend``: see the module docstring."""
         q_tile = _as_int("q_tile", q_tile, 1)
         seqlen_q = _as_int("seqlen_q", seqlen_q, 1)
         _check_tensor("mask", mask, 4, "[B, H, n_q_tiles, seqlen_k]")
@@ -303,8 +341,20 @@ class KeyIndex:
             raise ValueError(f"mask: expected seqlen_k (dim 3) >= 1, got {seqlen_k}")
         cap = _resolve_capacity(capacity, seqlen_k)
         rows = mask.reshape(b * h * n_tiles, seqlen_k)
+        if _use_kernel(backend, mask.device, seqlen_k):
+            return cls._from_bits_kernel(rows.contiguous().view(torch.uint8), False,
+                                         (b, h, n_tiles), q_tile, seqlen_q, seqlen_k, cap)
         return cls._from_rows(lambda r0, r1: rows[r0:r1], (b, h, n_tiles), q_tile, seqlen_q,
                               seqlen_k, cap, mask.device)
+
+    @classmethod
+    def _from_bits_kernel(cls, bits, packed, bht, q_tile, seqlen_q, seqlen_k, cap):
+        from .launch import run_keep_bits_to_lists_sm90
+
+        indices, counts = run_keep_bits_to_lists_sm90(bits, seqlen_k, cap, packed)
+        counts = counts.reshape(bht)
+        _check_capacity(counts, cap, seqlen_k)
+        return cls._trusted_new(indices.reshape(*bht, cap), counts, q_tile, seqlen_q, seqlen_k)
 
     @classmethod
     def _from_rows(cls, get_rows, bht, q_tile, seqlen_q, seqlen_k, cap, device):
@@ -417,12 +467,16 @@ class KeyIndex:
             self.counts.reshape(n_rows, 1),
         )
 
-    def to_mask(self):
+    def to_mask(self, *, backend="auto"):
         """bool [B, H, n_q_tiles, seqlen_k]: True where the tile keeps the key. No host sync
-        (for a trusted index; an untrusted one is validated first)."""
+        (for a trusted index; an untrusted one is validated first). ``backend``: see the module
+        docstring."""
         self.validate()
         n_rows, idx_rows, cnt_rows = self._rows()
         sk, cap = self.seqlen_k, self.capacity
+        if _use_kernel(backend, self.device, sk, bitmap_bound=True):
+            out = self._bits_kernel(idx_rows, cnt_rows, packed=False).view(torch.bool)
+            return out.reshape(self.batch, self.heads, self.n_q_tiles, sk)
         out = torch.empty(n_rows, sk, dtype=torch.bool, device=self.device)
         slot = torch.arange(cap, dtype=torch.int32, device=self.device)
         for r0, r1 in _row_chunks(n_rows, sk + 2 * cap):
@@ -443,13 +497,18 @@ class KeyIndex:
         total = self.batch * self.heads * self.seqlen_q * self.seqlen_k
         return (kept.double() / total).float()
 
-    def pack(self):
+    def pack(self, *, backend="auto"):
         """The compact form: a ``PackedKeyIndex`` bitmap (bit j % 8 of byte j // 8 set when key j
-        is kept). No host sync (for a trusted index; an untrusted one is validated first)."""
+        is kept). No host sync (for a trusted index; an untrusted one is validated first).
+        ``backend``: see the module docstring."""
         self.validate()
         n_rows, idx_rows, cnt_rows = self._rows()
         n_bytes = _cdiv(self.seqlen_k, 8)
         cap = self.capacity
+        if _use_kernel(backend, self.device, self.seqlen_k, bitmap_bound=True):
+            out = self._bits_kernel(idx_rows, cnt_rows, packed=True)
+            bitmap = out.reshape(self.batch, self.heads, self.n_q_tiles, n_bytes)
+            return PackedKeyIndex(bitmap, self.q_tile, self.seqlen_q, self.seqlen_k)
         out = torch.empty(n_rows, n_bytes, dtype=torch.uint8, device=self.device)
         slot = torch.arange(cap, dtype=torch.int32, device=self.device)
         for r0, r1 in _row_chunks(n_rows, n_bytes + 3 * cap):
@@ -462,6 +521,12 @@ class KeyIndex:
             out[r0:r1] = buf[:, :n_bytes].to(torch.uint8)
         bitmap = out.reshape(self.batch, self.heads, self.n_q_tiles, n_bytes)
         return PackedKeyIndex(bitmap, self.q_tile, self.seqlen_q, self.seqlen_k)
+
+    def _bits_kernel(self, idx_rows, cnt_rows, packed):
+        from .launch import run_lists_to_keep_bits_sm90
+
+        return run_lists_to_keep_bits_sm90(idx_rows.contiguous(), cnt_rows.reshape(-1),
+                                           self.seqlen_k, packed)
 
     def to(self, device, non_blocking=False):
         """A copy on ``device`` (same trust)."""
@@ -527,13 +592,18 @@ class PackedKeyIndex:
             f"device={self.device})"
         )
 
-    def unpack(self, capacity=None):
-        """The ``KeyIndex`` (trusted). ``capacity`` as in ``KeyIndex.from_mask``. No host sync."""
+    def unpack(self, capacity=None, *, backend="auto"):
+        """The ``KeyIndex`` (trusted). ``capacity`` as in ``KeyIndex.from_mask``. No host sync.
+        Bits past seqlen_k in a row's last byte are ignored. ``backend``: "cute" (one sm90
+        kernel), "torch" or "auto", as for ``KeyIndex.from_mask``."""
         sk = self.seqlen_k
         cap = _resolve_capacity(capacity, sk)
         n_bytes = self.bitmap.shape[3]
         bht = (self.batch, self.heads, self.n_q_tiles)
         rows = self.bitmap.reshape(bht[0] * bht[1] * bht[2], n_bytes)
+        if _use_kernel(backend, self.device, sk):
+            return KeyIndex._from_bits_kernel(rows.contiguous(), True, bht, self.q_tile,
+                                              self.seqlen_q, sk, cap)
         shifts = torch.arange(8, dtype=torch.uint8, device=self.device)
 
         def get_rows(r0, r1):

@@ -11,6 +11,7 @@ import torch
 from fgattn_cute.host.compile import (
     CalibrateConfig,
     KernelConfig,
+    KeyListsConfig,
     PooledScoresConfig,
     TileMeansConfig,
     TopPConfig,
@@ -143,4 +144,59 @@ def run_pooled_scores_sm90(
                           device=k.device)
     with torch.cuda.device(k.device):
         fn(split_means, k, out)
+    return out
+
+
+def run_keep_bits_to_lists_sm90(
+    bits: torch.Tensor,
+    seqlen_k: int,
+    capacity: int,
+    packed: bool,
+    indices: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices int32 [R, capacity], counts int32 [R]): each row's kept keys, ascending, zeros
+    after the count. bits: contiguous uint8 [R, ceil(seqlen_k / 8)] (packed: bit j % 8 of byte
+    j // 8 is key j; bits past seqlen_k are ignored) or [R, seqlen_k] (one byte per key,
+    non-zero = kept; a bool mask viewed as uint8). Counts are exact even past the capacity
+    (those keys are not written); the caller checks them. indices / counts: optional
+    preallocated outputs (every element is written)."""
+    fn = compile_fwd(KeyListsConfig(to_lists=True, packed=packed))
+    n_rows = bits.shape[0]
+    if indices is None:
+        indices = torch.empty(n_rows, capacity, dtype=torch.int32, device=bits.device)
+    if counts is None:
+        counts = torch.empty(n_rows, dtype=torch.int32, device=bits.device)
+    if n_rows == 0:  # (an empty grid is a launch error)
+        return indices, counts
+    with torch.cuda.device(bits.device):
+        fn(bits, indices, counts, int(seqlen_k))
+    return indices, counts
+
+
+def run_lists_to_keep_bits_sm90(
+    indices: torch.Tensor,
+    counts: torch.Tensor,
+    seqlen_k: int,
+    packed: bool,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """uint8 [R, ceil(seqlen_k / 8)] (packed: bit j % 8 of byte j // 8 set when key j is
+    listed, bits past seqlen_k zero) or [R, seqlen_k] (1 where listed, else 0), from the first
+    counts[r] entries of each row of indices (contiguous int32 [R, capacity]; counts int32 [R]).
+    seqlen_k <= 131,072 (the kernel's shared-memory bitmap). out: optional preallocated output
+    (every element is written)."""
+    from fgattn_cute.kernels.key_lists_sm90 import MAX_SEQLEN_K
+
+    if seqlen_k > MAX_SEQLEN_K:
+        raise ValueError(f"seqlen_k: the kernel runs up to {MAX_SEQLEN_K}, got {seqlen_k}")
+    fn = compile_fwd(KeyListsConfig(to_lists=False, packed=packed))
+    n_rows = indices.shape[0]
+    width = -(-seqlen_k // 8) if packed else seqlen_k
+    if out is None:
+        out = torch.empty(n_rows, width, dtype=torch.uint8, device=indices.device)
+    if n_rows == 0:  # (an empty grid is a launch error)
+        return out
+    with torch.cuda.device(indices.device):
+        fn(indices, counts, out, int(seqlen_k))
     return out
