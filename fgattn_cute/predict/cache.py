@@ -74,12 +74,12 @@ class SparsityCache:
         recalibrate_at: step numbers (ints >= 0) at which the predictor reruns.
         dense_steps: the first ``dense_steps`` steps run dense (``get`` returns None).
         compact: store a ``PackedKeyIndex`` bitmap (Sk / 8 bytes per (b, h, tile) row) rather
-            than the int32 lists (4 * capacity bytes per row), and unpack it at every reuse (a
-            sync-free tensor op costing about one ``KeyIndex.from_mask``: counted op by op,
-            about 90 bytes of eager memory traffic per (tile, key), i.e. about 18 GB, several
-            ms on an H100, per layer and step at 32,760 tokens and 24 heads). Default True.
-            With memory to spare, ``compact=False`` and a predictor with a tight ``capacity=``
-            skip the unpacking.
+            than the int32 lists (4 * capacity bytes per row), and unpack it at every reuse
+            (sync-free; on a Hopper GPU one kernel that writes the lists at close to memory
+            speed, 0.33 ms per layer and step at 32,760 tokens and 24 heads on an H200, where
+            eager torch took 8.2 ms; elsewhere the torch ops). Default True. Unpacking writes
+            every slot of the capacity, so a predictor with a tight ``capacity=`` makes it
+            cheaper; ``compact=False`` skips it.
         max_bytes: None (no bound) or the most bytes the stored entries may take together.
         on_full: what storing past ``max_bytes`` does: "raise" (``SparsityCacheFull``; the cache
             is left as it was) or "evict" (drop the least recently used other layers until it
