@@ -76,8 +76,8 @@ class SparsityCache:
         compact: store a ``PackedKeyIndex`` bitmap (Sk / 8 bytes per (b, h, tile) row) rather
             than the int32 lists (4 * capacity bytes per row), and unpack it at every reuse
             (sync-free; on a Hopper GPU one kernel that writes the lists at close to memory
-            speed, 0.33 ms per layer and step at 32,760 tokens and 24 heads on an H200, where
-            eager torch took 8.2 ms; elsewhere the torch ops). Default True. Unpacking writes
+            speed, 0.34 ms per layer and step at 32,760 tokens and 24 heads on an H200, where
+            eager torch took 8.4 ms; elsewhere the torch ops). Default True. Unpacking writes
             every slot of the capacity, so a predictor with a tight ``capacity=`` makes it
             cheaper; ``compact=False`` skips it.
         max_bytes: None (no bound) or the most bytes the stored entries may take together.
