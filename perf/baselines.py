@@ -19,6 +19,13 @@ import torch
 import fgattn_cute as fg
 
 
+def random_qkv(seqlen, heads, head_dim, gen, dtype=torch.bfloat16):
+    """q, k, v [1, seqlen, heads, head_dim] of standard normal entries drawn from the CUDA
+    generator gen, in that order."""
+    return tuple(torch.randn(1, seqlen, heads, head_dim, generator=gen, device="cuda",
+                             dtype=dtype) for _ in range(3))
+
+
 def random_lists(B, H, seqlen_q, seqlen_k, q_tile, keep, device, seed=0):
     """M x 1 key lists with exactly round(keep * seqlen_k) random keys per query tile."""
     T = math.ceil(seqlen_q / q_tile)

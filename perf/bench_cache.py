@@ -14,8 +14,6 @@ every unpack backend gives back the lists it was packed from. Timings are never 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
 from pathlib import Path
 
@@ -25,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import baselines  # noqa: E402
-from sweep import SHAPES, card_info, commit, median_ms, versions  # noqa: E402
+from sweep import SHAPES, median_ms, run_meta, write_records  # noqa: E402
 
 import fgattn_cute as fg  # noqa: E402
 
@@ -78,17 +76,14 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
-    name, slug, clocks = card_info()
-    meta = {"card": slug, "card_name": name, "clocks": clocks, "commit": commit(),
-            "versions": versions(), "date": datetime.date.today().isoformat()}
+    meta = run_meta()
     backends = args.backends.split(",")
     records = []
-    print(f"{name}  (ms; x = fraction of the sparse attention at that keep)")
+    print(f"{meta['card_name']}  (ms; x = fraction of the sparse attention at that keep)")
     for shape in args.shapes.split(","):
         seqlen, heads, head_dim = SHAPES[shape]
         gen = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v = (torch.randn(1, seqlen, heads, head_dim, generator=gen, device="cuda",
-                               dtype=torch.bfloat16) for _ in range(3))
+        q, k, v = baselines.random_qkv(seqlen, heads, head_dim, gen)
         dense = median_ms(baselines.fa4_dense(q, k, v), args.reps)
         print(f"{shape}: FA4 dense {dense:.3f}")
         for keep in (float(x) for x in args.keeps.split(",")):
@@ -97,11 +92,7 @@ def main(argv=None):
             print(f"  keep {keep}: {line}", flush=True)
             records.append(dict(meta, shape=shape, seqlen=seqlen, heads=heads, keep=keep,
                                 fa4_dense_ms=dense, **row))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"bench-cache-{slug}-{meta['date']}.json"
-    path.write_text(json.dumps(records, indent=1))
-    print(f"wrote {path}")
+    write_records(records, args.out, "bench-cache", meta)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,6 @@ and pooled top-p <= 5%. Writes bench-predict-<card>-<date>.json. Timings are nev
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
 from pathlib import Path
 
@@ -23,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import baselines  # noqa: E402
-from sweep import SHAPES, card_info, commit, median_ms, versions  # noqa: E402
+from sweep import SHAPES, median_ms, run_meta, write_records  # noqa: E402
 
 import fgattn_cute as fg  # noqa: E402
 
@@ -50,16 +48,13 @@ def main(argv=None):
     p.add_argument("--video-like", action="store_true", help="also time on video-like inputs")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
-    name, slug, clocks = card_info()
-    meta = {"card": slug, "card_name": name, "clocks": clocks, "commit": commit(),
-            "versions": versions(), "date": datetime.date.today().isoformat()}
+    meta = run_meta()
     records = []
     pred = fg.predict
     for shape in args.shapes.split(","):
         seqlen, heads, head_dim = SHAPES[shape]
         gen = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v = (torch.randn(1, seqlen, heads, head_dim, generator=gen, device="cuda",
-                               dtype=torch.bfloat16) for _ in range(3))
+        q, k, v = baselines.random_qkv(seqlen, heads, head_dim, gen)
         dense = median_ms(baselines.fa4_dense(q, k, v), args.reps)
         inputs = [("random", q, k)]
         if args.video_like:
@@ -86,11 +81,7 @@ def main(argv=None):
             del systems
         del q, k, v, inputs
         torch.cuda.empty_cache()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"bench-predict-{slug}-{meta['date']}.json"
-    path.write_text(json.dumps(records, indent=1))
-    print(f"wrote {path}")
+    write_records(records, args.out, "bench-predict", meta)
 
 
 if __name__ == "__main__":

@@ -31,8 +31,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     S, H, D = args.seqlen, args.heads, args.head_dim
     gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(1, S, H, D, generator=gen, device="cuda", dtype=torch.bfloat16)
-               for _ in range(3))
+    q, k, v = baselines.random_qkv(S, H, D, gen)
     dense = median_ms(baselines.fa4_dense(q, k, v), args.reps)
     T = math.ceil(S / 128)
     cap = math.ceil(S / 128) * 128

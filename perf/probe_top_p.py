@@ -38,8 +38,7 @@ def main(argv=None):
     S, H = args.seqlen, args.heads
     rows = H * math.ceil(S / 128)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(1, S, H, 128, generator=gen, device="cuda", dtype=torch.bfloat16)
-               for _ in range(3))
+    q, k, v = baselines.random_qkv(S, H, 128, gen)
     dense = median_ms(baselines.fa4_dense(q, k, v), args.reps)
     print(f"{card_info()[0]}  S={S} H={H}  FA4 dense {dense:.3f} ms")
     whole = median_ms(lambda: fg.predict.pooled_top_p(q, k, 128, 0.9), args.reps)

@@ -109,6 +109,24 @@ def commit():
         return "unknown"
 
 
+def run_meta():
+    """The fields every perf record carries: card (short name), card_name, clocks, commit,
+    versions and date."""
+    name, slug, clocks = card_info()
+    return {"card": slug, "card_name": name, "clocks": clocks, "commit": commit(),
+            "versions": versions(), "date": datetime.date.today().isoformat()}
+
+
+def write_records(records, out_dir, kind, meta):
+    """records as JSON in out_dir/<kind>-<card>-<date>.json (the folder made if missing)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{kind}-{meta['card']}-{meta['date']}.json"
+    path.write_text(json.dumps(records, indent=1))
+    print(f"wrote {path}")
+    return path
+
+
 def ceilings():
     """The card's measured bf16 matmul and device-copy ceilings (TF/s, TB/s)."""
     n = 8192

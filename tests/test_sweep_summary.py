@@ -65,3 +65,13 @@ def test_main_rewrites_the_summary_of_a_json(records, tmp_path):
     text = (tmp_path / "sweep-H200-2026-11-27.md").read_text()
     assert text.startswith("# Sweep on NVIDIA H200 (2026-11-27, commit abc1234)")
     assert "Speed of light" in text
+
+
+def test_write_records_names_the_file_by_kind_card_and_date(tmp_path):
+    import sweep
+
+    meta = {"card": "H200", "date": "2026-11-27"}
+    records = [dict(meta, ms=1.5)]
+    path = sweep.write_records(records, tmp_path / "new", "bench-cache", meta)
+    assert path == tmp_path / "new" / "bench-cache-H200-2026-11-27.json"
+    assert json.loads(path.read_text()) == records
