@@ -133,6 +133,11 @@ def test_key_lists_machine_code(config):
 def test_key_lists_configs_cover_both_directions_and_forms():
     seen = {(c.to_lists, c.packed) for c in kcompile.all_key_lists_configs()}
     assert len(seen) == 4
+    # The host's copy of the lists -> bits bound (key_index does not import the DSL).
+    from fgattn_cute.host import key_index
+    from fgattn_cute.kernels import key_lists_sm90
+
+    assert key_index._MAX_SEQLEN_K_BITS == key_lists_sm90.MAX_SEQLEN_K
 
 
 def test_tile_means_configs_cover_dtype_head_dim_and_q_tile():

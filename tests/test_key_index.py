@@ -229,3 +229,18 @@ def test_conversion_backends_on_cpu():
             call("cute")
         with pytest.raises(ValueError, match="backend: expected one of"):
             call("triton")
+
+
+def test_conversion_launchers_check_row_widths():
+    """The launch helpers refuse rows of the wrong width before any kernel runs."""
+    from fgattn_cute.host.launch import run_keep_bits_to_lists_sm90, run_lists_to_keep_bits_sm90
+
+    with pytest.raises(ValueError, match=r"bits: expected \[rows, 38\]"):
+        run_keep_bits_to_lists_sm90(torch.zeros(2, 37, dtype=torch.uint8), 300, 384, True)
+    with pytest.raises(ValueError, match=r"bits: expected \[rows, 300\]"):
+        run_keep_bits_to_lists_sm90(torch.zeros(2, 38, dtype=torch.uint8), 300, 384, False)
+    lists = torch.zeros(2, 384, dtype=torch.int32)
+    counts = torch.zeros(2, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"out: expected \[2, 38\]"):
+        run_lists_to_keep_bits_sm90(lists, counts, 300, True, out=torch.zeros(2, 37,
+                                                                            dtype=torch.uint8))

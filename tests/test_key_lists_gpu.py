@@ -45,16 +45,50 @@ def test_from_mask_and_back(sk, keep):
     _same(packed.unpack(backend="cute"), ref)
 
 
-@pytest.mark.parametrize("sk", [33, 32760])
+@pytest.mark.parametrize("sk", [300, 32760])
 def test_tight_capacity_and_strided_mask(sk):
     full = _mask(1, 2, 3, 4, 2 * sk, 0.1)
+    full[-1, -1, -1] = False  # (no full row: the capacity can be below seqlen_k)
     mask = full[..., ::2]  # not contiguous
     cap = 128 * math.ceil(int(mask.sum(-1).max()) / 128)
+    assert cap < sk
     ref = fg.KeyIndex.from_mask(mask, 128, 500, capacity=cap, backend="torch")
     got = fg.KeyIndex.from_mask(mask, 128, 500, capacity=cap, backend="cute")
     assert got.capacity == cap
     _same(got, ref)
     _same(got.pack(backend="cute").unpack(capacity=cap, backend="cute"), ref)
+
+
+def test_strided_counts_of_an_untrusted_index():
+    ref = fg.KeyIndex.from_mask(_mask(4, 1, 2, 3, 500, 0.2), 128, 300)
+    counts = torch.stack([ref.counts, ref.counts], dim=-1)[..., 0]  # stride 2
+    index = fg.KeyIndex(ref.indices, counts, 128, 300, 500)
+    assert torch.equal(index.to_mask(backend="cute"), ref.to_mask(backend="torch"))
+    assert torch.equal(index.pack(backend="cute").bitmap, ref.pack(backend="torch").bitmap)
+
+
+def test_auto_runs_the_kernels_and_compile_traces_torch(monkeypatch):
+    from fgattn_cute.host import launch
+
+    calls = []
+    for name in ("run_keep_bits_to_lists_sm90", "run_lists_to_keep_bits_sm90"):
+        real = getattr(launch, name)
+        monkeypatch.setattr(launch, name, lambda *a, real=real, name=name, **kw: (
+            calls.append(name), real(*a, **kw))[1])
+    mask = _mask(6, 1, 2, 2, 700, 0.3)
+    index = fg.KeyIndex.from_mask(mask, 128, 256)
+    index.pack().unpack()
+    index.to_mask()
+    assert sorted(set(calls)) == ["run_keep_bits_to_lists_sm90", "run_lists_to_keep_bits_sm90"]
+    assert len(calls) == 4
+    # While torch.compile traces, "auto" takes the torch ops (the kernels are opaque to it).
+    calls.clear()
+    torch._dynamo.reset()
+    fn = torch.compile(lambda m: fg.KeyIndex.from_mask(m, 128, 256).pack().unpack().to_mask(),
+                       fullgraph=True, backend="aot_eager")
+    assert torch.equal(fn(mask), mask)
+    assert calls == []
+    torch._dynamo.reset()
 
 
 def test_unpack_ignores_bits_past_seqlen_k():
@@ -108,14 +142,15 @@ def test_launch_outputs_poisoned_and_counts_past_capacity():
         assert torch.equal(got, want)
 
 
-def test_auto_picks_the_kernel_and_limits():
+def test_limits_of_the_lists_to_bits_kernel():
     mask = _mask(3, 1, 1, 2, 200, 0.5)
-    index = fg.KeyIndex.from_mask(mask, 128, 200)  # auto
-    _same(index, fg.KeyIndex.from_mask(mask, 128, 200, backend="torch"))
+    index = fg.KeyIndex.from_mask(mask, 128, 200)
     long = fg.KeyIndex.dense(1, 1, 128, 131073, 128, "cuda")
     with pytest.raises(RuntimeError, match="131072"):
         long.pack(backend="cute")
     assert torch.equal(long.pack().bitmap, long.pack(backend="torch").bitmap)  # auto: torch
+    # Bits -> lists has no such bound.
+    _same(long.pack().unpack(backend="cute"), long)
     with pytest.raises(ValueError, match="backend"):
         index.pack(backend="cuda")
 

@@ -13,12 +13,13 @@ groups of up to 128 entries. Builders that take ``capacity`` round it up to a mu
 
 The builders (``from_mask``, ``from_block_mask``, ``dense``, ``PackedKeyIndex.unpack``) and
 ``to_mask``, ``density``, ``pack`` run on the input's device with no host synchronisation, so
-they can run inside CUDA graphs. The conversions between keep bits and lists (``from_mask``,
-``to_mask``, ``pack``, ``unpack``) take ``backend``: "cute" (one sm90 kernel each, see
-``fgattn_cute.kernels.key_lists_sm90``: a ``SparsityCache`` runs them per layer and step),
-"torch" (plain tensor ops, any device, traceable by ``torch.compile``) or "auto" (the kernel on
-a Hopper GPU, except while ``torch.compile`` traces; torch otherwise). Both give the same
-tensors.
+they can run inside CUDA graphs (on Hopper, call a conversion once before capturing: its kernel
+is compiled or loaded on first use). The conversions between keep bits and lists
+(``from_mask``, ``to_mask``, ``pack``, ``unpack``) take ``backend``: "cute" (one sm90 kernel
+each, see ``fgattn_cute.kernels.key_lists_sm90``: a ``SparsityCache`` runs them per layer and
+step; ``to_mask`` and ``pack`` up to 131,072 keys), "torch" (plain tensor ops, any device,
+traceable by ``torch.compile``) or "auto" (the kernel on a Hopper GPU where it runs the call,
+except while ``torch.compile`` traces; torch otherwise). Both give the same tensors.
 
 Trust: an index made by a builder, or checked by ``validate()``, is *trusted*: ``sparse_attention``
 then checks only shapes, dtypes and devices. An index made by calling ``KeyIndex(...)`` directly is
@@ -471,10 +472,11 @@ class KeyIndex:
         """bool [B, H, n_q_tiles, seqlen_k]: True where the tile keeps the key. No host sync
         (for a trusted index; an untrusted one is validated first). ``backend``: see the module
         docstring."""
+        kernel = _use_kernel(backend, self.device, self.seqlen_k, bitmap_bound=True)
         self.validate()
         n_rows, idx_rows, cnt_rows = self._rows()
         sk, cap = self.seqlen_k, self.capacity
-        if _use_kernel(backend, self.device, sk, bitmap_bound=True):
+        if kernel:
             out = self._bits_kernel(idx_rows, cnt_rows, packed=False).view(torch.bool)
             return out.reshape(self.batch, self.heads, self.n_q_tiles, sk)
         out = torch.empty(n_rows, sk, dtype=torch.bool, device=self.device)
@@ -501,11 +503,12 @@ class KeyIndex:
         """The compact form: a ``PackedKeyIndex`` bitmap (bit j % 8 of byte j // 8 set when key j
         is kept). No host sync (for a trusted index; an untrusted one is validated first).
         ``backend``: see the module docstring."""
+        kernel = _use_kernel(backend, self.device, self.seqlen_k, bitmap_bound=True)
         self.validate()
         n_rows, idx_rows, cnt_rows = self._rows()
         n_bytes = _cdiv(self.seqlen_k, 8)
         cap = self.capacity
-        if _use_kernel(backend, self.device, self.seqlen_k, bitmap_bound=True):
+        if kernel:
             out = self._bits_kernel(idx_rows, cnt_rows, packed=True)
             bitmap = out.reshape(self.batch, self.heads, self.n_q_tiles, n_bytes)
             return PackedKeyIndex(bitmap, self.q_tile, self.seqlen_q, self.seqlen_k)
@@ -525,8 +528,9 @@ class KeyIndex:
     def _bits_kernel(self, idx_rows, cnt_rows, packed):
         from .launch import run_lists_to_keep_bits_sm90
 
-        return run_lists_to_keep_bits_sm90(idx_rows.contiguous(), cnt_rows.reshape(-1),
-                                           self.seqlen_k, packed)
+        return run_lists_to_keep_bits_sm90(idx_rows.contiguous(),
+                                           cnt_rows.reshape(-1).contiguous(), self.seqlen_k,
+                                           packed)
 
     def to(self, device, non_blocking=False):
         """A copy on ``device`` (same trust)."""

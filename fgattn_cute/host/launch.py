@@ -161,6 +161,10 @@ def run_keep_bits_to_lists_sm90(
     non-zero = kept; a bool mask viewed as uint8). Counts are exact even past the capacity
     (those keys are not written); the caller checks them. indices / counts: optional
     preallocated outputs (every element is written)."""
+    width = -(-seqlen_k // 8) if packed else seqlen_k
+    if bits.dim() != 2 or bits.shape[1] != width:
+        raise ValueError(f"bits: expected [rows, {width}] for seqlen_k={seqlen_k}, got "
+                         f"{tuple(bits.shape)}")
     fn = compile_fwd(KeyListsConfig(to_lists=True, packed=packed))
     n_rows = bits.shape[0]
     if indices is None:
@@ -190,11 +194,13 @@ def run_lists_to_keep_bits_sm90(
 
     if seqlen_k > MAX_SEQLEN_K:
         raise ValueError(f"seqlen_k: the kernel runs up to {MAX_SEQLEN_K}, got {seqlen_k}")
-    fn = compile_fwd(KeyListsConfig(to_lists=False, packed=packed))
     n_rows = indices.shape[0]
     width = -(-seqlen_k // 8) if packed else seqlen_k
     if out is None:
         out = torch.empty(n_rows, width, dtype=torch.uint8, device=indices.device)
+    if tuple(out.shape) != (n_rows, width):
+        raise ValueError(f"out: expected [{n_rows}, {width}], got {tuple(out.shape)}")
+    fn = compile_fwd(KeyListsConfig(to_lists=False, packed=packed))
     if n_rows == 0:  # (an empty grid is a launch error)
         return out
     with torch.cuda.device(indices.device):

@@ -29,7 +29,7 @@ MAX_SEQLEN_K = 1 << 17  # ListsToKeepBitsSm90's shared bitmap: 16 KiB
 
 class KeepBitsToListsSm90:
     """Keep bits -> lists. ``packed``: the bits come as a bitmap (uint8 [R, ceil(Sk / 8)]),
-    else as a mask (uint8 or bool bytes [R, Sk], non-zero = kept)."""
+    else as a mask (uint8 [R, Sk], non-zero = kept; a bool mask viewed as uint8)."""
 
     def __init__(self, packed: bool, num_warps: int = 8):
         self.packed = packed

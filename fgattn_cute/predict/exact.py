@@ -362,5 +362,8 @@ def calibrate(q, k, q_tile=128, threshold=0.5, softmax_scale=None, always_keep=N
     mask = (mask_fn or tile_keep_mask)(q, k, lse, q_tile, scale, threshold)
     if keep is not None:
         mask |= keep
-    return KeyIndex.from_mask(mask, q_tile, q.shape[1], capacity=capacity)
+    # backend="torch" runs torch throughout (the conversion too); else the conversion kernel
+    # where it runs.
+    return KeyIndex.from_mask(mask, q_tile, q.shape[1], capacity=capacity,
+                              backend="torch" if backend == "torch" else "auto")
 

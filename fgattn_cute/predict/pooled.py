@@ -305,7 +305,8 @@ def pooled_top_p(q, k, q_tile=128, p=0.9, softmax_scale=None, always_keep=None, 
     with a float32 output (0.8 GB), one read of it by the selection kernel, and the lists (0.8
     GB); 2.5 ms on an H200 (0.13x FA4 dense). Torch path: a float32 [R, D] x [D, Sk] matmul, a
     softmax, ``top_p_mask`` (three histogram rounds) and ``KeyIndex.from_mask``, tens of bytes
-    per (row, key) in eager torch: 48 ms there.
+    per (row, key) in eager torch: 48 ms there (session 2's measurement, before the
+    ``from_mask`` kernel that ``backend="auto"`` now uses on this path).
     """
     _args.check_qk(q, k)
     q_tile = _args.check_q_tile(q_tile)
@@ -327,4 +328,7 @@ def pooled_top_p(q, k, q_tile=128, p=0.9, softmax_scale=None, always_keep=None, 
         mask[b, h0:h1, t0:t1] = _select(rows, p, select_fn).view(h1 - h0, t1 - t0, sk)
     if keep is not None:
         mask |= keep
-    return KeyIndex.from_mask(mask, q_tile, q.shape[1], capacity=capacity)
+    # backend="torch" runs torch throughout (the conversion too); else the conversion kernel
+    # where it runs.
+    return KeyIndex.from_mask(mask, q_tile, q.shape[1], capacity=capacity,
+                              backend="torch" if backend == "torch" else "auto")
