@@ -55,13 +55,35 @@ def load_kernel_class(path: str | None):
 
 
 def compile_variant(cls, config: KernelConfig):
+    """The variant compiled for `config`, as f(q, k, v, out, lse, indices, counts, scale)."""
+    import inspect
+
     import cutlass
     import cutlass.cute as cute
 
     dtype = {"bfloat16": cutlass.BFloat16, "float16": cutlass.Float16}[config.dtype]
+    # max_ctas only to kernels that take it (older variants lack it; wrappers set their own)
+    takes = "max_ctas" in inspect.signature(cls.__init__).parameters
+    extra = {"max_ctas": config.max_ctas} if config.max_ctas and takes else {}
     kernel = cls(dtype, config.head_dim, q_tile=config.q_tile, tile_n=config.tile_n,
-                 num_stages=config.num_stages, engine=config.engine)
-    return cute.compile(kernel, *config.fake_args(), options="--enable-tvm-ffi")
+                 num_stages=config.num_stages, engine=config.engine, **extra)
+    args = list(config.fake_args())
+    # Variants from before the persistent scheduler take no tile counter.
+    has_counter = "mTileCounter" in inspect.signature(cls.__call__).parameters
+    if not has_counter:
+        del args[7]
+    fn = cute.compile(kernel, *args, options="--enable-tvm-ffi")
+    persistent = bool(getattr(kernel, "max_ctas", 0))
+
+    def run(q, k, v, out, lse, indices, counts, scale):
+        if not has_counter:
+            return fn(q, k, v, out, lse, indices, counts, scale)
+        # a persistent kernel's tile counter must be zero at each launch
+        counter = (torch.zeros if persistent else torch.empty)(1, dtype=torch.int32,
+                                                                device=q.device)
+        return fn(q, k, v, out, lse, indices, counts, counter, scale)
+
+    return run
 
 
 def main(argv=None):
@@ -71,6 +93,9 @@ def main(argv=None):
     p.add_argument("--shapes", default="wan480-h12,cogvideox")
     p.add_argument("--keeps", default="1,0.5,0.3,0.1")
     p.add_argument("--engine", default=None)
+    p.add_argument("--q-tile", type=int, default=128)
+    p.add_argument("--spread", type=float, default=0.0,
+                   help="list lengths keep x U[1 - spread, 1 + spread] per query tile")
     p.add_argument("--reps", type=int, default=5, help="timed runs per round (median)")
     p.add_argument("--rounds", type=int, default=5, help="rounds over all variants")
     args = p.parse_args(argv)
@@ -87,7 +112,7 @@ def main(argv=None):
     rows = []
     for shape in args.shapes.split(","):
         S, H, D = SHAPES[shape]
-        config = default_config(D, "bfloat16", 128, args.engine)
+        config = default_config(D, "bfloat16", args.q_tile, args.engine)
         fns = {
             v: compile_variant(cls, dataclasses.replace(config, num_stages=stages[v] or
                                                         config.num_stages))
@@ -98,7 +123,8 @@ def main(argv=None):
                    for _ in range(3))
         dense = baselines.fa4_dense(q, k, v)
         for keep in (float(x) for x in args.keeps.split(",")):
-            index = baselines.random_lists(1, H, S, S, 128, keep, "cuda")
+            index = baselines.random_lists(1, H, S, S, args.q_tile, keep, "cuda",
+                                           spread=args.spread)
             runs, checks, first = {}, {}, None
             for vname, fn in fns.items():
                 out = torch.full_like(q, float("nan"))
@@ -145,7 +171,7 @@ def reference_error(q, k, v, index, out):
 
     S, D = q.shape[1], q.shape[3]
     head0 = fg.KeyIndex.from_indices(index.indices[:, :1].contiguous(),
-                                     index.counts[:, :1].contiguous(), 128, S, S,
+                                     index.counts[:, :1].contiguous(), index.q_tile, S, S,
                                      validate=False)
     ref = fg.reference.sparse_attention(q[:, :, :1], k[:, :, :1], v[:, :, :1], head0,
                                         softmax_scale=D**-0.5)

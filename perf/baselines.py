@@ -26,20 +26,31 @@ def random_qkv(seqlen, heads, head_dim, gen, dtype=torch.bfloat16):
                              dtype=dtype) for _ in range(3))
 
 
-def random_lists(B, H, seqlen_q, seqlen_k, q_tile, keep, device, seed=0):
-    """M x 1 key lists with exactly round(keep * seqlen_k) random keys per query tile."""
+def random_lists(B, H, seqlen_q, seqlen_k, q_tile, keep, device, seed=0, spread=0.0):
+    """M x 1 key lists with exactly round(keep * seqlen_k) random keys per query tile, or with
+    spread > 0 round(keep * f * seqlen_k) keys, f uniform in [1 - spread, 1 + spread] per tile
+    (lists of unequal length, as predictors give: the load a scheduler has to balance)."""
     T = math.ceil(seqlen_q / q_tile)
     n = max(1, min(seqlen_k, round(keep * seqlen_k)))
-    if n == seqlen_k:
+    if n == seqlen_k and spread == 0:
         return fg.KeyIndex.dense(B, H, seqlen_q, seqlen_k, q_tile, device)
-    cap = math.ceil(n / 128) * 128
-    indices = torch.zeros(B, H, T, cap, dtype=torch.int32, device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
+    if spread == 0:
+        counts = torch.full((B, H, T), n, dtype=torch.int32, device=device)
+    else:
+        factor = 1 + spread * (2 * torch.rand(B, H, T, generator=gen, device=device) - 1)
+        counts = (keep * factor * seqlen_k).round().clamp(1, seqlen_k).int()
+    n_max = n if spread == 0 else int(counts.max())
+    cap = math.ceil(n_max / 128) * 128
+    indices = torch.zeros(B, H, T, cap, dtype=torch.int32, device=device)
+    slot = torch.arange(n_max, device=device)
     for b in range(B):
         for h in range(H):  # one head at a time bounds the scratch memory
             order = torch.rand(T, seqlen_k, generator=gen, device=device).argsort(-1)
-            indices[b, h, :, :n] = order[:, :n].sort(-1).values.int()
-    counts = torch.full((B, H, T), n, dtype=torch.int32, device=device)
+            # each tile's first counts[t] keys of a random order, ascending, zeros after them
+            kept = torch.where(slot < counts[b, h, :, None], order[:, :n_max], seqlen_k)
+            kept = kept.sort(-1).values
+            indices[b, h, :, :n_max] = torch.where(kept < seqlen_k, kept, 0).int()
     return fg.KeyIndex.from_indices(indices, counts, q_tile, seqlen_q, seqlen_k, validate=False)
 
 

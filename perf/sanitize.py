@@ -7,7 +7,8 @@ conversions, for compute-sanitizer (memcheck, racecheck).
 
 Three query tiles with an empty list, a dense list and a random partial one, B=1, H=2, so
 every code path (gather, contiguous tile, padding, empty tile, partial last tile) runs once.
-The predictors: calibrate (two query tiles per CTA, the second absent for the last pair),
+Persistent CTAs (two to four for six tiles) with O in its own buffer and over Q. The
+predictors: calibrate (two query tiles per CTA, the second absent for the last pair),
 pooled top-p from shared-memory rows and from rows kept in global memory.
 """
 
@@ -44,6 +45,25 @@ for engine in ("cpasync", "tma", "hybrid"):
     torch.cuda.synchronize()
     err = ((out.float() - ref).norm() / ref.norm()).item()
     report(f"{engine}: relative error {err:.2e}", err < 1e-2)
+
+# Persistent CTAs, fewer than the tiles, so that CTAs take further tiles from the counter: O in
+# its own buffer (2 stages) and O over Q (3 stages), and hdim 64 as shipped.
+from fgattn_cute.host.compile import KernelConfig  # noqa: E402
+from fgattn_cute.host.launch import run_fwd_sm90  # noqa: E402
+
+q64, k64, v64 = (t[..., :64].contiguous() for t in (q, k, v))
+ref64 = fg.reference.sparse_attention(q64, k64, v64, index)
+for config, inputs, want in (
+    (KernelConfig(128, "bfloat16", 128, "cpasync", 128, 2, max_ctas=2), (q, k, v), ref),
+    (KernelConfig(128, "bfloat16", 128, "cpasync", 128, 3, max_ctas=2), (q, k, v), ref),
+    (KernelConfig(64, "bfloat16", 128, "cpasync", 128, 3, max_ctas=4), (q64, k64, v64), ref64),
+):
+    out, _ = run_fwd_sm90(*inputs, index.indices, index.counts, 128, inputs[0].shape[-1] ** -0.5,
+                          config=config)
+    torch.cuda.synchronize()
+    err = ((out.float() - want).norm() / want.norm()).item()
+    report(f"persistent {config.head_dim}/{config.num_stages} stages: relative error {err:.2e}",
+           err < 1e-2)
 
 # The predictor kernels, checked against their torch paths on the same inputs.
 for threshold in (1.0, 8.0):

@@ -11,7 +11,11 @@ os.environ["CUTE_DSL_KEEP"] = "cubin"
 
 from fgattn_cute.host import compile as kcompile  # noqa: E402
 
-CONFIGS = kcompile.all_configs()
+CONFIGS = kcompile.all_configs() + [
+    # persistent CTAs at hdim 128 (not shipped by default): O in its own buffer, and O over Q
+    kcompile.KernelConfig(128, "bfloat16", 128, "cpasync", 128, 2, max_ctas=132),
+    kcompile.KernelConfig(128, "float16", 128, "tma", 128, 3, max_ctas=132),
+]
 
 
 def _hist(config):
@@ -150,6 +154,27 @@ def test_tile_means_configs_cover_dtype_head_dim_and_q_tile():
 def test_every_engine_dtype_head_dim_and_q_tile_is_covered():
     seen = {(c.head_dim, c.dtype, c.q_tile, c.engine) for c in CONFIGS}
     assert len(seen) == 2 * 2 * 2 * len(kcompile.ENGINES)
+
+
+def test_persistent_ctas_where_measured_faster():
+    """Persistent CTAs by default at hdim 64 only (perf/NOTES.md, step 12), one per SM."""
+    for config in kcompile.all_configs():
+        assert config.max_ctas == (132 if config.head_dim == 64 else 0), config
+    assert kcompile.default_config(64, "bfloat16", 128, num_sms=114).max_ctas == 114
+    with pytest.raises(ValueError, match="max_ctas"):
+        kcompile.KernelConfig(128, "bfloat16", max_ctas=-1)
+
+
+def test_o_gets_its_own_buffer_where_it_fits():
+    import cutlass
+
+    from fgattn_cute.kernels.fg_fwd_sm90 import FgAttentionForwardSm90
+
+    # Q 32 KiB + O 32 KiB + 2 stages x (K + V) 128 KiB fits; with 3 stages O goes over Q.
+    assert FgAttentionForwardSm90(cutlass.BFloat16, 128, num_stages=2, max_ctas=132).separate_o
+    assert not FgAttentionForwardSm90(cutlass.BFloat16, 128, num_stages=3, max_ctas=8).separate_o
+    assert FgAttentionForwardSm90(cutlass.BFloat16, 64, num_stages=4, max_ctas=8).separate_o
+    assert not FgAttentionForwardSm90(cutlass.BFloat16, 128, num_stages=2).separate_o  # 1 per tile
 
 
 def test_config_rejects_what_the_kernel_lacks():

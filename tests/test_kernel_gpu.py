@@ -23,6 +23,14 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 CONFIGS = all_configs() + [
     KernelConfig(128, "bfloat16", 128, "cpasync", 128, 3),
     KernelConfig(64, "bfloat16", 128, "cpasync", 128, 4),
+    # Persistent CTAs, so few that each works through several query tiles (empty, dense,
+    # one-key and partial ones among them): O in its own buffer, and O over Q (3 stages at
+    # hdim 128); one CTA for every tile.
+    KernelConfig(128, "bfloat16", 128, "cpasync", 128, 2, max_ctas=3),
+    KernelConfig(128, "float16", 128, "cpasync", 128, 3, max_ctas=4),
+    KernelConfig(128, "bfloat16", 64, "tma", 128, 2, max_ctas=2),
+    KernelConfig(64, "bfloat16", 128, "hybrid", 128, 3, max_ctas=5),
+    KernelConfig(64, "float16", 64, "cpasync", 128, 3, max_ctas=1),
 ]
 
 

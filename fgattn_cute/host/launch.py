@@ -6,6 +6,8 @@ tvm-ffi with the torch tensors themselves, on torch's current stream.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from fgattn_cute.host.compile import (
@@ -23,7 +25,19 @@ _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def config_for(q: torch.Tensor, q_tile: int, engine: str | None = None) -> KernelConfig:
-    return default_config(q.shape[-1], _DTYPE_NAMES[q.dtype], q_tile, engine)
+    return default_config(
+        q.shape[-1], _DTYPE_NAMES[q.dtype], q_tile, engine, _num_sms(q.device)
+    )
+
+
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.cache
+def _unused_counter(device: torch.device) -> torch.Tensor:
+    """The tile counter argument of kernels with one CTA per tile, which never touch it."""
+    return torch.zeros(1, dtype=torch.int32, device=device)
 
 
 def run_fwd_sm90(
@@ -49,8 +63,13 @@ def run_fwd_sm90(
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if lse is None:
         lse = torch.empty(batch, heads, seqlen_q, dtype=torch.float32, device=q.device)
+    if config.max_ctas:
+        # Persistent CTAs take query tiles from this counter: zero at every launch.
+        tile_counter = torch.zeros(1, dtype=torch.int32, device=q.device)
+    else:
+        tile_counter = _unused_counter(q.device)
     with torch.cuda.device(q.device):
-        fn(q, k, v, out, lse, indices, counts, float(softmax_scale))
+        fn(q, k, v, out, lse, indices, counts, tile_counter, float(softmax_scale))
     return out, lse
 
 

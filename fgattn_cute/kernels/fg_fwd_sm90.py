@@ -1,15 +1,19 @@
 """Fine-grained (M x 1) sparse attention forward for Hopper (sm_90a).
 
-One CTA per (query tile, head, batch). Warp specialised, FlashAttention-3 style:
+One CTA per (query tile, head, batch), or with `max_ctas` persistent CTAs (one per SM) that
+each work through query tiles block, block + grid, ... Warp specialised, FlashAttention-3
+style:
 
-- warpgroup 0, the producer (registers given back with setmaxnreg): loads the Q tile by TMA
-  once, then for every group of `tile_n` kept keys gathers those K rows and the same V rows
-  into the next stage of a ring of 128B-swizzled smem tiles (one mbarrier ring for K, one for
-  V); with the engines that use cp.async, K runs one stage ahead of V.
+- warpgroup 0, the producer (registers given back with setmaxnreg): for each query tile loads
+  its Q by TMA, then for every group of `tile_n` kept keys gathers those K rows and the same V
+  rows into the next stage of a ring of 128B-swizzled smem tiles (one mbarrier ring for K,
+  one for V; the rings run on from one tile to the next); with the engines that use cp.async,
+  K runs one stage ahead of V.
 - warpgroups 1.. (one per 64 query rows), the consumers: S = Q K^T by wgmma from smem, padding
   slots of the last stage masked to -inf, online softmax in registers (exp2, scale folded in),
   P converted to 16 bits and fed from registers to wgmma O += P V; then O / rowsum goes to
-  smem (over Q) and out by one TMA store, and the LSE straight to global memory.
+  smem (its own buffer when persistent and it fits, else over Q) and out by one TMA store,
+  and the LSE straight to global memory.
 
 A query tile whose list is empty writes O = 0 and LSE = -inf.
 """
@@ -41,6 +45,8 @@ WARPGROUP = 128
 # Named hardware barriers (0 is __syncthreads).
 BARRIER_EPILOGUE = 1
 BARRIER_SCHED = 2  # and 3: one per consumer warpgroup
+BARRIER_PRODUCER = 4
+SMEM_BYTES = 232448  # 227 KiB per CTA on sm_90
 
 Engine = Literal["cpasync", "tma", "hybrid"]
 
@@ -57,6 +63,7 @@ class FgAttentionForwardSm90:
         num_stages: int = 2,
         engine: Engine = "cpasync",
         gather_only: bool = False,
+        max_ctas: int = 0,
     ):
         if dtype not in (cutlass.BFloat16, cutlass.Float16):
             raise TypeError(f"dtype must be BFloat16 or Float16, got {dtype}")
@@ -102,8 +109,17 @@ class FgAttentionForwardSm90:
         self.stage_bytes = tile_n * head_dim * dtype.width // 8
         self.q_bytes = q_tile * head_dim * dtype.width // 8
         smem = self.q_bytes + 2 * num_stages * self.stage_bytes + 1024
-        if smem > 232448:
+        if smem > SMEM_BYTES:
             raise ValueError(f"{num_stages} stages need {smem} bytes of shared memory (> 227 KiB)")
+        # Persistent CTAs: max_ctas > 0 launches at most that many CTAs (one per SM), each
+        # working through query tiles tile, tile + grid, ...; the producer then loads the next
+        # tile's Q and first stages while the consumers finish the current one. 0: one CTA per
+        # tile. O gets its own smem buffer where it fits, so the next Q need not wait for the
+        # epilogue's store; otherwise O goes over Q and the next Q waits for that store.
+        if max_ctas < 0:
+            raise ValueError(f"max_ctas must be >= 0, got {max_ctas}")
+        self.max_ctas = max_ctas
+        self.separate_o = max_ctas > 0 and smem + self.q_bytes <= SMEM_BYTES
 
     # ---------------------------------------------------------------- host side
     def _smem_layout(self, rows: int, stages: int | None = None):
@@ -141,6 +157,7 @@ class FgAttentionForwardSm90:
         mLSE: cute.Tensor,  # [B, H, Sq] float32
         mIndices: cute.Tensor,  # [B, H, n_q_tiles, capacity] int32
         mCounts: cute.Tensor,  # [B, H, n_q_tiles] int32
+        mTileCounter: cute.Tensor,  # [1] int32, zero at launch (persistent CTAs only)
         softmax_scale: Float32,
         stream: cuda.CUstream,
     ):
@@ -172,14 +189,18 @@ class FgAttentionForwardSm90:
 
         stages = self.num_stages
 
+        o_elems = cute.cosize(sQ_layout) if const_expr(self.separate_o) else 0
+
         @cute.struct
         class SharedStorage:
-            bar_q: cute.struct.MemRange[cutlass.Int64, 1]
+            bar_q: cute.struct.MemRange[cutlass.Int64, 2]  # full, empty
+            tile_ids: cute.struct.MemRange[Int32, 2]  # the next query tiles, for all warps
             bar_k: cute.struct.MemRange[cutlass.Int64, 2 * stages]
             bar_v: cute.struct.MemRange[cutlass.Int64, 2 * stages]
             sQ: cute.struct.Align[
                 cute.struct.MemRange[self.dtype, cute.cosize(sQ_layout)], 1024
             ]
+            sO: cute.struct.Align[cute.struct.MemRange[self.dtype, o_elems], 1024]
             sK: cute.struct.Align[
                 cute.struct.MemRange[self.dtype, cute.cosize(sKV_layout)], 1024
             ]
@@ -187,8 +208,11 @@ class FgAttentionForwardSm90:
                 cute.struct.MemRange[self.dtype, cute.cosize(sKV_layout)], 1024
             ]
 
-        n_q_tiles = cute.size(mCounts.shape[2])
-        grid = (n_q_tiles, cute.size(mQ.shape[2]), cute.size(mQ.shape[3]))
+        num_tiles = cute.size(mCounts.shape[2]) * cute.size(mQ.shape[2]) * cute.size(mQ.shape[3])
+        grid_x = num_tiles
+        if const_expr(self.max_ctas > 0):
+            grid_x = cutlass.min(num_tiles, self.max_ctas)
+        grid = (grid_x, 1, 1)
         self.kernel(
             tma_Q,
             mK,
@@ -198,6 +222,7 @@ class FgAttentionForwardSm90:
             mLSE,
             mIndices,
             mCounts,
+            mTileCounter,
             tma_atom_Q,
             (atom_K_row, atom_K_tile, atom_V_row, atom_V_tile),
             tma_atom_O,
@@ -228,6 +253,7 @@ class FgAttentionForwardSm90:
         mLSE: cute.Tensor,
         mIndices: cute.Tensor,
         mCounts: cute.Tensor,
+        mTileCounter: cute.Tensor,
         tma_atom_Q: cute.CopyAtom,
         atoms_KV: tuple,
         tma_atom_O: cute.CopyAtom,
@@ -240,7 +266,6 @@ class FgAttentionForwardSm90:
         SharedStorage: cutlass.Constexpr,
     ):
         warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
-        m_block, head, batch = cute.arch.block_idx()
         if warp_idx == 0:
             cpasync.prefetch_descriptor(tma_atom_Q)
             cpasync.prefetch_descriptor(tma_atom_O)
@@ -249,7 +274,7 @@ class FgAttentionForwardSm90:
 
         smem = cutlass.memory.SmemAllocator()
         storage = smem.allocate(SharedStorage)
-        bar_q = storage.bar_q.data_ptr()
+        bar_q = storage.bar_q.data_ptr()  # bar_q + 1: Q may be overwritten
         ring_k = StageRing(storage.bar_k.data_ptr(), self.num_stages)
         ring_v = StageRing(storage.bar_v.data_ptr(), self.num_stages)
         if warp_idx == 0:
@@ -257,6 +282,7 @@ class FgAttentionForwardSm90:
                 # TMA rows: one expect-tx arrival per fill; cp.async: one per producer thread.
                 empty_arrivals = self.num_mma_threads // 32
                 cute.arch.mbarrier_init(bar_q, 1)
+                cute.arch.mbarrier_init(bar_q + 1, self.q_release_arrivals())
                 ring_k.init(self.full_arrivals(self.k_method), empty_arrivals)
                 ring_v.init(self.full_arrivals(self.v_method), empty_arrivals)
         cute.arch.mbarrier_init_fence()
@@ -265,24 +291,46 @@ class FgAttentionForwardSm90:
         sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
         sK = storage.sK.get_tensor(sKV_layout.outer, swizzle=sKV_layout.inner)
         sV = storage.sV.get_tensor(sKV_layout.outer, swizzle=sKV_layout.inner)
-        indices = mIndices[batch, head, m_block, None]
-        count = mCounts[batch, head, m_block]
+        sO = sQ
+        if const_expr(self.separate_o):
+            sO = storage.sO.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
+
+        tile_ids = storage.tile_ids.get_tensor(cute.make_layout(2))
 
         if warp_idx < 4:
             cute.arch.setmaxregister_decrease(self.producer_regs)
             self.produce(
                 mQ, mK, mV, tma_KV, sQ, sK, sV, tma_atom_Q, atoms_KV,
-                bar_q, ring_k, ring_v, indices, count, m_block, head, batch,
+                bar_q, ring_k, ring_v, mIndices, mCounts, mTileCounter, tile_ids,
             )
         else:
             cute.arch.setmaxregister_increase(self.mma_regs)
             self.consume(
-                mO, mLSE, sQ, sK, sV, tma_atom_O, mma_qk, mma_pv, bar_q, ring_k, ring_v,
-                count, scale_log2, seqlen_q, m_block, head, batch,
+                mO, mLSE, sQ, sO, sK, sV, tma_atom_O, mma_qk, mma_pv, bar_q, ring_k, ring_v,
+                mCounts, tile_ids, scale_log2, seqlen_q,
             )
 
     def full_arrivals(self, method: str) -> int:
         return 1 if method == "tma" else WARPGROUP
+
+    def q_release_arrivals(self) -> int:
+        # With its own O buffer, each consumer warp releases Q after its last Q K^T; with O
+        # over Q, the thread that stores O releases it once the store has read the smem.
+        return self.num_mma_threads // 32 if self.separate_o else 1
+
+    @cute.jit
+    def tile_coords(self, tile: Int32, mCounts: cute.Tensor):
+        """(m_block, head, batch) of a linear tile index, query tiles of a head adjacent so
+        that the CTAs running at once share that head's K and V in L2."""
+        n_q_tiles = cute.size(mCounts.shape[2])
+        n_heads = cute.size(mCounts.shape[1])
+        rest = tile // n_q_tiles
+        return tile % n_q_tiles, rest % n_heads, rest // n_heads
+
+    def num_tiles(self, mCounts: cute.Tensor):
+        return cute.size(mCounts.shape[0]) * cute.size(mCounts.shape[1]) * cute.size(
+            mCounts.shape[2]
+        )
 
     @cute.jit
     def produce(
@@ -299,26 +347,86 @@ class FgAttentionForwardSm90:
         bar_q: cute.Pointer,
         ring_k: StageRing,
         ring_v: StageRing,
-        indices: cute.Tensor,
-        count: Int32,
-        m_block: Int32,
-        head: Int32,
-        batch: Int32,
+        mIndices: cute.Tensor,
+        mCounts: cute.Tensor,
+        mTileCounter: cute.Tensor,
+        tile_ids: cute.Tensor,
     ):
         tidx = cute.arch.thread_idx()[0]
         warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         lane = tidx % 32
-
-        # Q: one TMA copy of the whole tile (rows past seqlen_q are zero-filled).
-        if warp == 0:
-            gQ = cute.local_tile(
-                mQ[None, None, head, batch], (self.tile_m, self.head_dim), (m_block, 0)
+        num_tiles = self.num_tiles(mCounts)
+        tile = Int32(cute.arch.block_idx()[0])
+        fills = Int32(0)  # fills of each ring by earlier tiles: the rings run on across tiles
+        t = Int32(0)
+        while tile < num_tiles:
+            m_block, head, batch = self.tile_coords(tile, mCounts)
+            count = mCounts[batch, head, m_block]
+            next_tile = num_tiles
+            if const_expr(self.max_ctas > 0):
+                # Persistent CTAs take the next tile from a global counter (tiles 0 .. grid - 1
+                # went one to each CTA): a CTA whose lists were short takes more of them. The
+                # atomic is issued now and its value used after this tile's copies.
+                if tidx == 0:
+                    next_tile = cute.arch.atomic_add(mTileCounter.iterator, Int32(1)) + Int32(
+                        cute.arch.grid_dim()[0]
+                    )
+            # Q: one TMA copy of the whole tile (rows past seqlen_q are zero-filled), once the
+            # consumers no longer read the previous tile's Q (the first wait passes at once).
+            if warp == 0:
+                cute.arch.mbarrier_wait(bar_q + 1, (t % 2) ^ 1)
+                gQ = cute.local_tile(
+                    mQ[None, None, head, batch], (self.tile_m, self.head_dim), (m_block, 0)
+                )
+                tQsQ, tQgQ = tma_tile_partition(tma_atom_Q, sQ, gQ)
+                with cute.arch.elect_one():
+                    cute.arch.mbarrier_arrive_and_expect_tx(bar_q, self.q_bytes)
+                cute.copy(tma_atom_Q, tQgQ, tQsQ, tma_bar_ptr=bar_q)
+            self.produce_tile(
+                mK, mV, tma_KV, sK, sV, atoms_KV, ring_k, ring_v,
+                mIndices[batch, head, m_block, None], count, fills, head, batch, tidx, warp,
+                lane,
             )
-            tQsQ, tQgQ = tma_tile_partition(tma_atom_Q, sQ, gQ)
-            with cute.arch.elect_one():
-                cute.arch.mbarrier_arrive_and_expect_tx(bar_q, self.q_bytes)
-            cute.copy(tma_atom_Q, tQgQ, tQsQ, tma_bar_ptr=bar_q)
+            fills += cute.ceil_div(count, self.tile_n)
+            t += 1
+            if const_expr(self.max_ctas > 0):
+                # The next tile for the other producer warps and, with the next Q barrier
+                # phase, for the consumers.
+                if tidx == 0:
+                    tile_ids[t % 2] = next_tile
+                cute.arch.barrier(barrier_id=BARRIER_PRODUCER, number_of_threads=WARPGROUP)
+                next_tile = tile_ids[t % 2]
+            tile = next_tile
+        if const_expr(self.max_ctas > 0):
+            # No tile left: complete the Q phase the consumers wait on, without a copy, so
+            # that they read the end marker. Only after they are done with the last Q, so
+            # that this arrival cannot fall into the phase of the last copy.
+            if warp == 0:
+                cute.arch.mbarrier_wait(bar_q + 1, (t % 2) ^ 1)
+                with cute.arch.elect_one():
+                    cute.arch.mbarrier_arrive(bar_q)
 
+    @cute.jit
+    def produce_tile(
+        self,
+        mK: cute.Tensor,
+        mV: cute.Tensor,
+        tma_KV: tuple,
+        sK: cute.Tensor,
+        sV: cute.Tensor,
+        atoms_KV: tuple,
+        ring_k: StageRing,
+        ring_v: StageRing,
+        indices: cute.Tensor,
+        count: Int32,
+        fills: Int32,
+        head: Int32,
+        batch: Int32,
+        tidx: Int32,
+        warp: Int32,
+        lane: Int32,
+    ):
+        """Fill the K and V stages of one query tile's key list; `fills` earlier fills."""
         tma_K_row, tma_K_tile, tma_V_row, tma_V_tile = tma_KV
         atom_K_row, atom_K_tile, atom_V_row, atom_V_tile = atoms_KV
         gK_rows, sK_rows = self.tma_gather.partition(
@@ -350,9 +458,9 @@ class FgAttentionForwardSm90:
                         indices, (n + 1) * self.tile_n, count, warp, lane
                     )
                 if n < n_blocks:
-                    self.fill(self.k_method, k_src, n, keys, tidx, warp)
+                    self.fill(self.k_method, k_src, fills + n, keys, tidx, warp)
                 if n > 0:
-                    self.fill(self.v_method, v_src, n - 1, prev_keys, tidx, warp)
+                    self.fill(self.v_method, v_src, fills + n - 1, prev_keys, tidx, warp)
                 prev_keys = keys
                 keys = next_keys
         else:
@@ -363,8 +471,8 @@ class FgAttentionForwardSm90:
                     next_keys = self.fetch_stage_keys(
                         indices, (n + 1) * self.tile_n, count, warp, lane
                     )
-                self.fill(self.k_method, k_src, n, keys, tidx, warp)
-                self.fill(self.v_method, v_src, n, keys, tidx, warp)
+                self.fill(self.k_method, k_src, fills + n, keys, tidx, warp)
+                self.fill(self.v_method, v_src, fills + n, keys, tidx, warp)
                 keys = next_keys
 
     @cute.jit
@@ -465,6 +573,54 @@ class FgAttentionForwardSm90:
         mO: cute.Tensor,
         mLSE: cute.Tensor,
         sQ: cute.Tensor,
+        sO: cute.Tensor,
+        sK: cute.Tensor,
+        sV: cute.Tensor,
+        tma_atom_O: cute.CopyAtom,
+        mma_qk: cute.TiledMma,
+        mma_pv: cute.TiledMma,
+        bar_q: cute.Pointer,
+        ring_k: StageRing,
+        ring_v: StageRing,
+        mCounts: cute.Tensor,
+        tile_ids: cute.Tensor,
+        scale_log2: Float32,
+        seqlen_q: Int32,
+    ):
+        tidx = cute.arch.thread_idx()[0] - WARPGROUP
+        wg = cute.arch.make_warp_uniform(tidx // WARPGROUP)
+        self.scheduler_init(wg)
+        num_tiles = self.num_tiles(mCounts)
+        tile = Int32(cute.arch.block_idx()[0])
+        fills = Int32(0)
+        t = Int32(0)
+        cute.arch.mbarrier_wait(bar_q, 0)
+        while tile < num_tiles:
+            m_block, head, batch = self.tile_coords(tile, mCounts)
+            count = mCounts[batch, head, m_block]
+            self.consume_tile(
+                mO, mLSE, sQ, sO, sK, sV, tma_atom_O, mma_qk, mma_pv, bar_q, ring_k, ring_v,
+                count, fills, scale_log2, seqlen_q, m_block, head, batch, tidx, wg,
+            )
+            fills += cute.ceil_div(count, self.tile_n)
+            t += 1
+            next_tile = num_tiles
+            if const_expr(self.max_ctas > 0):
+                # The producer names the next tile (or one past the last) with its Q.
+                cute.arch.mbarrier_wait(bar_q, t % 2)
+                next_tile = tile_ids[t % 2]
+            tile = next_tile
+        if tidx == 0:
+            # The last O store must have read its smem before the CTA exits.
+            cute.arch.cp_async_bulk_wait_group(0, read=True)
+
+    @cute.jit
+    def consume_tile(
+        self,
+        mO: cute.Tensor,
+        mLSE: cute.Tensor,
+        sQ: cute.Tensor,
+        sO: cute.Tensor,
         sK: cute.Tensor,
         sV: cute.Tensor,
         tma_atom_O: cute.CopyAtom,
@@ -474,14 +630,16 @@ class FgAttentionForwardSm90:
         ring_k: StageRing,
         ring_v: StageRing,
         count: Int32,
+        fills: Int32,
         scale_log2: Float32,
         seqlen_q: Int32,
         m_block: Int32,
         head: Int32,
         batch: Int32,
+        tidx: Int32,
+        wg: Int32,
     ):
-        tidx = cute.arch.thread_idx()[0] - WARPGROUP
-        wg = cute.arch.make_warp_uniform(tidx // WARPGROUP)
+        """One query tile: its Q is in smem; its stages are fills `fills`, `fills` + 1, ..."""
         lane = tidx % 32
         thr_qk = mma_qk.get_slice(tidx)
         thr_pv = mma_pv.get_slice(tidx)
@@ -509,22 +667,20 @@ class FgAttentionForwardSm90:
         # V_{n-1}, and the softmax of S_n runs while the second wgmma is still in flight.
         # With two consumer warpgroups a pair of named barriers makes them take turns at
         # issuing their wgmmas, so one warpgroup's softmax hides behind the other's GEMMs.
-        self.scheduler_init(wg)
-        cute.arch.mbarrier_wait(bar_q, 0)
         n_blocks = cute.ceil_div(count, self.tile_n)
         if const_expr(self.gather_only):
             for n in cutlass.range(n_blocks, unroll=1):
-                stage, phase = ring_k.stage_phase(n)
-                self.wait_stage(ring_k, stage, phase)
+                stage, phase = ring_k.stage_phase(fills + n)
+                self.wait_stage(ring_k, stage, phase, self.k_method)
                 if lane == 0:
                     ring_k.release(stage)
-                self.wait_stage(ring_v, stage, phase)
+                self.wait_stage(ring_v, stage, phase, self.v_method)
                 if lane == 0:
                     ring_v.release(stage)
             n_blocks = 0
         if n_blocks > 0:
-            stage, phase = ring_k.stage_phase(0)
-            self.wait_stage(ring_k, stage, phase)
+            stage, phase = ring_k.stage_phase(fills)
+            self.wait_stage(ring_k, stage, phase, self.k_method)
             acc_S = cute.make_rmem_tensor(s_shape, Float32)
             self.gemm(mma_qk, acc_S, tSrQ, tSrK[None, None, None, stage], True, 0)
             if lane == 0:
@@ -534,13 +690,13 @@ class FgAttentionForwardSm90:
             tOrP.store(acc_as_operand_a(acc_S).load().to(self.dtype))
 
             for n in cutlass.range(1, n_blocks, unroll=1):
-                stage_prev, phase_prev = ring_v.stage_phase(n - 1)
-                stage, phase = ring_k.stage_phase(n)
-                self.wait_stage(ring_k, stage, phase)
+                stage_prev, phase_prev = ring_v.stage_phase(fills + n - 1)
+                stage, phase = ring_k.stage_phase(fills + n)
+                self.wait_stage(ring_k, stage, phase, self.k_method)
                 self.scheduler_wait(wg)
                 acc_S = cute.make_rmem_tensor(s_shape, Float32)
                 self.gemm(mma_qk, acc_S, tSrQ, tSrK[None, None, None, stage], True, -1)
-                self.wait_stage(ring_v, stage_prev, phase_prev)
+                self.wait_stage(ring_v, stage_prev, phase_prev, self.v_method)
                 self.gemm(mma_pv, acc_O, tOrP, tOrVt[None, None, None, stage_prev], False, -1)
                 self.scheduler_signal(wg)
                 warpgroup.wait_group(1)
@@ -555,8 +711,13 @@ class FgAttentionForwardSm90:
                 scale_rows(acc_O, rescale)
                 tOrP.store(acc_as_operand_a(acc_S).load().to(self.dtype))
 
-            stage, phase = ring_v.stage_phase(n_blocks - 1)
-            self.wait_stage(ring_v, stage, phase)
+        if const_expr(self.separate_o):
+            # Every Q K^T of this tile has completed: the producer may load the next Q.
+            if lane == 0:
+                cute.arch.mbarrier_arrive(bar_q + 1)
+        if n_blocks > 0:
+            stage, phase = ring_v.stage_phase(fills + n_blocks - 1)
+            self.wait_stage(ring_v, stage, phase, self.v_method)
             self.gemm(mma_pv, acc_O, tOrP, tOrVt[None, None, None, stage], False, 0)
             if lane == 0:
                 ring_v.release(stage)
@@ -564,7 +725,7 @@ class FgAttentionForwardSm90:
         inv_sum = softmax.finish()
         scale_rows(acc_O, inv_sum)
         self.epilogue(
-            acc_O, softmax.row_sum, mO, mLSE, sQ, tma_atom_O, mma_pv, thr_pv, tidx,
+            acc_O, softmax.row_sum, mO, mLSE, sO, tma_atom_O, mma_pv, thr_pv, bar_q, tidx,
             seqlen_q, m_block, head, batch,
         )
 
@@ -591,9 +752,11 @@ class FgAttentionForwardSm90:
             warpgroup.wait_group(wait)
 
     @cute.jit
-    def wait_stage(self, ring: StageRing, stage: Int32, phase: Int32):
+    def wait_stage(
+        self, ring: StageRing, stage: Int32, phase: Int32, method: cutlass.Constexpr[str]
+    ):
         ring.wait_full(stage, phase)
-        if const_expr(self.engine == "cpasync"):
+        if const_expr(method == "cpasync"):
             # cp.async writes through the generic proxy; wgmma reads through the async one.
             cute.arch.fence_view_async_shared()
 
@@ -628,14 +791,23 @@ class FgAttentionForwardSm90:
         tma_atom_O: cute.CopyAtom,
         mma_pv: cute.TiledMma,
         thr_pv: cute.ThrMma,
+        bar_q: cute.Pointer,
         tidx: Int32,
         seqlen_q: Int32,
         m_block: Int32,
         head: Int32,
         batch: Int32,
     ):
-        # O: registers -> smem (over Q: each warpgroup overwrites only the 64 rows it read,
-        # after its last wgmma completed) -> one TMA store, which clips rows past seqlen_q.
+        # O: registers -> smem (its own buffer, or over Q: each warpgroup overwrites only the
+        # 64 rows it read, after its last wgmma completed) -> one TMA store, which clips rows
+        # past seqlen_q.
+        if const_expr(self.separate_o):
+            # The previous tile's store must have read sO before it is overwritten.
+            if tidx == 0:
+                cute.arch.cp_async_bulk_wait_group(0, read=True)
+            cute.arch.barrier(
+                barrier_id=BARRIER_EPILOGUE, number_of_threads=self.num_mma_threads
+            )
         rO = cute.make_rmem_tensor_like(acc_O, self.dtype)
         rO.store(acc_O.load().to(self.dtype))
         store_atom = cute.make_copy_atom(
@@ -662,4 +834,7 @@ class FgAttentionForwardSm90:
             tOsO, tOgO = tma_tile_partition(tma_atom_O, sO, gO)
             cute.copy(tma_atom_O, tOsO, tOgO)
             cute.arch.cp_async_bulk_commit_group()
-            cute.arch.cp_async_bulk_wait_group(0, read=True)
+            if const_expr(not self.separate_o):
+                # O went over Q: the next tile's Q may come once the store has read it.
+                cute.arch.cp_async_bulk_wait_group(0, read=True)
+                cute.arch.mbarrier_arrive(bar_q + 1)

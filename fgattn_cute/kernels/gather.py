@@ -18,7 +18,7 @@ that row with a warp shuffle, so no copy waits on its own global load.
 
 import cutlass
 import cutlass.cute as cute
-from cutlass import Int32, Int64
+from cutlass import Int32, Uint32, Uint64
 from cutlass.cute.nvgpu import cpasync
 
 from fgattn_cute.kernels.layout import tma_tile_partition
@@ -158,12 +158,14 @@ class CpAsyncGather:
         tXsX = thr_copy.partition_D(sX_stage)  # (CPY, passes, chunks)
         tXcX = thr_copy.partition_S(cute.make_identity_tensor((self.tile_n, self.head_dim)))
         lane = tidx % WARP
-        base_addr = mX.iterator.toint()
-        row_bytes = Int64(mX.layout.stride[0]) * (self.dtype.width // 8)
         col_bytes = tXcX[0, 0, 0][1] * (self.dtype.width // 8)
+        base_addr = Uint64(mX.iterator.toint()) + Uint64(col_bytes)
+        # Keys are >= 0 and a row stride is an int32 count of elements, so the byte offset is
+        # one 32 x 32 -> 64-bit unsigned multiply-add (a signed 64-bit product costs five).
+        row_bytes = Uint64(Uint32(mX.layout.stride[0] * (self.dtype.width // 8)))
         for p in cutlass.range_constexpr(self.passes):
             key = cute.arch.shuffle_sync(lane_key, 4 * p + lane // self.threads_per_chunk)
-            row_addr = base_addr + Int64(key) * row_bytes + Int64(col_bytes)
+            row_addr = base_addr + Uint64(Uint32(key)) * row_bytes
             for c in cutlass.range_constexpr(cute.size(tXsX, mode=[2])):
                 src_ptr = cute.make_ptr(
                     self.dtype,
@@ -173,3 +175,4 @@ class CpAsyncGather:
                 )
                 src = cute.make_tensor(src_ptr, tXsX[None, p, c].layout)
                 cute.copy(tiled_copy, src, tXsX[None, p, c])
+
