@@ -208,11 +208,10 @@ class FgAttentionForwardSm90:
                 cute.struct.MemRange[self.dtype, cute.cosize(sKV_layout)], 1024
             ]
 
-        num_tiles = cute.size(mCounts.shape[2]) * cute.size(mQ.shape[2]) * cute.size(mQ.shape[3])
-        grid_x = num_tiles
+        n_q_tiles = cute.size(mCounts.shape[2])
+        grid = (n_q_tiles, cute.size(mQ.shape[2]), cute.size(mQ.shape[3]))
         if const_expr(self.max_ctas > 0):
-            grid_x = cutlass.min(num_tiles, self.max_ctas)
-        grid = (grid_x, 1, 1)
+            grid = (cutlass.min(n_q_tiles * grid[1] * grid[2], self.max_ctas), 1, 1)
         self.kernel(
             tma_Q,
             mK,
@@ -355,6 +354,64 @@ class FgAttentionForwardSm90:
         tidx = cute.arch.thread_idx()[0]
         warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         lane = tidx % 32
+        if const_expr(self.max_ctas == 0):
+            m_block, head, batch = cute.arch.block_idx()
+            if warp == 0:
+                self.load_q(mQ, sQ, tma_atom_Q, bar_q, m_block, head, batch)
+            self.produce_tile(
+                mK, mV, tma_KV, sK, sV, atoms_KV, ring_k, ring_v,
+                mIndices[batch, head, m_block, None], mCounts[batch, head, m_block], 0, head,
+                batch, tidx, warp, lane,
+            )
+        else:
+            self.produce_persistent(
+                mQ, mK, mV, tma_KV, sQ, sK, sV, tma_atom_Q, atoms_KV, bar_q, ring_k, ring_v,
+                mIndices, mCounts, mTileCounter, tile_ids, tidx, warp, lane,
+            )
+
+    @cute.jit
+    def load_q(
+        self,
+        mQ: cute.Tensor,
+        sQ: cute.Tensor,
+        tma_atom_Q: cute.CopyAtom,
+        bar_q: cute.Pointer,
+        m_block: Int32,
+        head: Int32,
+        batch: Int32,
+    ):
+        """One warp: Q by one TMA copy of the whole tile (rows past seqlen_q are zero-filled)."""
+        gQ = cute.local_tile(
+            mQ[None, None, head, batch], (self.tile_m, self.head_dim), (m_block, 0)
+        )
+        tQsQ, tQgQ = tma_tile_partition(tma_atom_Q, sQ, gQ)
+        with cute.arch.elect_one():
+            cute.arch.mbarrier_arrive_and_expect_tx(bar_q, self.q_bytes)
+        cute.copy(tma_atom_Q, tQgQ, tQsQ, tma_bar_ptr=bar_q)
+
+    @cute.jit
+    def produce_persistent(
+        self,
+        mQ: cute.Tensor,
+        mK: cute.Tensor,
+        mV: cute.Tensor,
+        tma_KV: tuple,
+        sQ: cute.Tensor,
+        sK: cute.Tensor,
+        sV: cute.Tensor,
+        tma_atom_Q: cute.CopyAtom,
+        atoms_KV: tuple,
+        bar_q: cute.Pointer,
+        ring_k: StageRing,
+        ring_v: StageRing,
+        mIndices: cute.Tensor,
+        mCounts: cute.Tensor,
+        mTileCounter: cute.Tensor,
+        tile_ids: cute.Tensor,
+        tidx: Int32,
+        warp: Int32,
+        lane: Int32,
+    ):
         num_tiles = self.num_tiles(mCounts)
         tile = Int32(cute.arch.block_idx()[0])
         fills = Int32(0)  # fills of each ring by earlier tiles: the rings run on across tiles
@@ -362,26 +419,19 @@ class FgAttentionForwardSm90:
         while tile < num_tiles:
             m_block, head, batch = self.tile_coords(tile, mCounts)
             count = mCounts[batch, head, m_block]
+            # CTAs take the next tile from a global counter (tiles 0 .. grid - 1 went one to
+            # each CTA): a CTA whose lists were short takes more of them. The atomic is issued
+            # now and its value used after this tile's copies.
             next_tile = num_tiles
-            if const_expr(self.max_ctas > 0):
-                # Persistent CTAs take the next tile from a global counter (tiles 0 .. grid - 1
-                # went one to each CTA): a CTA whose lists were short takes more of them. The
-                # atomic is issued now and its value used after this tile's copies.
-                if tidx == 0:
-                    next_tile = cute.arch.atomic_add(mTileCounter.iterator, Int32(1)) + Int32(
-                        cute.arch.grid_dim()[0]
-                    )
-            # Q: one TMA copy of the whole tile (rows past seqlen_q are zero-filled), once the
-            # consumers no longer read the previous tile's Q (the first wait passes at once).
+            if tidx == 0:
+                next_tile = cute.arch.atomic_add(mTileCounter.iterator, Int32(1)) + Int32(
+                    cute.arch.grid_dim()[0]
+                )
+            # Q once the consumers no longer read the previous tile's (the first wait passes
+            # at once).
             if warp == 0:
                 cute.arch.mbarrier_wait(bar_q + 1, (t % 2) ^ 1)
-                gQ = cute.local_tile(
-                    mQ[None, None, head, batch], (self.tile_m, self.head_dim), (m_block, 0)
-                )
-                tQsQ, tQgQ = tma_tile_partition(tma_atom_Q, sQ, gQ)
-                with cute.arch.elect_one():
-                    cute.arch.mbarrier_arrive_and_expect_tx(bar_q, self.q_bytes)
-                cute.copy(tma_atom_Q, tQgQ, tQsQ, tma_bar_ptr=bar_q)
+                self.load_q(mQ, sQ, tma_atom_Q, bar_q, m_block, head, batch)
             self.produce_tile(
                 mK, mV, tma_KV, sK, sV, atoms_KV, ring_k, ring_v,
                 mIndices[batch, head, m_block, None], count, fills, head, batch, tidx, warp,
@@ -389,22 +439,19 @@ class FgAttentionForwardSm90:
             )
             fills += cute.ceil_div(count, self.tile_n)
             t += 1
-            if const_expr(self.max_ctas > 0):
-                # The next tile for the other producer warps and, with the next Q barrier
-                # phase, for the consumers.
-                if tidx == 0:
-                    tile_ids[t % 2] = next_tile
-                cute.arch.barrier(barrier_id=BARRIER_PRODUCER, number_of_threads=WARPGROUP)
-                next_tile = tile_ids[t % 2]
-            tile = next_tile
-        if const_expr(self.max_ctas > 0):
-            # No tile left: complete the Q phase the consumers wait on, without a copy, so
-            # that they read the end marker. Only after they are done with the last Q, so
-            # that this arrival cannot fall into the phase of the last copy.
-            if warp == 0:
-                cute.arch.mbarrier_wait(bar_q + 1, (t % 2) ^ 1)
-                with cute.arch.elect_one():
-                    cute.arch.mbarrier_arrive(bar_q)
+            # The next tile for the other producer warps and, with the next Q barrier phase,
+            # for the consumers.
+            if tidx == 0:
+                tile_ids[t % 2] = next_tile
+            cute.arch.barrier(barrier_id=BARRIER_PRODUCER, number_of_threads=WARPGROUP)
+            tile = tile_ids[t % 2]
+        # No tile left: complete the Q phase the consumers wait on, without a copy, so that
+        # they read the end marker. Only after they are done with the last Q, so that this
+        # arrival cannot fall into the phase of the last copy.
+        if warp == 0:
+            cute.arch.mbarrier_wait(bar_q + 1, (t % 2) ^ 1)
+            with cute.arch.elect_one():
+                cute.arch.mbarrier_arrive(bar_q)
 
     @cute.jit
     def produce_tile(
@@ -590,29 +637,34 @@ class FgAttentionForwardSm90:
         tidx = cute.arch.thread_idx()[0] - WARPGROUP
         wg = cute.arch.make_warp_uniform(tidx // WARPGROUP)
         self.scheduler_init(wg)
-        num_tiles = self.num_tiles(mCounts)
-        tile = Int32(cute.arch.block_idx()[0])
-        fills = Int32(0)
-        t = Int32(0)
         cute.arch.mbarrier_wait(bar_q, 0)
-        while tile < num_tiles:
-            m_block, head, batch = self.tile_coords(tile, mCounts)
-            count = mCounts[batch, head, m_block]
+        if const_expr(self.max_ctas == 0):
+            m_block, head, batch = cute.arch.block_idx()
             self.consume_tile(
                 mO, mLSE, sQ, sO, sK, sV, tma_atom_O, mma_qk, mma_pv, bar_q, ring_k, ring_v,
-                count, fills, scale_log2, seqlen_q, m_block, head, batch, tidx, wg,
+                mCounts[batch, head, m_block], 0, scale_log2, seqlen_q, m_block, head, batch,
+                tidx, wg,
             )
-            fills += cute.ceil_div(count, self.tile_n)
-            t += 1
-            next_tile = num_tiles
-            if const_expr(self.max_ctas > 0):
+        else:
+            num_tiles = self.num_tiles(mCounts)
+            tile = Int32(cute.arch.block_idx()[0])
+            fills = Int32(0)
+            t = Int32(0)
+            while tile < num_tiles:
+                m_block, head, batch = self.tile_coords(tile, mCounts)
+                count = mCounts[batch, head, m_block]
+                self.consume_tile(
+                    mO, mLSE, sQ, sO, sK, sV, tma_atom_O, mma_qk, mma_pv, bar_q, ring_k,
+                    ring_v, count, fills, scale_log2, seqlen_q, m_block, head, batch, tidx, wg,
+                )
+                fills += cute.ceil_div(count, self.tile_n)
+                t += 1
                 # The producer names the next tile (or one past the last) with its Q.
                 cute.arch.mbarrier_wait(bar_q, t % 2)
-                next_tile = tile_ids[t % 2]
-            tile = next_tile
-        if tidx == 0:
-            # The last O store must have read its smem before the CTA exits.
-            cute.arch.cp_async_bulk_wait_group(0, read=True)
+                tile = tile_ids[t % 2]
+            if tidx == 0:
+                # The last O store must have read its smem before the CTA exits.
+                cute.arch.cp_async_bulk_wait_group(0, read=True)
 
     @cute.jit
     def consume_tile(
@@ -837,4 +889,5 @@ class FgAttentionForwardSm90:
             if const_expr(not self.separate_o):
                 # O went over Q: the next tile's Q may come once the store has read it.
                 cute.arch.cp_async_bulk_wait_group(0, read=True)
-                cute.arch.mbarrier_arrive(bar_q + 1)
+                if const_expr(self.max_ctas > 0):
+                    cute.arch.mbarrier_arrive(bar_q + 1)
