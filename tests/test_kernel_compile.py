@@ -34,11 +34,11 @@ def _count(hist, prefix):
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(map(str, vars(c).values())))
 def test_machine_code(config, histograms):
     hist = histograms[config]
-    # S = Q K^T and O += P V: one wgmma per 16-wide k-block of each, in three places
-    # (first block, steady-state loop, last block).
+    # S = Q K^T and O += P V: one wgmma per 16-wide k-block of each, in four places (first
+    # block: S only; steady-state loop and the peeled last block: both; final O += P V).
     qk = config.head_dim // 16
     pv = config.tile_n // 16
-    assert _count(hist, "HGMMA.64x") == 2 * qk + 2 * pv, hist
+    assert _count(hist, "HGMMA.64x") == 3 * qk + 3 * pv, hist
     assert _count(hist, "LDL") == 0 and _count(hist, "STL") == 0, f"spills: {hist}"
     assert hist["USETMAXREG.DEALLOC.CTAPOOL"] == 1 and hist["USETMAXREG.TRY_ALLOC.CTAPOOL"] == 1
     assert _count(hist, "UTMASTG") >= 1  # O leaves by one TMA store

@@ -715,10 +715,7 @@ class FgAttentionForwardSm90:
         tScS = acc_rows_cols(thr_qk.partition_C(cS))
         softmax = OnlineSoftmax(scale_log2, cute.size(tScS, mode=[0]))
 
-        # Main loop with intra-warpgroup overlap: S_n = Q K_n is issued, then O += P_{n-1}
-        # V_{n-1}, and the softmax of S_n runs while the second wgmma is still in flight.
-        # With two consumer warpgroups a pair of named barriers makes them take turns at
-        # issuing their wgmmas, so one warpgroup's softmax hides behind the other's GEMMs.
+        # Block 0 (S only), then blocks 1.. with intra-warpgroup overlap (consume_step).
         n_blocks = cute.ceil_div(count, self.tile_n)
         if const_expr(self.gather_only):
             for n in cutlass.range(n_blocks, unroll=1):
@@ -741,27 +738,19 @@ class FgAttentionForwardSm90:
             softmax.step(acc_S)  # O is still zero: its rescale factor is not needed
             tOrP.store(acc_as_operand_a(acc_S).load().to(self.dtype))
 
-            for n in cutlass.range(1, n_blocks, unroll=1):
-                stage_prev, phase_prev = ring_v.stage_phase(fills + n - 1)
-                stage, phase = ring_k.stage_phase(fills + n)
-                self.wait_stage(ring_k, stage, phase, self.k_method)
-                self.scheduler_wait(wg)
-                acc_S = cute.make_rmem_tensor(s_shape, Float32)
-                self.gemm(mma_qk, acc_S, tSrQ, tSrK[None, None, None, stage], True, -1)
-                self.wait_stage(ring_v, stage_prev, phase_prev, self.v_method)
-                self.gemm(mma_pv, acc_O, tOrP, tOrVt[None, None, None, stage_prev], False, -1)
-                self.scheduler_signal(wg)
-                warpgroup.wait_group(1)
-                if lane == 0:
-                    ring_k.release(stage)
-                if n == n_blocks - 1:
-                    mask_columns(acc_S, tScS, count - n * self.tile_n, self.tile_n)
-                rescale = softmax.step(acc_S)
-                warpgroup.wait_group(0)
-                if lane == 0:
-                    ring_v.release(stage_prev)
-                scale_rows(acc_O, rescale)
-                tOrP.store(acc_as_operand_a(acc_S).load().to(self.dtype))
+            # The last block is peeled off so that the steady-state loop has no mask branch:
+            # ptxas moves a wgmma wait to the top of its basic block, and the branch's merge
+            # point would put the wait for P V before the softmax that should hide it.
+            for n in cutlass.range(1, n_blocks - 1, unroll=1):
+                self.consume_step(
+                    mma_qk, mma_pv, acc_O, tOrP, tSrQ, tSrK, tOrVt, tScS, softmax, ring_k,
+                    ring_v, fills, n, count, wg, lane, False,
+                )
+            if n_blocks > 1:
+                self.consume_step(
+                    mma_qk, mma_pv, acc_O, tOrP, tSrQ, tSrK, tOrVt, tScS, softmax, ring_k,
+                    ring_v, fills, n_blocks - 1, count, wg, lane, True,
+                )
 
         if const_expr(self.separate_o):
             # Every Q K^T of this tile has completed: the producer may load the next Q.
@@ -780,6 +769,55 @@ class FgAttentionForwardSm90:
             acc_O, softmax.row_sum, mO, mLSE, sO, tma_atom_O, mma_pv, thr_pv, bar_q, tidx,
             seqlen_q, m_block, head, batch,
         )
+
+    @cute.jit
+    def consume_step(
+        self,
+        mma_qk: cute.TiledMma,
+        mma_pv: cute.TiledMma,
+        acc_O: cute.Tensor,
+        tOrP: cute.Tensor,
+        tSrQ: cute.Tensor,
+        tSrK: cute.Tensor,
+        tOrVt: cute.Tensor,
+        tScS: cute.Tensor,
+        softmax: OnlineSoftmax,
+        ring_k: StageRing,
+        ring_v: StageRing,
+        fills: Int32,
+        n: Int32,
+        count: Int32,
+        wg: Int32,
+        lane: Int32,
+        last: cutlass.Constexpr[bool],
+    ):
+        """Block n >= 1 of a tile: S_n = Q K_n is issued, then O += P_{n-1} V_{n-1}, and the
+        softmax of S_n runs while the second wgmma is still in flight. With two consumer
+        warpgroups a pair of named barriers makes them take turns at issuing their wgmmas,
+        so one warpgroup's softmax hides behind the other's GEMMs. `last`: mask the padding
+        slots of the tile's last block."""
+        stage_prev, phase_prev = ring_v.stage_phase(fills + n - 1)
+        stage, phase = ring_k.stage_phase(fills + n)
+        self.wait_stage(ring_k, stage, phase, self.k_method)
+        self.scheduler_wait(wg)
+        acc_S = cute.make_rmem_tensor(
+            mma_qk.partition_shape_C((self.tile_m, self.tile_n)), Float32
+        )
+        self.gemm(mma_qk, acc_S, tSrQ, tSrK[None, None, None, stage], True, -1)
+        self.wait_stage(ring_v, stage_prev, phase_prev, self.v_method)
+        self.gemm(mma_pv, acc_O, tOrP, tOrVt[None, None, None, stage_prev], False, -1)
+        self.scheduler_signal(wg)
+        warpgroup.wait_group(1)
+        if lane == 0:
+            ring_k.release(stage)
+        if const_expr(last):
+            mask_columns(acc_S, tScS, count - n * self.tile_n, self.tile_n)
+        rescale = softmax.step(acc_S)
+        warpgroup.wait_group(0)
+        if lane == 0:
+            ring_v.release(stage_prev)
+        scale_rows(acc_O, rescale)
+        tOrP.store(acc_as_operand_a(acc_S).load().to(self.dtype))
 
     @cute.jit
     def gemm(
