@@ -67,7 +67,8 @@ def _check_cute_supported(q, index):
 def _check_cute_layout(q, k, v, index):
     """Raise ValueError unless the tensors have the layout the kernel loads: q, k, v with
     16-byte aligned data and strides (other than the head dim's 1) that are multiples of 16 bytes
-    (TMA and cp.async move 16-byte pieces); index tensors contiguous."""
+    (TMA and cp.async move 16-byte pieces), k and v with a stride along S below 4 GiB; index
+    tensors contiguous."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         step = 16 // t.element_size()
         if any(s % step for s in t.stride()[:3]):
@@ -79,6 +80,13 @@ def _check_cute_layout(q, k, v, index):
             raise ValueError(
                 f"{name}: expected a 16-byte aligned data pointer for backend='cute', got "
                 f"address {t.data_ptr():#x}"
+            )
+    for name, t in (("k", k), ("v", v)):
+        # The cp.async gather forms a row's offset as key x row bytes in 32 x 32 bits.
+        if t.stride(1) * t.element_size() >= 2**32:
+            raise ValueError(
+                f"{name}: expected a stride along S below 2**32 bytes for backend='cute', got "
+                f"{t.stride(1)} elements of {t.element_size()} bytes"
             )
     for name, t in (("index.indices", index.indices), ("index.counts", index.counts)):
         if not t.is_contiguous():

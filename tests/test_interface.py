@@ -407,6 +407,16 @@ def test_cute_layout_stride_not_16_bytes(which):
         interface._check_cute_layout(args["q"], args["k"], args["v"], _index()[0])
 
 
+@pytest.mark.parametrize("which", ["k", "v"])
+def test_cute_layout_key_stride_past_32_bits(which):
+    args = dict(zip("qkv", _qkv(), strict=True))
+    t = args[which]
+    # one key, so a stride along S of 2**31 elements (4 GiB) needs no such storage
+    args[which] = t[:, :1].as_strided((B, 1, H, D), (H * D, 2**31, D, 1))
+    with pytest.raises(ValueError, match=rf"^{which}: expected a stride along S below 2\*\*32"):
+        interface._check_cute_layout(args["q"], args["k"], args["v"], _index()[0])
+
+
 def test_cute_layout_misaligned_pointer():
     q, k, v = _qkv()
     flat = torch.zeros(q.numel() + 8, dtype=q.dtype)

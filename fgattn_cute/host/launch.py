@@ -1,7 +1,8 @@
 """Launch the sm90 kernels (attention forward and the predictors') on validated torch tensors.
 
-No host synchronisation and no allocation beyond the outputs: the kernels are called through
-tvm-ffi with the torch tensors themselves, on torch's current stream.
+No host synchronisation and no allocation beyond the outputs (and, for a persistent attention
+launch, a zeroed 4-byte tile counter): the kernels are called through tvm-ffi with the torch
+tensors themselves, on torch's current stream.
 """
 
 from __future__ import annotations

@@ -160,8 +160,8 @@ class CpAsyncGather:
         lane = tidx % WARP
         col_bytes = tXcX[0, 0, 0][1] * (self.dtype.width // 8)
         base_addr = Uint64(mX.iterator.toint()) + Uint64(col_bytes)
-        # Keys are >= 0 and a row stride is an int32 count of elements, so the byte offset is
-        # one 32 x 32 -> 64-bit unsigned multiply-add (a signed 64-bit product costs five).
+        # Keys are >= 0 and the launcher rejects rows 4 GiB or more apart, so the byte offset
+        # is one 32 x 32 -> 64-bit unsigned multiply-add (a signed 64-bit product costs five).
         row_bytes = Uint64(Uint32(mX.layout.stride[0] * (self.dtype.width // 8)))
         for p in cutlass.range_constexpr(self.passes):
             key = cute.arch.shuffle_sync(lane_key, 4 * p + lane // self.threads_per_chunk)
