@@ -42,6 +42,8 @@ def test_machine_code(config, histograms):
     assert _count(hist, "LDL") == 0 and _count(hist, "STL") == 0, f"spills: {hist}"
     assert hist["USETMAXREG.DEALLOC.CTAPOOL"] == 1 and hist["USETMAXREG.TRY_ALLOC.CTAPOOL"] == 1
     assert _count(hist, "UTMASTG") >= 1  # O leaves by one TMA store
+    # Persistent CTAs take each further tile with one global atomic add; one CTA per tile none.
+    assert _count(hist, "ATOMG.E.ADD") == (1 if config.max_ctas else 0), hist
 
     chunks = config.head_dim // 64
     rows_per_warp = config.tile_n // 4

@@ -527,7 +527,8 @@ def sass_histogram(sass: str) -> Counter:
     """Counts of the instructions that tell whether the kernel is built as intended."""
     pattern = (
         r"\b(HGMMA\.[\w.]+|UTMALDG[\w.]*|UTMASTG[\w.]*|LDGSTS[\w.]*|LDL[\w.]*|STL[\w.]*"
-        r"|ARRIVES[\w.]*|USETMAXREG[\w.]*|ATOMS[\w.]*|LDG\.[\w.]*|STG\.[\w.]*|VOTE\.[\w.]*"
+        r"|ARRIVES[\w.]*|USETMAXREG[\w.]*|ATOMS[\w.]*|ATOMG[\w.]*|LDG\.[\w.]*|STG\.[\w.]*"
+        r"|VOTE\.[\w.]*"
         r"|POPC)"
     )
     return Counter(re.findall(pattern, sass))
