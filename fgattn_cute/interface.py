@@ -38,6 +38,13 @@ def _describe_device(device):
     return f"device {device} ({name}, compute capability {major}.{minor})"
 
 
+def _not_hopper_reason(device):
+    """None on a Hopper GPU, else why the sm90 kernels cannot run there (for error messages)."""
+    if _is_hopper(device):
+        return None
+    return f"it needs a Hopper GPU (compute capability 9.x), got {_describe_device(device)}"
+
+
 def _check_cute_supported(q, index):
     """Raise unless the sm90 kernel runs this problem: dtype, head dim and q_tile first (a
     TypeError / ValueError naming the argument), then the device (a RuntimeError unless q is on

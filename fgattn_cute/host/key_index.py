@@ -100,14 +100,13 @@ def _use_kernel(backend, device, seqlen_k, bitmap_bound=False):
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return False
-    from ..interface import _describe_device, _is_hopper
+    from ..interface import _not_hopper_reason
 
-    why_not = None
     if torch.compiler.is_compiling():
         why_not = "torch.compile is tracing (the kernel is opaque to it)"
-    elif not _is_hopper(device):
-        why_not = f"it needs a Hopper GPU (compute capability 9.x), got {_describe_device(device)}"
-    elif bitmap_bound and seqlen_k > _MAX_SEQLEN_K_BITS:
+    else:
+        why_not = _not_hopper_reason(device)
+    if why_not is None and bitmap_bound and seqlen_k > _MAX_SEQLEN_K_BITS:
         why_not = f"it runs seqlen_k <= {_MAX_SEQLEN_K_BITS}, got {seqlen_k}"
     if why_not is None:
         return True

@@ -191,10 +191,11 @@ def keep_words(keep, sk, device):
 def hopper_kernel_unsupported(q, k, max_seqlen_k):
     """None when a predictor's Hopper kernel takes q and k (device, dtype, number of keys),
     else the reason it does not."""
-    from ..interface import CUTE_DTYPES, _describe_device, _is_hopper
+    from ..interface import CUTE_DTYPES, _not_hopper_reason
 
-    if not _is_hopper(q.device):
-        return f"it needs a Hopper GPU (compute capability 9.x), got {_describe_device(q.device)}"
+    not_hopper = _not_hopper_reason(q.device)
+    if not_hopper:
+        return not_hopper
     if q.dtype not in CUTE_DTYPES:
         return f"it runs torch.bfloat16 and torch.float16, got {q.dtype}"
     if k.shape[1] > max_seqlen_k:
