@@ -364,10 +364,46 @@ class FgAttentionForwardSm90:
                 batch, tidx, warp, lane,
             )
         else:
-            self.produce_persistent(
-                mQ, mK, mV, tma_KV, sQ, sK, sV, tma_atom_Q, atoms_KV, bar_q, ring_k, ring_v,
-                mIndices, mCounts, mTileCounter, tile_ids, tidx, warp, lane,
-            )
+            num_tiles = self.num_tiles(mCounts)
+            tile = Int32(cute.arch.block_idx()[0])
+            fills = Int32(0)  # fills of each ring by earlier tiles: the rings run on across tiles
+            t = Int32(0)
+            while tile < num_tiles:
+                m_block, head, batch = self.tile_coords(tile, mCounts)
+                count = mCounts[batch, head, m_block]
+                # CTAs take the next tile from a global counter (tiles 0 .. grid - 1 went one to
+                # each CTA): a CTA whose lists were short takes more of them. The atomic is issued
+                # now and its value used after this tile's copies.
+                next_tile = num_tiles
+                if tidx == 0:
+                    next_tile = cute.arch.atomic_add(mTileCounter.iterator, Int32(1)) + Int32(
+                        cute.arch.grid_dim()[0]
+                    )
+                # Q once the consumers no longer read the previous tile's (the first wait passes
+                # at once).
+                if warp == 0:
+                    cute.arch.mbarrier_wait(bar_q + 1, (t % 2) ^ 1)
+                    self.load_q(mQ, sQ, tma_atom_Q, bar_q, m_block, head, batch)
+                self.produce_tile(
+                    mK, mV, tma_KV, sK, sV, atoms_KV, ring_k, ring_v,
+                    mIndices[batch, head, m_block, None], count, fills, head, batch, tidx, warp,
+                    lane,
+                )
+                fills += cute.ceil_div(count, self.tile_n)
+                t += 1
+                # The next tile for the other producer warps and, with the next Q barrier phase,
+                # for the consumers.
+                if tidx == 0:
+                    tile_ids[t % 2] = next_tile
+                cute.arch.barrier(barrier_id=BARRIER_PRODUCER, number_of_threads=WARPGROUP)
+                tile = tile_ids[t % 2]
+            # No tile left: complete the Q phase the consumers wait on, without a copy, so that
+            # they read the end marker. Only after they are done with the last Q, so that this
+            # arrival cannot fall into the phase of the last copy.
+            if warp == 0:
+                cute.arch.mbarrier_wait(bar_q + 1, (t % 2) ^ 1)
+                with cute.arch.elect_one():
+                    cute.arch.mbarrier_arrive(bar_q)
 
     @cute.jit
     def load_q(
@@ -388,70 +424,6 @@ class FgAttentionForwardSm90:
         with cute.arch.elect_one():
             cute.arch.mbarrier_arrive_and_expect_tx(bar_q, self.q_bytes)
         cute.copy(tma_atom_Q, tQgQ, tQsQ, tma_bar_ptr=bar_q)
-
-    @cute.jit
-    def produce_persistent(
-        self,
-        mQ: cute.Tensor,
-        mK: cute.Tensor,
-        mV: cute.Tensor,
-        tma_KV: tuple,
-        sQ: cute.Tensor,
-        sK: cute.Tensor,
-        sV: cute.Tensor,
-        tma_atom_Q: cute.CopyAtom,
-        atoms_KV: tuple,
-        bar_q: cute.Pointer,
-        ring_k: StageRing,
-        ring_v: StageRing,
-        mIndices: cute.Tensor,
-        mCounts: cute.Tensor,
-        mTileCounter: cute.Tensor,
-        tile_ids: cute.Tensor,
-        tidx: Int32,
-        warp: Int32,
-        lane: Int32,
-    ):
-        num_tiles = self.num_tiles(mCounts)
-        tile = Int32(cute.arch.block_idx()[0])
-        fills = Int32(0)  # fills of each ring by earlier tiles: the rings run on across tiles
-        t = Int32(0)
-        while tile < num_tiles:
-            m_block, head, batch = self.tile_coords(tile, mCounts)
-            count = mCounts[batch, head, m_block]
-            # CTAs take the next tile from a global counter (tiles 0 .. grid - 1 went one to
-            # each CTA): a CTA whose lists were short takes more of them. The atomic is issued
-            # now and its value used after this tile's copies.
-            next_tile = num_tiles
-            if tidx == 0:
-                next_tile = cute.arch.atomic_add(mTileCounter.iterator, Int32(1)) + Int32(
-                    cute.arch.grid_dim()[0]
-                )
-            # Q once the consumers no longer read the previous tile's (the first wait passes
-            # at once).
-            if warp == 0:
-                cute.arch.mbarrier_wait(bar_q + 1, (t % 2) ^ 1)
-                self.load_q(mQ, sQ, tma_atom_Q, bar_q, m_block, head, batch)
-            self.produce_tile(
-                mK, mV, tma_KV, sK, sV, atoms_KV, ring_k, ring_v,
-                mIndices[batch, head, m_block, None], count, fills, head, batch, tidx, warp,
-                lane,
-            )
-            fills += cute.ceil_div(count, self.tile_n)
-            t += 1
-            # The next tile for the other producer warps and, with the next Q barrier phase,
-            # for the consumers.
-            if tidx == 0:
-                tile_ids[t % 2] = next_tile
-            cute.arch.barrier(barrier_id=BARRIER_PRODUCER, number_of_threads=WARPGROUP)
-            tile = tile_ids[t % 2]
-        # No tile left: complete the Q phase the consumers wait on, without a copy, so that
-        # they read the end marker. Only after they are done with the last Q, so that this
-        # arrival cannot fall into the phase of the last copy.
-        if warp == 0:
-            cute.arch.mbarrier_wait(bar_q + 1, (t % 2) ^ 1)
-            with cute.arch.elect_one():
-                cute.arch.mbarrier_arrive(bar_q)
 
     @cute.jit
     def produce_tile(
