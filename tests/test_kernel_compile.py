@@ -18,6 +18,10 @@ CONFIGS = kcompile.all_configs() + [
 ]
 
 
+def _config_id(config):
+    return "-".join(map(str, vars(config).values()))
+
+
 def _hist(config):
     return kcompile.sass_histogram(kcompile.sass_of(config, arch="sm_90a"))
 
@@ -31,7 +35,7 @@ def _count(hist, prefix):
     return sum(n for op, n in hist.items() if op.startswith(prefix))
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(map(str, vars(c).values())))
+@pytest.mark.parametrize("config", CONFIGS, ids=_config_id)
 def test_machine_code(config, histograms):
     hist = histograms[config]
     # S = Q K^T and O += P V: one wgmma per 16-wide k-block of each, in four places (first
@@ -65,7 +69,7 @@ CALIBRATE_CONFIGS = kcompile.all_calibrate_configs()
 
 
 @pytest.mark.parametrize("config", CALIBRATE_CONFIGS,
-                         ids=lambda c: "-".join(map(str, vars(c).values())))
+                         ids=_config_id)
 def test_calibrate_machine_code(config):
     """Two Q K^T passes (wgmma), K by whole-tile TMA, the bitmap ORed with shared-memory
     atomics, one exponential per score in pass 1, no spills."""
@@ -89,7 +93,7 @@ def test_calibrate_configs_cover_dtype_head_dim_and_q_tile():
 
 
 @pytest.mark.parametrize("config", kcompile.all_top_p_configs(),
-                         ids=lambda c: "-".join(map(str, vars(c).values())))
+                         ids=_config_id)
 def test_top_p_machine_code(config):
     """The histogram weights go through native 32-bit shared-memory atomics (a 64-bit add
     would be a compare-and-swap loop), and nothing spills."""
@@ -99,7 +103,7 @@ def test_top_p_machine_code(config):
 
 
 @pytest.mark.parametrize("config", kcompile.all_tile_means_configs(),
-                         ids=lambda c: "-".join(map(str, vars(c).values())))
+                         ids=_config_id)
 def test_tile_means_machine_code(config):
     """Queries are read with 16-byte loads, and nothing spills."""
     hist = _hist(config)
@@ -108,7 +112,7 @@ def test_tile_means_machine_code(config):
 
 
 @pytest.mark.parametrize("config", kcompile.all_pooled_scores_configs(),
-                         ids=lambda c: "-".join(map(str, vars(c).values())))
+                         ids=_config_id)
 def test_pooled_scores_machine_code(config):
     """Three wgmma k-loops (hi, mid, lo) per K tile into one accumulator, A and K by TMA,
     register reallocation, no spills."""
@@ -120,7 +124,7 @@ def test_pooled_scores_machine_code(config):
 
 
 @pytest.mark.parametrize("config", kcompile.all_key_lists_configs(),
-                         ids=lambda c: "-".join(map(str, vars(c).values())))
+                         ids=_config_id)
 def test_key_lists_machine_code(config):
     """Bits -> lists: blocks of 32 keep words unrolled (a popcount per word when counting and
     two when writing; from a mask, a ballot per word over 32 loads issued together), the zeros
