@@ -138,7 +138,9 @@ def main(argv=None):
                     checks[vname] = f"ref {reference_error(q, k, v, index, out):.1e}"
                 else:
                     same = torch.equal(out, first)
-                    checks[vname] = "bitwise" if same else f"diff {rel_err(out, first):.1e}"
+                    checks[vname] = "bitwise" if same else (
+                        f"diff {rel_err(out, first):.1e}, "
+                        f"ref {reference_error(q, k, v, index, out):.1e}")
                 runs[vname] = run
             # Rounds of every variant in turn, so that clock or thermal drift during the run
             # falls on all of them alike; the figure is the median over rounds (in round order).
