@@ -34,6 +34,7 @@ from fgattn_cute.host.compile import KernelConfig, default_config  # noqa: E402
 SHAPES = {
     "wan480-h12": (32760, 12, 128),
     "wan480-h24": (32760, 24, 128),
+    "wan720-h12": (75600, 12, 128),
     "cogvideox": (17550, 48, 64),
 }
 

@@ -12,9 +12,11 @@ os.environ["CUTE_DSL_KEEP"] = "cubin"
 from fgattn_cute.host import compile as kcompile  # noqa: E402
 
 CONFIGS = kcompile.all_configs() + [
-    # persistent CTAs at hdim 128 (not shipped by default): O in its own buffer, and O over Q
-    kcompile.KernelConfig(128, "bfloat16", 128, "cpasync", 128, 2, max_ctas=132),
+    # not shipped by default: one CTA per query tile, and persistent CTAs with O over Q
+    kcompile.KernelConfig(128, "bfloat16", 128, "cpasync", 128, 2),
+    kcompile.KernelConfig(64, "bfloat16", 128, "cpasync", 128, 3),
     kcompile.KernelConfig(128, "float16", 128, "tma", 128, 3, max_ctas=132),
+    kcompile.KernelConfig(128, "bfloat16", 128, "tma", 128, 2, max_ctas=132),
 ]
 
 
@@ -163,9 +165,11 @@ def test_every_engine_dtype_head_dim_and_q_tile_is_covered():
 
 
 def test_persistent_ctas_where_measured_faster():
-    """Persistent CTAs by default at hdim 64 only (perf/NOTES.md, step 12), one per SM."""
+    """Persistent CTAs, one per SM, in every shipped configuration but the TMA-row engine at
+    hdim 128 (perf/NOTES.md, steps 12 and 15)."""
     for config in kcompile.all_configs():
-        assert config.max_ctas == (132 if config.head_dim == 64 else 0), config
+        one_per_tile = config.head_dim == 128 and config.engine == "tma"
+        assert config.max_ctas == (0 if one_per_tile else 132), config
     assert kcompile.default_config(64, "bfloat16", 128, num_sms=114).max_ctas == 114
     with pytest.raises(ValueError, match="max_ctas"):
         kcompile.KernelConfig(128, "bfloat16", max_ctas=-1)

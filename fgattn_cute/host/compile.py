@@ -357,13 +357,14 @@ def default_config(
     """The tile configuration used unless the caller names one."""
     # hdim 128: Q 32 KiB + 2 stages x (K + V) 64 KiB; hdim 64 fits 3 stages in the same room.
     stages = 2 if head_dim == 128 else 3
-    # Persistent CTAs (one per SM) hide each query tile's fixed cost behind the previous
-    # tile's work: 3-8% at hdim 64 (CogVideoX, keeps 0.1-0.5), within +-2% at hdim 128
-    # except for very short lists (perf/NOTES.md, step 12).
-    max_ctas = num_sms if head_dim == 64 else 0
-    return KernelConfig(
-        head_dim, dtype, q_tile, engine or DEFAULT_ENGINE, 128, stages, max_ctas=max_ctas
-    )
+    engine = engine or DEFAULT_ENGINE
+    # Persistent CTAs (one per SM) hide part of each query tile's fixed cost behind the
+    # previous tile's work: 3-8% at hdim 64 (CogVideoX, keeps 0.1-0.5); at hdim 128 level
+    # for keeps >= 0.3 and 2-6% at keeps <= 0.1 with cp.async, 5-20% with the hybrid engine
+    # and q_tile 64. The TMA-row engine at hdim 128 measured slower persistent (+4% on a
+    # dense list, +7% at keep 0.1), so it keeps one CTA per tile (perf/NOTES.md, step 15).
+    max_ctas = 0 if head_dim == 128 and engine == "tma" else num_sms
+    return KernelConfig(head_dim, dtype, q_tile, engine, 128, stages, max_ctas=max_ctas)
 
 
 def all_configs():
