@@ -161,11 +161,12 @@ class CpAsyncGather:
         col_bytes = tXcX[0, 0, 0][1] * (self.dtype.width // 8)
         base_addr = Uint64(mX.iterator.toint()) + Uint64(col_bytes)
         # Keys are >= 0 and the launcher rejects rows 4 GiB or more apart, so the byte offset
-        # is one 32 x 32 -> 64-bit unsigned multiply-add (a signed 64-bit product costs five).
-        row_bytes = Uint64(Uint32(mX.layout.stride[0] * (self.dtype.width // 8)))
+        # is one 32 x 32 -> 64-bit unsigned multiply-add (a signed 64-bit product costs five;
+        # a 64-bit product of zero-extended values still costs ptxas an extra add per row).
+        row_bytes = Uint32(mX.layout.stride[0] * (self.dtype.width // 8))
         for p in cutlass.range_constexpr(self.passes):
             key = cute.arch.shuffle_sync(lane_key, 4 * p + lane // self.threads_per_chunk)
-            row_addr = base_addr + Uint64(Uint32(key)) * row_bytes
+            row_addr = base_addr + cute.arch.mul_wide(Uint32(key), row_bytes)
             for c in cutlass.range_constexpr(cute.size(tXsX, mode=[2])):
                 src_ptr = cute.make_ptr(
                     self.dtype,
