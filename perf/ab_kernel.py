@@ -113,7 +113,9 @@ def main(argv=None):
     rows = []
     for shape in args.shapes.split(","):
         S, H, D = SHAPES[shape]
-        config = default_config(D, "bfloat16", args.q_tile, args.engine)
+        # The card's own SM count, as the library's launcher uses (one persistent CTA per SM).
+        config = default_config(D, "bfloat16", args.q_tile, args.engine,
+                                num_sms=torch.cuda.get_device_properties(0).multi_processor_count)
         fns = {
             v: compile_variant(cls, dataclasses.replace(config, num_stages=stages[v] or
                                                         config.num_stages))

@@ -38,6 +38,7 @@ def main(argv=None):
     name, slug, clocks = card_info()
     print(f"{name} ({clocks})")
     S, H = args.seqlen, args.heads
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     for D in map(int, args.head_dims.split(",")):
         q, k, v = (torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16)
@@ -47,7 +48,7 @@ def main(argv=None):
             index = baselines.random_lists(1, H, S, S, 128, keep, "cuda", seed=1)
             gathered = index.counts.sum().item() * D * 2 * 2  # K and V rows, bf16
             for engine in args.engines.split(","):
-                cfg = default_config(D, "bfloat16", 128, engine)
+                cfg = default_config(D, "bfloat16", 128, engine, num_sms=num_sms)
                 only = cfg.__class__(**{**vars(cfg), "gather_only": True})
 
                 def call(c, q=q, k=k, v=v, index=index, D=D):

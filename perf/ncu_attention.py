@@ -40,7 +40,8 @@ def main(argv=None):
 
         from fgattn_cute.host.compile import default_config
 
-        config = default_config(D, "bfloat16", 128, args.engine)
+        config = default_config(D, "bfloat16", 128, args.engine,
+                                num_sms=torch.cuda.get_device_properties(0).multi_processor_count)
         fn = compile_variant(load_kernel_class(args.variant), config)
         index = baselines.random_lists(1, H, S, S, 128, args.keep, "cuda")
         out = torch.empty_like(q)

@@ -12,7 +12,8 @@ os.environ["CUTE_DSL_KEEP"] = "cubin"
 from fgattn_cute.host import compile as kcompile  # noqa: E402
 
 CONFIGS = kcompile.all_configs() + [
-    # not shipped by default: one CTA per query tile, and persistent CTAs with O over Q
+    # not shipped by default: one CTA per query tile (cpasync), and persistent CTAs for the
+    # TMA-row engine at hdim 128 with O over Q (3 stages) and in its own buffer (2 stages)
     kcompile.KernelConfig(128, "bfloat16", 128, "cpasync", 128, 2),
     kcompile.KernelConfig(64, "bfloat16", 128, "cpasync", 128, 3),
     kcompile.KernelConfig(128, "float16", 128, "tma", 128, 3, max_ctas=132),
@@ -171,6 +172,9 @@ def test_persistent_ctas_where_measured_faster():
         one_per_tile = config.head_dim == 128 and config.engine == "tma"
         assert config.max_ctas == (0 if one_per_tile else 132), config
     assert kcompile.default_config(64, "bfloat16", 128, num_sms=114).max_ctas == 114
+    assert kcompile.default_config(128, "bfloat16", 128, num_sms=114).max_ctas == 114
+    assert kcompile.default_config(128, "bfloat16", 128, "tma", num_sms=114).max_ctas == 0
+    assert kcompile.default_config(128, "float16", 64, "hybrid", num_sms=78).max_ctas == 78
     with pytest.raises(ValueError, match="max_ctas"):
         kcompile.KernelConfig(128, "bfloat16", max_ctas=-1)
 

@@ -21,16 +21,20 @@ pytestmark = pytest.mark.gpu
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 CONFIGS = all_configs() + [
-    # One CTA per query tile (not shipped by default since step 15 of perf/NOTES.md).
+    # One CTA per query tile (shipped only for the TMA-row engine at hdim 128), and more
+    # stages than shipped.
     KernelConfig(128, "bfloat16", 128, "cpasync", 128, 3),
     KernelConfig(64, "bfloat16", 128, "cpasync", 128, 4),
     KernelConfig(128, "float16", 64, "hybrid", 128, 2),
     # Persistent CTAs, so few that each works through several query tiles (empty, dense,
     # one-key and partial ones among them): O in its own buffer, and O over Q (3 stages at
-    # hdim 128); one CTA for every tile.
+    # hdim 128); one CTA for every tile. The shipped configurations launch one CTA per SM,
+    # more than this test's tiles, so these are what run the hand-over between tiles.
     KernelConfig(128, "bfloat16", 128, "cpasync", 128, 2, max_ctas=3),
     KernelConfig(128, "float16", 128, "cpasync", 128, 3, max_ctas=4),
     KernelConfig(128, "bfloat16", 64, "tma", 128, 2, max_ctas=2),
+    KernelConfig(128, "bfloat16", 128, "hybrid", 128, 2, max_ctas=3),
+    KernelConfig(128, "float16", 64, "cpasync", 128, 2, max_ctas=2),
     KernelConfig(64, "bfloat16", 128, "hybrid", 128, 3, max_ctas=5),
     KernelConfig(64, "float16", 64, "cpasync", 128, 3, max_ctas=1),
 ]
@@ -142,10 +146,13 @@ def test_current_stream_and_no_host_sync(head_dim):
     CTAs are persistent: 256 query tiles for at most one CTA per SM, so CTAs take further
     tiles from the counter, which each replay must zero again (the output is poisoned between
     replays)."""
+    from fgattn_cute.host.launch import config_for
+
     gen = torch.Generator(device="cuda").manual_seed(5)
     B, S, H, D = 1, 4096, 8, head_dim
     q, k, v = (torch.randn(B, S, H, D, generator=gen, device="cuda", dtype=torch.bfloat16)
                for _ in range(3))
+    assert 0 < config_for(q, 128).max_ctas < B * H * (S // 128)
     mask = torch.rand(B, H, S // 128, S, generator=gen, device="cuda") < 0.3
     index = fg.KeyIndex.from_mask(mask, q_tile=128, seqlen_q=S)
     expected = fg.sparse_attention(q, k, v, index)
