@@ -222,3 +222,24 @@ def test_disk_cache_round_trip(tmp_path, monkeypatch):
     kcompile._memory_cache.clear()
     loaded = kcompile._load_from_disk(config, "sm_90a")
     assert loaded is not None
+
+
+def test_timeline_instrumentation_still_applies():
+    """perf/timeline_attention.py patches the kernel's source at fixed anchors: after a kernel
+    edit they must still be found once each, and the instrumented kernel must compile."""
+    import sys
+    from pathlib import Path
+
+    import cutlass
+    import cutlass.cute as cute
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "perf"))
+    import timeline_attention
+
+    config = kcompile.default_config(128, "bfloat16", 128, num_sms=132)
+    kernel = timeline_attention.instrumented_kernel_class()(
+        cutlass.BFloat16, 128, q_tile=128, tile_n=config.tile_n, num_stages=config.num_stages,
+        engine=config.engine, max_ctas=config.max_ctas)
+    fake = list(config.fake_args())
+    fake[7] = kcompile._fake_compact(cutlass.Int32, (kcompile._sym(1)[0],), 4)
+    cute.compile(kernel, *fake, options="--enable-tvm-ffi")
