@@ -12,8 +12,8 @@ swizzle atoms, 64-column chunks one after another). Slots past the list's count 
   threads; row addresses formed in 64 bits. Padding slots read row 0 (any valid row would do:
   the consumer masks them to -inf before the softmax).
 
-Each lane loads the index of one row with a coalesced load and hands it to the lanes that copy
-that row with a warp shuffle, so no copy waits on its own global load.
+Each lane loads the index of one row (a warp's 32 within 512 bytes) and hands it to the lanes
+that copy that row with a warp shuffle, so no copy waits on its own global load.
 """
 
 import cutlass
@@ -25,6 +25,8 @@ from fgattn_cute.kernels.layout import tma_tile_partition
 
 WARP = 32
 CHUNK = 64  # elements per 128-byte row chunk for 16-bit types
+# shfl.sync's c operand for 8-lane segments: a source lane is read within the caller's segment
+SEGMENT_8 = ((WARP - 8) << 8) | 0x1F
 
 
 class TmaRowGather:
@@ -139,11 +141,13 @@ class CpAsyncGather:
     ) -> Int32:
         """This lane's key for the stage starting at first_slot.
 
-        Thread t copies row 16 p + t // 8 in pass p, so warp w covers rows 16 p + 4 w + j
-        (j < 4): lane 4 p + j of the same warp loads that row's index. Padding reads row 0
-        (cp.async has no out-of-range guard; any valid row will do, it is masked).
+        Thread t copies row 16 p + t // 8 in pass p, so lanes 8 j .. 8 j + 7 of warp w copy row
+        16 p + 4 w + j: lane 8 j + p loads that row's index, and in pass p each of those lanes
+        reads lane p of its own 8-lane segment (an immediate source lane, so no per-pass lane
+        arithmetic). Padding reads row 0 (cp.async has no out-of-range guard; any valid row
+        will do, it is masked).
         """
-        row_in_tile = self.rows_per_pass * (lane // 4) + 4 * warp + lane % 4
+        row_in_tile = self.rows_per_pass * (lane % 8) + 4 * warp + lane // 8
         slot = first_slot + row_in_tile
         key = Int32(0)
         if row_in_tile < self.tile_n and slot < count:
@@ -157,7 +161,6 @@ class CpAsyncGather:
         thr_copy = tiled_copy.get_slice(tidx)
         tXsX = thr_copy.partition_D(sX_stage)  # (CPY, passes, chunks)
         tXcX = thr_copy.partition_S(cute.make_identity_tensor((self.tile_n, self.head_dim)))
-        lane = tidx % WARP
         col_bytes = tXcX[0, 0, 0][1] * (self.dtype.width // 8)
         base_addr = Uint64(mX.iterator.toint()) + Uint64(col_bytes)
         # Keys are >= 0 and the launcher rejects rows 4 GiB or more apart, so the byte offset
@@ -165,7 +168,7 @@ class CpAsyncGather:
         # a 64-bit product of zero-extended values still costs ptxas an extra add per row).
         row_bytes = Uint32(mX.layout.stride[0] * (self.dtype.width // 8))
         for p in cutlass.range_constexpr(self.passes):
-            key = cute.arch.shuffle_sync(lane_key, 4 * p + lane // self.threads_per_chunk)
+            key = cute.arch.shuffle_sync(lane_key, p, mask_and_clamp=SEGMENT_8)
             row_addr = base_addr + cute.arch.mul_wide(Uint32(key), row_bytes)
             for c in cutlass.range_constexpr(cute.size(tXsX, mode=[2])):
                 src_ptr = cute.make_ptr(
