@@ -201,10 +201,7 @@ class TopPConfig:
     def kernel(self):
         from fgattn_cute.kernels.top_p_sm90 import TopPSelectSm90
 
-        # 1,024 threads where the row lives in shared memory (3% faster than 512 at Wan 480p,
-        # no spills; perf/NOTES.md, session 8); rows in global memory were not measured.
-        return TopPSelectSm90(self.from_probs, self.row_in_smem,
-                              num_threads=1024 if self.row_in_smem else 512)
+        return TopPSelectSm90(self.from_probs, self.row_in_smem)
 
     def fake_args(self):
         """rows, keep words, indices, counts, scale, p, stream."""
