@@ -179,4 +179,3 @@ class CpAsyncGather:
                 )
                 src = cute.make_tensor(src_ptr, tXsX[None, p, c].layout)
                 cute.copy(tiled_copy, src, tXsX[None, p, c])
-
