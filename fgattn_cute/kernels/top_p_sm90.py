@@ -3,7 +3,8 @@
 Each row (one query tile's pooled scores against every key) is loaded into shared memory once,
 by one bulk copy (the TMA unit), and everything after that runs on chip (rows longer than
 40,960 keys are worked on in place in global memory instead, where the 132 rows in flight stay
-in L2):
+in L2). Once its own row is in, a CTA prefetches into L2 the row that the CTA after it on the
+same SM will most likely load (one row per SM further on), so that load comes from L2:
 
 1. softmax: x = scale * logit, p = exp(x - max) / sum (float32, accurate exp, the division
    correctly rounded), in place; or, in ``from_probs`` mode, the row is already probabilities
@@ -189,6 +190,12 @@ class TopPSelectSm90:
                         sP[j + k * T] = prob
                     self.weigh_first_digit(sHist, prob)
 
+        if const_expr(self.row_in_smem):
+            # Not for rows in global memory: their passes already fill L2 with the rows in
+            # flight, and another wave of rows would push those out.
+            if tidx == 0:
+                self.prefetch_next_row(mX, row_idx)
+
         # 2. The target, then the boundary value tau by radix rounds.
         prefix = Int32(0)
         above = Int64(0)
@@ -276,6 +283,24 @@ class TopPSelectSm90:
             indices[s] = 0
         if tidx == 0:
             mCounts[row_idx] = count
+
+    @cute.jit
+    def prefetch_next_row(self, mX: cute.Tensor, row_idx: Int32):
+        """Start an L2 prefetch of row row_idx + (number of SMs): CTAs are dispatched in row
+        order, one per SM, so that is about the row the next CTA on this SM will load. Issued
+        after the pass over the probabilities, when this CTA's own load is long done (issued
+        at the start it competed with that load and was 2% slower; here 2% faster)."""
+        future = row_idx + Int32(nvvm.read_ptx_sreg_nsmid(Int32.mlir_type))
+        n = cute.size(mX.shape[1])
+        if future < cute.size(mX.shape[0]):
+            x_next = mX[future, None]
+            shift = Int32((x_next.iterator.toint() // 4) % 4)
+            head = cutlass.min((4 - shift) % 4, n)
+            body = (n - head) // 4 * 4  # the bulk prefetch takes 16-byte aligned whole chunks
+            if body > 0:
+                src = llvm.addrspacecast(llvm.PointerType.get(cute.AddressSpace.gmem.value),
+                                         (x_next.iterator + head).llvm_ptr)
+                nvvm.cp_async_bulk_prefetch(src, Int32(body * 4).ir_value())
 
     # ------------------------------------------------------------------ helpers
     @cute.jit
