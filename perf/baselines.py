@@ -3,7 +3,8 @@ returning a zero-argument callable that runs the attention once.
 
 - fgattn: fg.sparse_attention with a KeyIndex of M x 1 key lists (one gather engine each).
 - fa4_dense: FlashAttention-4 (flash_attn.cute) dense forward.
-- fa4_block: FA4 block-sparse forward with (128 x kb) blocks given as "full" blocks.
+- fa4_block: FA4 block-sparse forward with (128 x kb) blocks given as "full" blocks
+  (fa4_block_from_mask: the same from a block mask, as perf/quality.py's block rules give).
 - fa4_paged: FA4's paged-KV forward with page_size=1 as a fine-grained baseline: every
   (batch, head, query tile) is one sequence of one head whose page table is its key list;
   K and V [B, S, H, D] are viewed, without a copy, as B*S*H pages of one row each.
@@ -89,6 +90,28 @@ def fa4_block(q, k, v, block_idx, n, k_block):
         mask_block_idx=torch.zeros(B, H, T, n_blocks, dtype=torch.int32, device=q.device),
         full_block_cnt=torch.full((B, H, T), n, dtype=torch.int32, device=q.device),
         full_block_idx=full_idx,
+        block_size=(128, k_block),
+    )
+    return lambda: flash_attn_func(q, k, v, block_sparse_tensors=tensors)
+
+
+def fa4_block_from_mask(q, k, v, mask, k_block):
+    """FA4 block-sparse forward over a block mask [B, H, T, ceil(Sk / k_block)] of 128-query
+    tiles (any number of kept blocks per tile), every kept block a full (unmasked) block."""
+    from flash_attn.cute import flash_attn_func
+    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+
+    B, H, T, n_blocks = mask.shape
+    if T != math.ceil(q.shape[1] / 128) or n_blocks != math.ceil(k.shape[1] / k_block):
+        raise ValueError(f"mask: expected [B, H, {math.ceil(q.shape[1] / 128)}, "
+                         f"{math.ceil(k.shape[1] / k_block)}], got {tuple(mask.shape)}")
+    # The kept blocks first, ascending (a stable sort of "not kept"), then the rest, unread.
+    order = torch.sort((~mask).to(torch.uint8), dim=-1, stable=True).indices
+    tensors = BlockSparseTensorsTorch(
+        mask_block_cnt=torch.zeros(B, H, T, dtype=torch.int32, device=q.device),
+        mask_block_idx=torch.zeros(B, H, T, n_blocks, dtype=torch.int32, device=q.device),
+        full_block_cnt=mask.sum(-1, dtype=torch.int32).contiguous(),
+        full_block_idx=order.int().contiguous(),
         block_size=(128, k_block),
     )
     return lambda: flash_attn_func(q, k, v, block_sparse_tensors=tensors)
