@@ -125,3 +125,55 @@ def test_cute_backend_refuses_what_it_cannot_run():
     q, k = _qk(1, 128, 128, 1, 128, torch.bfloat16, seed=1)
     with pytest.raises(RuntimeError, match="q_tile"):
         fg.predict.calibrate(q.cuda(), k.cuda(), 32, backend="cute")
+
+
+def test_exp2_on_the_fma_pipe_matches_exp2():
+    """softmax.exp2_fma (pass 1's polynomial exponential) on a grid of x <= 0, edges included,
+    against float64 exp2: within 3e-7 relative (ex2.approx.f32 is about 2 ulp); below -125
+    (and -inf) it gives about 2**-125, never 0, a denormal or a wrapped exponent."""
+    import cutlass.cute as cute
+
+    from fgattn_cute.kernels.softmax import exp2_fma
+
+    @cute.kernel
+    def kernel(mX: cute.Tensor, mY: cute.Tensor):
+        i = cute.arch.block_idx()[0] * 256 + cute.arch.thread_idx()[0]
+        if i < cute.size(mX):
+            mY[i] = exp2_fma(mX[i])
+
+    @cute.jit
+    def launch(mX: cute.Tensor, mY: cute.Tensor):
+        kernel(mX, mY).launch(grid=[cute.ceil_div(cute.size(mX), 256), 1, 1], block=[256, 1, 1])
+
+    x = torch.cat([torch.linspace(-130.0, 0.0, 1_000_001), -torch.logspace(-8, 0, 1001),
+                   torch.tensor([0.0, -0.5, -1.5, -124.5, -125.0, -126.0, -float("inf")])])
+    x = x.float().cuda()
+    y = torch.full_like(x, float("nan"))  # poisoned
+    fn = cute.compile(launch, cute.runtime.from_dlpack(x), cute.runtime.from_dlpack(y))
+    fn(cute.runtime.from_dlpack(x), cute.runtime.from_dlpack(y))
+    torch.cuda.synchronize()
+    want = torch.exp2(x.double().clamp_min(-125.0))
+    rel = (y.double() / want - 1).abs()
+    worst = int(rel.argmax())
+    assert float(rel[worst]) < 3e-7, f"relative error {float(rel[worst]):.3g} at {float(x[worst])}"
+    # -126 and -inf land on 2**-125 (times the polynomial's 1 + 1.2e-7 at f = 0): normal floats
+    assert bool((y >= 2.0**-126).all()) and bool(torch.isfinite(y).all())
+
+
+@pytest.mark.parametrize("every", [0, 2, 4])
+def test_exponentials_on_either_pipe_give_the_rule(every):
+    """calibrate's kernel with none, half or a quarter of pass 1's exponentials on the FMA pipe:
+    the same kept sets as the float64 rule outside the 1e-4 margin."""
+    from fgattn_cute.host.compile import CalibrateConfig, compile_fwd
+
+    q, k = _qk(1, 1000, 3000, 2, 128, torch.bfloat16, seed=21)
+    sk, scale, cap = 3000, 128**-0.5, 3072
+    fn = compile_fwd(CalibrateConfig(128, "bfloat16", 128, fma_exp_every=every))
+    indices = torch.full((1, 2, 8, cap), -7, dtype=torch.int32, device="cuda")
+    counts = torch.full((1, 2, 8), -7, dtype=torch.int32, device="cuda")
+    fn(q.cuda(), k.cuda(), keep_words(None, sk, torch.device("cuda")), indices, counts, scale,
+       math.log(4.0 / sk))
+    got = _lists_to_mask(indices.cpu(), counts.cpu(), sk)
+    rule, ambiguous = keep_with_margin(q, k, 128, 4.0, scale, rel=1e-4)
+    assert rule.any() and not rule.all(), "a case that cannot fail"
+    assert not ((got != rule) & ~ambiguous).any()

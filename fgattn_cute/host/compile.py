@@ -161,6 +161,7 @@ class CalibrateConfig:
     num_stages: int = 3
     probe: str = ""  # benchmark probes of CalibrateSm90 (wrong results): "no_exp", "one_pass"
     pingpong: tuple = ("bits",)  # passes whose warpgroups take turns at issuing
+    fma_exp_every: int = 4  # pass 1: one exponential in this many on the FMA pipe (0: none)
 
     def __post_init__(self):
         _check_tile_shape(self.head_dim, self.dtype, self.q_tile)
@@ -170,7 +171,7 @@ class CalibrateConfig:
         from fgattn_cute.kernels.calibrate_sm90 import CalibrateSm90
 
         return CalibrateSm90(_dsl_dtype(self.dtype), self.head_dim, self.q_tile,
-                             self.num_stages, self.probe, self.pingpong)
+                             self.num_stages, self.probe, self.pingpong, self.fma_exp_every)
 
     def fake_args(self):
         """q, k, keep words, indices, counts, softmax_scale, log_cut, stream."""

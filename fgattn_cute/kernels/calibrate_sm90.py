@@ -6,8 +6,9 @@ owns one query tile (all its rows: the column test needs every row of the tile) 
 passes over all keys:
 
 1. log-sum-exp: S = Q K^T by wgmma, tile by tile, into an online row max and row sum (base 2,
-   scale folded in), exactly as the attention forward does minus P V. Each row's natural-log
-   LSE stays in registers.
+   scale folded in), exactly as the attention forward does minus P V, except that one
+   exponential in four is a polynomial on the FMA pipe (MUFU sets this pass's pace). Each
+   row's natural-log LSE stays in registers.
 2. keep bits: S = Q K^T again; key j is kept when any row i has s[i, j] >= thr[i] with
    thr[i] = (log(threshold / seqlen_k) + lse[i]) / scale (the same test, rearranged so that
    each score costs one compare). A thread ORs its rows, packs its 32 columns into one word,
@@ -42,7 +43,7 @@ from fgattn_cute.kernels.layout import (
     tma_tile_partition,
 )
 from fgattn_cute.kernels.pipeline import StageRing
-from fgattn_cute.kernels.softmax import OnlineSoftmax, mask_columns
+from fgattn_cute.kernels.softmax import OnlineSoftmax, exp2_fma, mask_columns
 
 LOG2_E = math.log2(math.e)
 WARPGROUP = 128
@@ -66,7 +67,7 @@ class CalibrateSm90:
     """Static configuration of one compiled calibrate kernel; launch through `__call__`."""
 
     def __init__(self, dtype, head_dim: int, q_tile: int = 128, num_stages: int = 3,
-                 probe: str = "", pingpong: tuple = ("bits",)):
+                 probe: str = "", pingpong: tuple = ("bits",), fma_exp_every: int = 4):
         if dtype not in (cutlass.BFloat16, cutlass.Float16):
             raise TypeError(f"dtype must be BFloat16 or Float16, got {dtype}")
         if head_dim not in (64, 128):
@@ -80,6 +81,13 @@ class CalibrateSm90:
         # Benchmark probes (wrong results, timing only): "no_exp" drops the exponentials of
         # pass 1 (row max only), "one_pass" skips pass 1 altogether.
         self.probe = probe
+        # Pass 1 computes one of every `fma_exp_every` exponentials on the FMA pipe
+        # (softmax.exp2_fma) rather than MUFU, which pass 1 keeps as busy as the tensor cores
+        # (0: all on MUFU). One in 4: 3% faster at head dim 128, 5% at 64; one in 2 is 9%
+        # slower (perf/NOTES.md, session 9).
+        if fma_exp_every < 0:
+            raise ValueError(f"fma_exp_every must be >= 0, got {fma_exp_every}")
+        self.fma_exp_every = fma_exp_every
         self.dtype = dtype
         self.head_dim = head_dim
         self.tile_m = q_tile
@@ -478,8 +486,11 @@ class CalibrateSm90:
                 softmax.row_sum[r] = Float32(1.0)
             else:
                 max_scaled = new_max * scale_log2
-                probs = [cute.math.exp2(v * scale_log2 - max_scaled, fastmath=True)
-                         for v in vals]
+                every = self.fma_exp_every
+                probs = [exp2_fma(v * scale_log2 - max_scaled)
+                         if every > 0 and c % every == every - 1
+                         else cute.math.exp2(v * scale_log2 - max_scaled, fastmath=True)
+                         for c, v in enumerate(vals)]
                 rescale = cute.math.exp2(softmax.row_max[r] * scale_log2 - max_scaled,
                                          fastmath=True)
                 softmax.row_sum[r] = _tree(probs + [softmax.row_sum[r] * rescale],
