@@ -4,8 +4,8 @@ without exponentials; pass 2 alone) and against stage counts, next to FA4 dense,
     python perf/probe_calibrate.py [--seqlen 32760 --heads 12] [--fma-exp 0,6,4,3]
 
 --fma-exp times the full kernel with one of every N of pass 1's exponentials on the FMA pipe
-(`CalibrateConfig.fma_exp_every`; 0 = all on MUFU) in interleaved rounds, and counts the
-(tile, key) entries whose keep decision differs from the first level's.
+(`CalibrateConfig.fma_exp_every`; 0 = all on MUFU; a trailing L, as in 4L, also sets
+`lazy_max`) in interleaved rounds, and says whether each level's lists equal the first's.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def main(argv=None):
     variants = (("", 3, ("bits",)), ("", 3, ("lse", "bits")), ("", 3, ()), ("", 4, ("bits",)),
                 ("no_exp", 3, ("bits",)), ("one_pass", 3, ("bits",)), ("one_pass", 3, ()))
     if args.fma_exp:
-        levels = [int(x) for x in args.fma_exp.split(",")]
+        levels = args.fma_exp.split(",")
         compare_fma_exp(levels, D, q, k, words, indices, counts, S, dense, args.reps)
     if args.skip_probes:
         return
@@ -63,7 +63,9 @@ def main(argv=None):
 
 
 def compare_fma_exp(levels, D, q, k, words, indices, counts, S, dense, reps, rounds=5):
-    fns = {e: compile_fwd(CalibrateConfig(D, "bfloat16", 128, fma_exp_every=e)) for e in levels}
+    fns = {e: compile_fwd(CalibrateConfig(D, "bfloat16", 128, fma_exp_every=int(e.rstrip("L")),
+                                          lazy_max=e.endswith("L")))
+           for e in levels}
     args = (q, k, words, indices, counts, D**-0.5, math.log(1.0 / S))
     kept = {}
     for e, fn in fns.items():
@@ -83,7 +85,7 @@ def compare_fma_exp(levels, D, q, k, words, indices, counts, S, dense, reps, rou
         n_diff = int((cnt != base_cnt).sum())
         same = torch.equal(idx, base_idx) and torch.equal(cnt, base_cnt)
         ms = sorted(times[e])[rounds // 2]
-        print(f"fma_exp_every={e}  {ms:8.3f} ms  {ms / dense:6.3f} x dense  "
+        print(f"fma_exp_every={e:3s} {ms:8.3f} ms  {ms / dense:6.3f} x dense  "
               f"{'same lists' if same else f'lists differ ({n_diff} counts differ)'}  rounds "
               + " ".join(f"{t:.3f}" for t in times[e]))
 

@@ -160,20 +160,43 @@ def test_exp2_on_the_fma_pipe_matches_exp2():
     assert bool((y >= 2.0**-126).all()) and bool(torch.isfinite(y).all())
 
 
-@pytest.mark.parametrize("every", [0, 2, 4])
-def test_exponentials_on_either_pipe_give_the_rule(every):
-    """calibrate's kernel with none, half or a quarter of pass 1's exponentials on the FMA pipe:
-    the same kept sets as the float64 rule outside the 1e-4 margin."""
+@pytest.mark.parametrize("every,lazy", [(0, False), (2, False), (4, False), (4, True),
+                                        (0, True)])
+def test_exponentials_on_either_pipe_give_the_rule(every, lazy):
+    """calibrate's kernel with none, half or a quarter of pass 1's exponentials on the FMA pipe,
+    with and without the lazy row max: the same kept sets as the float64 rule outside the 1e-4
+    margin."""
     from fgattn_cute.host.compile import CalibrateConfig, compile_fwd
 
     q, k = _qk(1, 1000, 3000, 2, 128, torch.bfloat16, seed=21)
     sk, scale, cap = 3000, 128**-0.5, 3072
-    fn = compile_fwd(CalibrateConfig(128, "bfloat16", 128, fma_exp_every=every))
+    fn = compile_fwd(CalibrateConfig(128, "bfloat16", 128, fma_exp_every=every, lazy_max=lazy))
     indices = torch.full((1, 2, 8, cap), -7, dtype=torch.int32, device="cuda")
     counts = torch.full((1, 2, 8), -7, dtype=torch.int32, device="cuda")
     fn(q.cuda(), k.cuda(), keep_words(None, sk, torch.device("cuda")), indices, counts, scale,
        math.log(4.0 / sk))
     got = _lists_to_mask(indices.cpu(), counts.cpu(), sk)
     rule, ambiguous = keep_with_margin(q, k, 128, 4.0, scale, rel=1e-4)
+    assert rule.any() and not rule.all(), "a case that cannot fail"
+    assert not ((got != rule) & ~ambiguous).any()
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_row_max_that_grows_across_key_tiles(lazy):
+    """Keys scaled up along the sequence, so each row's max keeps rising tile after tile, by
+    more than the lazy row max tolerates (64 in log2 units): the redo path, against the rule."""
+    from fgattn_cute.host.compile import CalibrateConfig, compile_fwd
+
+    sk, scale, cap = 4000, 128**-0.5, 4096
+    q, k = _qk(1, 512, sk, 2, 128, torch.bfloat16, seed=7)
+    ramp = 1.0 + 4.0 * torch.arange(sk, dtype=torch.float32) / sk
+    k = (k.float() * ramp[None, :, None, None]).to(torch.bfloat16)
+    fn = compile_fwd(CalibrateConfig(128, "bfloat16", 128, lazy_max=lazy))
+    indices = torch.full((1, 2, 4, cap), -7, dtype=torch.int32, device="cuda")
+    counts = torch.full((1, 2, 4), -7, dtype=torch.int32, device="cuda")
+    fn(q.cuda(), k.cuda(), keep_words(None, sk, torch.device("cuda")), indices, counts, scale,
+       math.log(1.0 / sk))
+    got = _lists_to_mask(indices.cpu(), counts.cpu(), sk)
+    rule, ambiguous = keep_with_margin(q, k, 128, 1.0, scale, rel=1e-4)
     assert rule.any() and not rule.all(), "a case that cannot fail"
     assert not ((got != rule) & ~ambiguous).any()

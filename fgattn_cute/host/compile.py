@@ -161,7 +161,8 @@ class CalibrateConfig:
     num_stages: int = 3
     probe: str = ""  # benchmark probes of CalibrateSm90 (wrong results): "no_exp", "one_pass"
     pingpong: tuple = ("bits",)  # passes whose warpgroups take turns at issuing
-    fma_exp_every: int = 4  # pass 1: one exponential in this many on the FMA pipe (0: none)
+    fma_exp_every: int = 0  # pass 1: one exponential in this many on the FMA pipe (0: none)
+    lazy_max: bool = True  # pass 1 without a row max per tile (CalibrateSm90.lazy_max)
 
     def __post_init__(self):
         _check_tile_shape(self.head_dim, self.dtype, self.q_tile)
@@ -171,7 +172,8 @@ class CalibrateConfig:
         from fgattn_cute.kernels.calibrate_sm90 import CalibrateSm90
 
         return CalibrateSm90(_dsl_dtype(self.dtype), self.head_dim, self.q_tile,
-                             self.num_stages, self.probe, self.pingpong, self.fma_exp_every)
+                             self.num_stages, self.probe, self.pingpong, self.fma_exp_every,
+                             self.lazy_max)
 
     def fake_args(self):
         """q, k, keep words, indices, counts, softmax_scale, log_cut, stream."""

@@ -5,10 +5,10 @@ threshold / seqlen_k. One CTA per (pair of query tiles, head, batch); each consu
 owns one query tile (all its rows: the column test needs every row of the tile) and makes two
 passes over all keys:
 
-1. log-sum-exp: S = Q K^T by wgmma, tile by tile, into an online row max and row sum (base 2,
-   scale folded in), exactly as the attention forward does minus P V, except that one
-   exponential in four is a polynomial on the FMA pipe (MUFU sets this pass's pace). Each
-   row's natural-log LSE stays in registers.
+1. log-sum-exp: S = Q K^T by wgmma, tile by tile, into a row sum of exp2 (base 2, scale folded
+   in) as the attention forward's online softmax does minus P V, but against each thread's
+   row max so far, refreshed only for a tile whose sum would overflow (see lazy_max): three
+   instructions per score. Each row's natural-log LSE stays in registers.
 2. keep bits: S = Q K^T again; key j is kept when any row i has s[i, j] >= thr[i] with
    thr[i] = (log(threshold / seqlen_k) + lse[i]) / scale (the same test, rearranged so that
    each score costs one compare). A thread ORs its rows, packs its 32 columns into one word,
@@ -46,6 +46,7 @@ from fgattn_cute.kernels.pipeline import StageRing
 from fgattn_cute.kernels.softmax import OnlineSoftmax, exp2_fma, mask_columns
 
 LOG2_E = math.log2(math.e)
+LN2 = math.log(2.0)
 WARPGROUP = 128
 TILE_N = 128
 WORDS_PER_TILE = TILE_N // 32
@@ -53,6 +54,9 @@ TILES_PER_CTA = 2  # query tiles per CTA, one per consumer warpgroup
 BARRIER_WG = 1  # named barriers 1 and 2: one per consumer warpgroup (0 is __syncthreads)
 BARRIER_SCHED = 3  # and 4: the warpgroups' turns at issuing wgmmas (ping-pong)
 MAX_SEQLEN_K = 1 << 17  # each tile's shared-memory bitmap holds this many keys (16 KiB)
+# lazy_max: a tile's partial row sum above this (a score 64 or more, in log2 units, over the
+# thread's max so far) makes the row redo that tile against its new max; far below overflow.
+LAZY_SUM_LIMIT = float(2**64)
 
 
 def _tree(values: list, op):
@@ -67,7 +71,8 @@ class CalibrateSm90:
     """Static configuration of one compiled calibrate kernel; launch through `__call__`."""
 
     def __init__(self, dtype, head_dim: int, q_tile: int = 128, num_stages: int = 3,
-                 probe: str = "", pingpong: tuple = ("bits",), fma_exp_every: int = 4):
+                 probe: str = "", pingpong: tuple = ("bits",), fma_exp_every: int = 0,
+                 lazy_max: bool = True):
         if dtype not in (cutlass.BFloat16, cutlass.Float16):
             raise TypeError(f"dtype must be BFloat16 or Float16, got {dtype}")
         if head_dim not in (64, 128):
@@ -82,12 +87,19 @@ class CalibrateSm90:
         # pass 1 (row max only), "one_pass" skips pass 1 altogether.
         self.probe = probe
         # Pass 1 computes one of every `fma_exp_every` exponentials on the FMA pipe
-        # (softmax.exp2_fma) rather than MUFU, which pass 1 keeps as busy as the tensor cores
-        # (0: all on MUFU). One in 4: 3% faster at head dim 128, 5% at 64; one in 2 is 9%
-        # slower (perf/NOTES.md, session 9).
+        # (softmax.exp2_fma) rather than MUFU (0: all on MUFU). With the row max of every
+        # tile, one in 4 was 2-5% faster; with lazy_max, issue slots bind first and none is
+        # fastest (perf/NOTES.md, calibrate step 10).
         if fma_exp_every < 0:
             raise ValueError(f"fma_exp_every must be >= 0, got {fma_exp_every}")
         self.fma_exp_every = fma_exp_every
+        # Pass 1 without a row max per tile: each thread sums exp2(s - m) against its rows'
+        # max so far, and only when a tile's sum comes out above LAZY_SUM_LIMIT (or inf: a
+        # score far above m, or the first tile, where m = -inf) redoes that row of the tile
+        # with the max updated. Saves the max's compare per score and the quad's shuffles;
+        # the quad's four maxima are reconciled once, at the end. 7-8% faster at head dim
+        # 128, 3% at 64 (H200).
+        self.lazy_max = lazy_max
         self.dtype = dtype
         self.head_dim = head_dim
         self.tile_m = q_tile
@@ -354,7 +366,10 @@ class CalibrateSm90:
         if const_expr(self.probe != "one_pass"):
             self.sweep("lse", mma_qk, ring, tSrQ, tSrK, s_shape, tScS, softmax, thr, bits_wg,
                        n_blocks, last_valid, lane)
-        softmax.finish()  # row_sum now holds the natural-log LSE
+        if const_expr(self.lazy_max and self.probe != "no_exp"):
+            self.finish_lazy(softmax)
+        else:
+            softmax.finish()  # row_sum now holds the natural-log LSE
         for r in cutlass.range_constexpr(num_rows):
             # Padding rows of a partial (or absent) tile never keep a key.
             thr[r] = Float32.inf
@@ -464,7 +479,10 @@ class CalibrateSm90:
         """The math of key tile n, whose first `valid` columns are real keys."""
         if const_expr(mode == "lse"):
             mask_columns(acc_S, tScS, valid, self.tile_n)
-            self.lse_step(acc_S, softmax)
+            if const_expr(self.lazy_max and self.probe != "no_exp"):
+                self.lse_step_lazy(acc_S, softmax)
+            else:
+                self.lse_step(acc_S, softmax)
         else:
             bits = self.clear_columns(self.row_hits(acc_S, thr), tScS, valid)
             self.or_into_bitmap(bits, sBits, n, lane)
@@ -486,16 +504,83 @@ class CalibrateSm90:
                 softmax.row_sum[r] = Float32(1.0)
             else:
                 max_scaled = new_max * scale_log2
-                every = self.fma_exp_every
-                probs = [exp2_fma(v * scale_log2 - max_scaled)
-                         if every > 0 and c % every == every - 1
-                         else cute.math.exp2(v * scale_log2 - max_scaled, fastmath=True)
-                         for c, v in enumerate(vals)]
+                probs = self.exps(vals, scale_log2, max_scaled, False)
                 rescale = cute.math.exp2(softmax.row_max[r] * scale_log2 - max_scaled,
                                          fastmath=True)
                 softmax.row_sum[r] = _tree(probs + [softmax.row_sum[r] * rescale],
                                            lambda a, b: a + b)
             softmax.row_max[r] = new_max
+
+    @cute.jit
+    def exps(self, vals: list, scale_log2: Float32, ref_scaled: Float32,
+             clamp_high: cutlass.Constexpr[bool]) -> list:
+        """exp2(v * scale_log2 - ref_scaled) for each v, one in `fma_exp_every` on the FMA
+        pipe."""
+        every = self.fma_exp_every
+        return [exp2_fma(v * scale_log2 - ref_scaled, clamp_high)
+                if every > 0 and c % every == every - 1
+                else cute.math.exp2(v * scale_log2 - ref_scaled, fastmath=True)
+                for c, v in enumerate(vals)]
+
+    @cute.jit
+    def lse_step_lazy(self, acc_S: cute.Tensor, softmax: OnlineSoftmax):
+        """lse_step without the per-tile row max (see lazy_max): three instructions per score
+        (scale, exp, add) instead of four, no shuffles, and the max only where it moved."""
+        s_rc = acc_rows_cols(acc_S)
+        scale_log2 = softmax.scale_log2
+        num_rows = cute.size(softmax.row_max)
+        n_cols = cute.size(s_rc, mode=[1])
+        # Every row's sum first, one branch after: no branch between the rows' exponentials.
+        tile_sums = [
+            _tree(self.exps([s_rc[r, c] for c in range(n_cols)], scale_log2,
+                            softmax.row_max[r] * scale_log2, True), lambda a, b: a + b)
+            for r in range(num_rows)
+        ]
+        fits = _tree([t <= LAZY_SUM_LIMIT for t in tile_sums], lambda a, b: a & b)  # NaN: no
+        if fits:
+            for r in cutlass.range_constexpr(num_rows):
+                softmax.row_sum[r] = softmax.row_sum[r] + tile_sums[r]
+        else:
+            self.lse_rows_redo(s_rc, softmax, tile_sums)
+
+    @cute.jit
+    def lse_rows_redo(self, s_rc: cute.Tensor, softmax: OnlineSoftmax, tile_sums: list):
+        """lse_step_lazy's slow path: rows whose sum does not fit take the tile again against
+        their updated max; the others add their sum."""
+        scale_log2 = softmax.scale_log2
+        for r in cutlass.range_constexpr(cute.size(softmax.row_max)):
+            vals = [s_rc[r, c] for c in range(cute.size(s_rc, mode=[1]))]
+            ref_scaled = softmax.row_max[r] * scale_log2
+            if tile_sums[r] <= LAZY_SUM_LIMIT:
+                softmax.row_sum[r] = softmax.row_sum[r] + tile_sums[r]
+            else:
+                new_max = _tree(vals + [softmax.row_max[r]], cute.arch.fmax)
+                # A thread whose columns so far are all padding keeps max -inf and sum 0
+                # (a finite stand-in reference: no -inf - -inf).
+                max_scaled = Float32(0.0)
+                if new_max != -Float32.inf:
+                    max_scaled = new_max * scale_log2
+                rescale = cute.math.exp2(ref_scaled - max_scaled, fastmath=True)
+                softmax.row_sum[r] = _tree(self.exps(vals, scale_log2, max_scaled, False)
+                                           + [softmax.row_sum[r] * rescale],
+                                           lambda a, b: a + b)
+                softmax.row_max[r] = new_max
+
+    @cute.jit
+    def finish_lazy(self, softmax: OnlineSoftmax):
+        """The quad's partial sums, each against its own max, into each row's natural-log
+        LSE in row_sum (as OnlineSoftmax.finish leaves it)."""
+        for r in cutlass.range_constexpr(cute.size(softmax.row_max)):
+            m = softmax.row_max[r]
+            for offset in (1, 2):
+                m = cute.arch.fmax(m, cute.arch.shuffle_sync_bfly(m, offset))
+            part = softmax.row_sum[r] * cute.math.exp2(
+                (softmax.row_max[r] - m) * softmax.scale_log2, fastmath=True)
+            if softmax.row_sum[r] == 0.0:
+                part = Float32(0.0)  # a thread whose columns were all padding (m = -inf)
+            total = cute.arch.warp_reduction_sum(part, threads_in_group=4)
+            lse = (m * softmax.scale_log2 + cute.math.log2(total, fastmath=True)) * LN2
+            softmax.row_sum[r] = -Float32.inf if total == 0.0 or total != total else lse
 
     @cute.jit
     def row_hits(self, acc_S: cute.Tensor, thr: cute.Tensor) -> Uint32:

@@ -21,14 +21,19 @@ EXP2_POLY = (1.0000001192092896, 0.6931469440460205, 0.24022120237350464,
              0.05550713092088699, 0.009675510227680206, 0.0013276379322633147)
 ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: x + it is x rounded to an integer, in the low bits
 EXP2_FMA_MIN = -125.0  # below, 2**x is clamped to 2**-125 (never a denormal or a wrapped exponent)
+EXP2_FMA_MAX = 126.0  # with clamp_high: above, 2**x is clamped to 2**126
 
 
-def exp2_fma(x: Float32) -> Float32:
+def exp2_fma(x: Float32, clamp_high: bool = False) -> Float32:
     """2**x for x <= 0 on the FMA and integer pipes instead of MUFU (about 10 instructions
     against one, where MUFU is the busier unit). x = j + f with j an integer and |f| <= 0.5;
     2**f by a polynomial; j added to the float's exponent field. Values below 2**-125 (and
-    -inf) come out as about 2**-125, negligible in any row sum that holds its max's 1.0."""
+    -inf) come out as about 2**-125, negligible in any row sum that holds its max's 1.0.
+    clamp_high: x may be positive; above 126 (and +inf, NaN) the result is about 2**126, a
+    finite stand-in for the overflow that MUFU would return as inf."""
     x = cute.arch.fmax(x, Float32(EXP2_FMA_MIN))
+    if clamp_high:
+        x = cute.arch.fmin(x, Float32(EXP2_FMA_MAX))
     rounded = x + Float32(ROUND_MAGIC)  # low bits: j = round(x), exactly
     f = x - (rounded - Float32(ROUND_MAGIC))
     poly = Float32(EXP2_POLY[-1])
