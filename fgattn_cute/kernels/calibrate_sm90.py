@@ -44,6 +44,7 @@ from fgattn_cute.kernels.layout import (
 )
 from fgattn_cute.kernels.pipeline import StageRing
 from fgattn_cute.kernels.softmax import OnlineSoftmax, exp2_fma, mask_columns
+from fgattn_cute.kernels.warp_scan import warp_inclusive_sum
 
 LOG2_E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -676,11 +677,7 @@ class CalibrateSm90:
             if b + lane < w_end:
                 my_word = sBits[b + lane]
             count = Int32(cute.arch.popc(my_word))
-            incl = count
-            for offset in (1, 2, 4, 8, 16):
-                up = cute.arch.shuffle_sync_up(incl, offset)
-                if lane >= offset:
-                    incl += up
+            incl = warp_inclusive_sum(count, lane)
             batch_total = cute.arch.shuffle_sync(incl, 31)
             if batch_total != 0:
                 excl = incl - count

@@ -35,6 +35,8 @@ import cutlass.cute as cute
 from cutlass import Boolean, Float32, Float64, Int32, Int64, Uint32, const_expr
 from cutlass._mlir.dialects import llvm, nvvm
 
+from fgattn_cute.kernels.warp_scan import warp_inclusive_sum
+
 MASS_BITS = 52
 MASS_SCALE = float(2**MASS_BITS)
 LOW_BITS = (127 - MASS_BITS) << 23  # float32 bits of 2**-52, the smallest weighted probability
@@ -52,6 +54,21 @@ MAX_SEQLEN_K = 1 << 17  # longer rows stay in global memory (L2), in place; boun
 
 def _add(a, b):
     return a + b
+
+
+def _aligned_span(x_row: cute.Tensor, n: Int32):
+    """(shift, head, body) of a float32 row of n elements: shift = its start address / 4 mod 4,
+    element `head` the first at a 16-byte boundary, `body` the whole 16-byte chunks from there
+    (what one bulk copy or prefetch can move)."""
+    shift = Int32((x_row.iterator.toint() // 4) % 4)
+    head = cutlass.min((4 - shift) % 4, n)
+    return shift, head, (n - head) // 4 * 4
+
+
+def _global_ptr(x: cute.Tensor, offset: Int32):
+    """An LLVM pointer in the global address space to element `offset` of x."""
+    return llvm.addrspacecast(llvm.PointerType.get(cute.AddressSpace.gmem.value),
+                              (x.iterator + offset).llvm_ptr)
 
 
 def _fma(a: Float32, b: Float32, c: Float32) -> Float32:
@@ -132,9 +149,9 @@ class TopPSelectSm90:
         if const_expr(self.row_in_smem):
             # Element j of the row at sP[j], with sP shifted so that the row's 16-byte aligned
             # part sits 16-byte aligned in shared memory: one bulk copy then moves it.
-            shift = Int32((x_row.iterator.toint() // 4) % 4)
+            shift, head, body = _aligned_span(x_row, n)
             sP = cute.make_tensor(storage.row.data_ptr() + shift, cute.make_layout(self.max_n))
-            self.load_row(x_row, sP, storage.load_bar.data_ptr(), n, shift, tidx)
+            self.load_row(x_row, sP, storage.load_bar.data_ptr(), n, head, body, tidx)
         else:
             sP = x_row
         # The same bytes as int32: non-negative floats order like their bit patterns.
@@ -291,27 +308,20 @@ class TopPSelectSm90:
         after the pass over the probabilities, when this CTA's own load is long done (issued
         at the start it competed with that load and was 2% slower; here 2% faster)."""
         future = row_idx + Int32(nvvm.read_ptx_sreg_nsmid(Int32.mlir_type))
-        n = cute.size(mX.shape[1])
         if future < cute.size(mX.shape[0]):
             x_next = mX[future, None]
-            shift = Int32((x_next.iterator.toint() // 4) % 4)
-            head = cutlass.min((4 - shift) % 4, n)
-            body = (n - head) // 4 * 4  # the bulk prefetch takes 16-byte aligned whole chunks
+            _, head, body = _aligned_span(x_next, cute.size(mX.shape[1]))
             if body > 0:
-                src = llvm.addrspacecast(llvm.PointerType.get(cute.AddressSpace.gmem.value),
-                                         (x_next.iterator + head).llvm_ptr)
-                nvvm.cp_async_bulk_prefetch(src, Int32(body * 4).ir_value())
+                nvvm.cp_async_bulk_prefetch(_global_ptr(x_next, head), Int32(body * 4).ir_value())
 
     # ------------------------------------------------------------------ helpers
     @cute.jit
     def load_row(self, x_row: cute.Tensor, sP: cute.Tensor, bar: cute.Pointer, n: Int32,
-                 shift: Int32, tidx: Int32):
+                 head: Int32, body: Int32, tidx: Int32):
         """The row into sP: its 16-byte aligned middle by one bulk copy (the TMA unit streams
         it at full rate, with no loads in flight to keep up per thread), the at most 3 + 3
-        elements before and after it by plain loads. `shift`: the row's start address / 4
-        mod 4, so element `head` is the first at a 16-byte boundary in both memories."""
-        head = cutlass.min((4 - shift) % 4, n)
-        body = (n - head) // 4 * 4
+        elements before and after it by plain loads. head, body: `_aligned_span` of the row;
+        sP is shifted so that element `head` is at a 16-byte boundary in both memories."""
         if tidx == 0:
             cute.arch.mbarrier_init(bar, 1)
         cute.arch.mbarrier_init_fence()
@@ -319,8 +329,7 @@ class TopPSelectSm90:
         if tidx == 0:
             if body > 0:
                 cute.arch.mbarrier_arrive_and_expect_tx(bar, body * 4)
-                src = llvm.addrspacecast(llvm.PointerType.get(cute.AddressSpace.gmem.value),
-                                         (x_row.iterator + head).llvm_ptr)
+                src = _global_ptr(x_row, head)
                 dst = llvm.addrspacecast(llvm.PointerType.get(SHARED_CLUSTER),
                                          (sP.iterator + head).llvm_ptr)
                 nvvm.cp_async_bulk_shared_cluster_global(dst, src, bar.llvm_ptr,
@@ -367,11 +376,7 @@ class TopPSelectSm90:
         if d0 < nb:  # (threads past the last bin hold none)
             for i in cutlass.range_constexpr(per):
                 own += self.hist_get(sHist, nb - 1 - (d0 + i), prefix, shift, bits)
-        incl = own
-        for offset in (1, 2, 4, 8, 16):
-            up = cute.arch.shuffle_sync_up(incl, offset)
-            if lane >= offset:
-                incl += up
+        incl = warp_inclusive_sum(own, lane)
         warp_total = cute.arch.shuffle_sync(incl, 31)
         before, all_bins = self.exclusive_warp_prefix(warp_total, red_i, warp, lane)
         incl += before
