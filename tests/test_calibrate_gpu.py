@@ -40,6 +40,21 @@ def _run_poisoned(qg, kg, q_tile, threshold, scale, keep, capacity):
     return indices.cpu(), counts.cpu()
 
 
+def _run_config_poisoned(config, q, k, threshold):
+    """The kept-key mask of one compiled calibrate configuration (not the package's default)
+    on CPU q, k (q_tile 128, no always-keep keys), its outputs poisoned first."""
+    from fgattn_cute.host.compile import compile_fwd
+
+    B, sq, H, D = q.shape
+    sk = k.shape[1]
+    n_tiles, cap = math.ceil(sq / 128), math.ceil(sk / 128) * 128
+    indices = torch.full((B, H, n_tiles, cap), -7, dtype=torch.int32, device="cuda")
+    counts = torch.full((B, H, n_tiles), -7, dtype=torch.int32, device="cuda")
+    compile_fwd(config)(q.cuda(), k.cuda(), keep_words(None, sk, torch.device("cuda")), indices,
+                        counts, D**-0.5, math.log(threshold / sk))
+    return _lists_to_mask(indices.cpu(), counts.cpu(), sk)
+
+
 def _lists_to_mask(indices, counts, sk):
     B, H, T, cap = indices.shape
     slot = torch.arange(cap)
@@ -166,17 +181,12 @@ def test_exponentials_on_either_pipe_give_the_rule(every, lazy):
     """calibrate's kernel with none, half or a quarter of pass 1's exponentials on the FMA pipe,
     with and without the lazy row max: the same kept sets as the float64 rule outside the 1e-4
     margin."""
-    from fgattn_cute.host.compile import CalibrateConfig, compile_fwd
+    from fgattn_cute.host.compile import CalibrateConfig
 
     q, k = _qk(1, 1000, 3000, 2, 128, torch.bfloat16, seed=21)
-    sk, scale, cap = 3000, 128**-0.5, 3072
-    fn = compile_fwd(CalibrateConfig(128, "bfloat16", 128, fma_exp_every=every, lazy_max=lazy))
-    indices = torch.full((1, 2, 8, cap), -7, dtype=torch.int32, device="cuda")
-    counts = torch.full((1, 2, 8), -7, dtype=torch.int32, device="cuda")
-    fn(q.cuda(), k.cuda(), keep_words(None, sk, torch.device("cuda")), indices, counts, scale,
-       math.log(4.0 / sk))
-    got = _lists_to_mask(indices.cpu(), counts.cpu(), sk)
-    rule, ambiguous = keep_with_margin(q, k, 128, 4.0, scale, rel=1e-4)
+    config = CalibrateConfig(128, "bfloat16", 128, fma_exp_every=every, lazy_max=lazy)
+    got = _run_config_poisoned(config, q, k, 4.0)
+    rule, ambiguous = keep_with_margin(q, k, 128, 4.0, 128**-0.5, rel=1e-4)
     assert rule.any() and not rule.all(), "a case that cannot fail"
     assert not ((got != rule) & ~ambiguous).any()
 
@@ -185,18 +195,13 @@ def test_exponentials_on_either_pipe_give_the_rule(every, lazy):
 def test_row_max_that_grows_across_key_tiles(lazy):
     """Keys scaled up along the sequence, so each row's max keeps rising tile after tile, by
     more than the lazy row max tolerates (64 in log2 units): the redo path, against the rule."""
-    from fgattn_cute.host.compile import CalibrateConfig, compile_fwd
+    from fgattn_cute.host.compile import CalibrateConfig
 
-    sk, scale, cap = 4000, 128**-0.5, 4096
+    sk = 4000
     q, k = _qk(1, 512, sk, 2, 128, torch.bfloat16, seed=7)
     ramp = 1.0 + 4.0 * torch.arange(sk, dtype=torch.float32) / sk
     k = (k.float() * ramp[None, :, None, None]).to(torch.bfloat16)
-    fn = compile_fwd(CalibrateConfig(128, "bfloat16", 128, lazy_max=lazy))
-    indices = torch.full((1, 2, 4, cap), -7, dtype=torch.int32, device="cuda")
-    counts = torch.full((1, 2, 4), -7, dtype=torch.int32, device="cuda")
-    fn(q.cuda(), k.cuda(), keep_words(None, sk, torch.device("cuda")), indices, counts, scale,
-       math.log(1.0 / sk))
-    got = _lists_to_mask(indices.cpu(), counts.cpu(), sk)
-    rule, ambiguous = keep_with_margin(q, k, 128, 1.0, scale, rel=1e-4)
+    got = _run_config_poisoned(CalibrateConfig(128, "bfloat16", 128, lazy_max=lazy), q, k, 1.0)
+    rule, ambiguous = keep_with_margin(q, k, 128, 1.0, 128**-0.5, rel=1e-4)
     assert rule.any() and not rule.all(), "a case that cannot fail"
     assert not ((got != rule) & ~ambiguous).any()
