@@ -76,45 +76,44 @@ def fa4_dense(q, k, v):
     return lambda: flash_attn_func(q, k, v)
 
 
-def fa4_block(q, k, v, block_idx, n, k_block):
-    """FA4 block-sparse forward; every kept block is a full (unmasked) block."""
+def _fa4_full_blocks(q, k, v, full_cnt, full_idx, k_block):
+    """FA4's block-sparse forward over (128 x k_block) blocks that are all full (unmasked):
+    full_cnt [B, H, T] kept blocks per query tile, full_idx [B, H, T, n_blocks] their indices
+    first (entries past the count are not read)."""
     from flash_attn.cute import flash_attn_func
     from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
 
-    B, H, T, _ = block_idx.shape
-    n_blocks = math.ceil(k.shape[1] / k_block)
-    full_idx = torch.zeros(B, H, T, n_blocks, dtype=torch.int32, device=q.device)
-    full_idx[..., :n] = block_idx
     tensors = BlockSparseTensorsTorch(
-        mask_block_cnt=torch.zeros(B, H, T, dtype=torch.int32, device=q.device),
-        mask_block_idx=torch.zeros(B, H, T, n_blocks, dtype=torch.int32, device=q.device),
-        full_block_cnt=torch.full((B, H, T), n, dtype=torch.int32, device=q.device),
+        mask_block_cnt=torch.zeros_like(full_cnt),
+        mask_block_idx=torch.zeros_like(full_idx),
+        full_block_cnt=full_cnt,
         full_block_idx=full_idx,
         block_size=(128, k_block),
     )
     return lambda: flash_attn_func(q, k, v, block_sparse_tensors=tensors)
 
 
+def fa4_block(q, k, v, block_idx, n, k_block):
+    """FA4 block-sparse forward; every kept block is a full (unmasked) block."""
+    B, H, T, _ = block_idx.shape
+    n_blocks = math.ceil(k.shape[1] / k_block)
+    full_idx = torch.zeros(B, H, T, n_blocks, dtype=torch.int32, device=q.device)
+    full_idx[..., :n] = block_idx
+    full_cnt = torch.full((B, H, T), n, dtype=torch.int32, device=q.device)
+    return _fa4_full_blocks(q, k, v, full_cnt, full_idx, k_block)
+
+
 def fa4_block_from_mask(q, k, v, mask, k_block):
     """FA4 block-sparse forward over a block mask [B, H, T, ceil(Sk / k_block)] of 128-query
     tiles (any number of kept blocks per tile), every kept block a full (unmasked) block."""
-    from flash_attn.cute import flash_attn_func
-    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
-
     B, H, T, n_blocks = mask.shape
     if T != math.ceil(q.shape[1] / 128) or n_blocks != math.ceil(k.shape[1] / k_block):
         raise ValueError(f"mask: expected [B, H, {math.ceil(q.shape[1] / 128)}, "
                          f"{math.ceil(k.shape[1] / k_block)}], got {tuple(mask.shape)}")
     # The kept blocks first, ascending (a stable sort of "not kept"), then the rest, unread.
     order = torch.sort((~mask).to(torch.uint8), dim=-1, stable=True).indices
-    tensors = BlockSparseTensorsTorch(
-        mask_block_cnt=torch.zeros(B, H, T, dtype=torch.int32, device=q.device),
-        mask_block_idx=torch.zeros(B, H, T, n_blocks, dtype=torch.int32, device=q.device),
-        full_block_cnt=mask.sum(-1, dtype=torch.int32).contiguous(),
-        full_block_idx=order.int().contiguous(),
-        block_size=(128, k_block),
-    )
-    return lambda: flash_attn_func(q, k, v, block_sparse_tensors=tensors)
+    full_cnt = mask.sum(-1, dtype=torch.int32).contiguous()
+    return _fa4_full_blocks(q, k, v, full_cnt, order.int().contiguous(), k_block)
 
 
 def fa4_paged(q, k, v, index):

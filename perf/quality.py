@@ -172,22 +172,35 @@ def _interp(points, target):
     return None, f"> {pts[-1][0]:.3g}"
 
 
-def _table(results, floor):
-    lines = [
-        "| rule | granularity | kept for err 1e-2 | kept for err 3e-2 |",
-        "| --- | --- | --- | --- |",
-    ]
+def _needs_table(results, label_header, quantity, curves):
+    """Markdown rows of what each curve needs (its x, interpolated) for the target errors, and
+    the values by "rule|label|target". curves: (label, granularity, x field) triples; points
+    without that field are left out, curves without points too."""
+    lines = [f"| rule | {label_header} | {quantity} for err 1e-2 | {quantity} for err 3e-2 |",
+             "| --- | --- | --- | --- |"]
     summary = {}
     for rule in ("threshold", "top-p"):
-        for name, _, _ in GRANULARITIES:
-            pts = [(r["kept"], r["rel_l2"]) for r in results
-                   if r["rule"] == rule and r["granularity"] == name]
+        for label, gran, field in curves:
+            pts = _points(results, rule, gran, field)
+            if not pts:
+                continue
             cells = []
             for t in TARGETS:
                 val, text = _interp(pts, t)
-                summary[f"{rule}|{name}|{t:g}"] = val
+                summary[f"{rule}|{label}|{t:g}"] = val
                 cells.append(text)
-            lines.append(f"| {rule} | {name} | {cells[0]} | {cells[1]} |")
+            lines.append(f"| {rule} | {label} | {cells[0]} | {cells[1]} |")
+    return lines, summary
+
+
+def _points(results, rule, gran, field):
+    return [(r[field], r["rel_l2"]) for r in results if r["rule"] == rule
+            and r["granularity"] == gran and r.get(field) is not None]
+
+
+def _table(results, floor):
+    lines, summary = _needs_table(results, "granularity", "kept",
+                                  [(name, name, "kept") for name, _, _ in GRANULARITIES])
     lines.append("")
     lines.append(f"Error floor of the backend (dense list vs float32 dense): {floor:.2e}.")
     return "\n".join(lines), summary
@@ -205,29 +218,9 @@ TIMED = [
 ]
 
 
-def _timed_points(results, rule, gran, field):
-    return [(r[field], r["rel_l2"]) for r in results if r["rule"] == rule
-            and r["granularity"] == gran and r.get(field) is not None]
-
-
 def _time_table(results):
     """Time (x dense) each timed curve needs for the target errors, interpolated like kept."""
-    lines = [
-        "| rule | granularity (system) | time for err 1e-2 | time for err 3e-2 |",
-        "| --- | --- | --- | --- |",
-    ]
-    summary = {}
-    for rule in ("threshold", "top-p"):
-        for label, gran, field in TIMED:
-            pts = _timed_points(results, rule, gran, field)
-            if not pts:
-                continue
-            cells = []
-            for t in TARGETS:
-                val, text = _interp(pts, t)
-                summary[f"{rule}|{label}|{t:g}"] = val
-                cells.append(text)
-            lines.append(f"| {rule} | {label} | {cells[0]} | {cells[1]} |")
+    lines, summary = _needs_table(results, "granularity (system)", "time", TIMED)
     return "\n".join(lines), summary
 
 
@@ -262,7 +255,7 @@ def _plot(results, floor, title, path, dense_label=None):
     if timed:
         for ax, rule in zip(grid[1], ("threshold", "top-p"), strict=True):
             for label, gran, field in TIMED:
-                pts = sorted(p for p in _timed_points(results, rule, gran, field) if p[1] > 0)
+                pts = sorted(p for p in _points(results, rule, gran, field) if p[1] > 0)
                 if pts:
                     style = "--" if label.startswith("block 128 (FA4") else "-"
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", ms=3,
