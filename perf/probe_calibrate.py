@@ -6,6 +6,14 @@ without exponentials; pass 2 alone) and against stage counts, next to FA4 dense,
 --fma-exp times the full kernel with one of every N of pass 1's exponentials on the FMA pipe
 (`CalibrateConfig.fma_exp_every`; 0 = all on MUFU; a trailing L, as in 4L, also sets
 `lazy_max`) in interleaved rounds, and says whether each level's lists equal the first's.
+
+--variant name=path (repeatable) does the same for copies of the kernel module (a file that
+defines `CalibrateSm90`, e.g. the module before a change) against the package's kernel
+("current"), all compiled for the same configuration, at each of --thresholds (threshold t
+keeps key j for a tile where some query gives it probability >= t / seqlen).
+
+    python perf/probe_calibrate.py --skip-probes --variant before=dev/variants/cal.py \
+        --thresholds 64,3,1
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import baselines  # noqa: E402
+from ab_kernel import load_variant  # noqa: E402
 from sweep import card_info, median_ms  # noqa: E402
 
 from fgattn_cute.host.compile import CalibrateConfig, compile_fwd  # noqa: E402
@@ -33,7 +42,11 @@ def main(argv=None):
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--fma-exp", default="", help="comma-separated fma_exp_every levels")
-    p.add_argument("--skip-probes", action="store_true", help="only the --fma-exp comparison")
+    p.add_argument("--variant", action="append", default=[],
+                   help="name=path of a module defining CalibrateSm90 (A/B against current)")
+    p.add_argument("--thresholds", default="1", help="--variant: comma-separated thresholds")
+    p.add_argument("--skip-probes", action="store_true",
+                   help="only the --fma-exp and --variant comparisons")
     args = p.parse_args(argv)
     S, H, D = args.seqlen, args.heads, args.head_dim
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -49,7 +62,18 @@ def main(argv=None):
                 ("no_exp", 3, ("bits",)), ("one_pass", 3, ("bits",)), ("one_pass", 3, ()))
     if args.fma_exp:
         levels = args.fma_exp.split(",")
-        compare_fma_exp(levels, D, q, k, words, indices, counts, S, dense, args.reps)
+        fns = {e: compile_fwd(CalibrateConfig(D, "bfloat16", 128,
+                                              fma_exp_every=int(e.rstrip("L")),
+                                              lazy_max=e.endswith("L")))
+               for e in levels}
+        compare("fma_exp_every", fns, (q, k, words, indices, counts, D**-0.5,
+                                       math.log(1.0 / S)), dense, args.reps)
+    if args.variant:
+        fns = compile_variants(args.variant, D)
+        for t in args.thresholds.split(","):
+            print(f"threshold {t}")
+            compare("variant", fns, (q, k, words, indices, counts, D**-0.5,
+                                     math.log(float(t) / S)), dense, args.reps)
     if args.skip_probes:
         return
     for probe, stages, pingpong in variants:
@@ -62,32 +86,50 @@ def main(argv=None):
               f"{ms / dense:6.3f} x dense")
 
 
-def compare_fma_exp(levels, D, q, k, words, indices, counts, S, dense, reps, rounds=5):
-    fns = {e: compile_fwd(CalibrateConfig(D, "bfloat16", 128, fma_exp_every=int(e.rstrip("L")),
-                                          lazy_max=e.endswith("L")))
-           for e in levels}
-    args = (q, k, words, indices, counts, D**-0.5, math.log(1.0 / S))
+def compile_variants(specs, D):
+    """{name: f(q, k, words, indices, counts, scale, log_cut)} for "name=path" module copies,
+    then the package's kernel as "current", all for CalibrateConfig(D, "bfloat16", 128)."""
+    import cutlass
+    import cutlass.cute as cute
+
+    config = CalibrateConfig(D, "bfloat16", 128)
+    kernels = {}
+    for spec in specs:
+        name, path = spec.split("=", 1)
+        kernels[name] = load_variant(path).CalibrateSm90(
+            cutlass.BFloat16, D, config.q_tile, config.num_stages, config.probe,
+            config.pingpong, config.fma_exp_every, config.lazy_max)
+    kernels["current"] = config.kernel()
+    return {name: cute.compile(kernel, *config.fake_args(), options="--enable-tvm-ffi")
+            for name, kernel in kernels.items()}
+
+
+def compare(label, fns, args, dense, reps, rounds=5):
+    """Time each of `fns` on `args` in interleaved rounds; say whether each one's lists (outputs
+    poisoned first) equal the first one's."""
+    q, k, words, indices, counts = args[:5]
+    names = list(fns)
     kept = {}
-    for e, fn in fns.items():
+    for name, fn in fns.items():
         indices.fill_(-7)
         counts.fill_(-7)
         fn(*args)
-        kept[e] = (indices.clone(), counts.clone())
-    times = {e: [] for e in fns}
+        kept[name] = (indices.clone(), counts.clone())
+    times = {name: [] for name in fns}
     for r in range(rounds):
-        order = levels[r % len(levels):] + levels[:r % len(levels)]
-        for e in order:
-            times[e].append(median_ms(lambda fn=fns[e]: fn(*args), reps))
-    base_idx, base_cnt = kept[levels[0]]
-    for e in levels:
-        idx, cnt = kept[e]
-        # keep decisions compared as masks: a flip moves every later slot of its list
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(median_ms(lambda fn=fns[name]: fn(*args), reps))
+    base_idx, base_cnt = kept[names[0]]
+    keep = base_cnt.double().mean().item() / k.shape[1]
+    for name in names:
+        idx, cnt = kept[name]
+        # keep decisions compared as counts: a flip moves every later slot of its list
         n_diff = int((cnt != base_cnt).sum())
         same = torch.equal(idx, base_idx) and torch.equal(cnt, base_cnt)
-        ms = sorted(times[e])[rounds // 2]
-        print(f"fma_exp_every={e:3s} {ms:8.3f} ms  {ms / dense:6.3f} x dense  "
+        ms = sorted(times[name])[rounds // 2]
+        print(f"{label}={name:8s} {ms:8.3f} ms  {ms / dense:6.3f} x dense  keep {keep:.3f}  "
               f"{'same lists' if same else f'lists differ ({n_diff} counts differ)'}  rounds "
-              + " ".join(f"{t:.3f}" for t in times[e]))
+              + " ".join(f"{t:.3f}" for t in times[name]))
 
 
 if __name__ == "__main__":

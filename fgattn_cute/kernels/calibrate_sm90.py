@@ -34,6 +34,7 @@ import cutlass
 import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass import Float32, Int32, Uint32, const_expr
+from cutlass._mlir.dialects import llvm
 from cutlass.cute.nvgpu import cpasync, warpgroup
 
 from fgattn_cute.kernels.layout import (
@@ -66,6 +67,27 @@ def _tree(values: list, op):
         paired = [op(values[i], values[i + 1]) for i in range(0, len(values) - 1, 2)]
         values = paired + values[len(values) - len(values) % 2:]
     return values[0]
+
+
+def _bit_if_any_at_least(scores: list, cuts: list, bit: int) -> Uint32:
+    """`bit` if any scores[r] >= cuts[r] (ordered: NaN never passes), else 0.
+
+    One predicate chain (setp, then setp.or) and one select per column. From the same test
+    written as Boolean ORs, ptxas emits a select after every compare (twice the
+    instructions of pass 2's compares; perf/NOTES.md, calibrate step 12)."""
+    n = len(scores)
+    asm = ["{", ".reg .pred p;", f"setp.ge.f32 p, $1, ${n + 1};"]
+    asm += [f"setp.ge.or.f32 p, ${r + 1}, ${n + r + 1}, p;" for r in range(1, n)]
+    asm += [f"selp.b32 $0, {bit:#x}, 0, p;", "}"]
+    return Uint32(llvm.inline_asm(
+        Uint32.mlir_type,
+        [Float32(x).ir_value() for x in list(scores) + list(cuts)],
+        "\n".join(asm),
+        "=r," + ",".join(["f"] * (2 * n)),
+        has_side_effects=False,
+        is_align_stack=False,
+        asm_dialect=llvm.AsmDialect.AD_ATT,
+    ))
 
 
 class CalibrateSm90:
@@ -413,6 +435,12 @@ class CalibrateSm90:
         cores compute tile n + 1; otherwise the other warpgroup's wgmmas fill that time."""
         first_fill = 0 if const_expr(mode == "lse") else n_blocks
         acc_S = cute.make_rmem_tensor(s_shape, Float32)
+        # The last tile's real columns as a word, once: a column test per tile (if-converted
+        # by ptxas, ~60 instructions) would be paid on every tile.
+        all_keys = Uint32(0xFFFFFFFF)
+        last_mask = all_keys
+        if const_expr(mode == "bits"):
+            last_mask = self.column_mask(tScS, last_valid)
         if const_expr(self.overlap):
             acc_next = cute.make_rmem_tensor(s_shape, Float32)
             stage = self.issue_scores(mma_qk, ring, tSrQ, tSrK, acc_S, first_fill)
@@ -421,13 +449,14 @@ class CalibrateSm90:
                 ring.release(stage)
             for n in cutlass.range(1, n_blocks, unroll=1):
                 stage = self.issue_scores(mma_qk, ring, tSrQ, tSrK, acc_next, first_fill + n)
-                self.tile_math(mode, acc_S, tScS, softmax, thr, sBits, n - 1, self.tile_n, lane)
+                self.tile_math(mode, acc_S, tScS, softmax, thr, sBits, n - 1, self.tile_n,
+                               all_keys, lane)
                 warpgroup.wait_group(0)
                 if lane == 0:
                     ring.release(stage)
                 acc_S.store(acc_next.load())
             self.tile_math(mode, acc_S, tScS, softmax, thr, sBits, n_blocks - 1, last_valid,
-                           lane)
+                           last_mask, lane)
         else:
             # Ping-pong: the warpgroups take turns at issuing, so one's math runs while the
             # tensor cores work through the other's wgmmas (left alone, both tend to issue
@@ -445,9 +474,11 @@ class CalibrateSm90:
                 if lane == 0:
                     ring.release(stage)
                 valid = self.tile_n
+                key_mask = all_keys
                 if n == n_blocks - 1:
                     valid = last_valid
-                self.tile_math(mode, acc_S, tScS, softmax, thr, sBits, n, valid, lane)
+                    key_mask = last_mask
+                self.tile_math(mode, acc_S, tScS, softmax, thr, sBits, n, valid, key_mask, lane)
 
     @cute.jit
     def issue_scores(self, mma_qk, ring: StageRing, tSrQ, tSrK, acc_S, i: Int32) -> Int32:
@@ -475,9 +506,11 @@ class CalibrateSm90:
         sBits: cute.Tensor,
         n: Int32,
         valid: Int32,
+        key_mask: Uint32,
         lane: Int32,
     ):
-        """The math of key tile n, whose first `valid` columns are real keys."""
+        """The math of key tile n, whose first `valid` columns are real keys (key_mask: the
+        same as this thread's column bits)."""
         if const_expr(mode == "lse"):
             mask_columns(acc_S, tScS, valid, self.tile_n)
             if const_expr(self.lazy_max and self.probe != "no_exp"):
@@ -485,7 +518,7 @@ class CalibrateSm90:
             else:
                 self.lse_step(acc_S, softmax)
         else:
-            bits = self.clear_columns(self.row_hits(acc_S, thr), tScS, valid)
+            bits = self.row_hits(acc_S, thr) & key_mask
             self.or_into_bitmap(bits, sBits, n, lane)
 
     @cute.jit
@@ -586,25 +619,24 @@ class CalibrateSm90:
     @cute.jit
     def row_hits(self, acc_S: cute.Tensor, thr: cute.Tensor) -> Uint32:
         """Bit c set where any of this thread's rows r has score >= thr[r] in its column c
-        (OR-ed as a tree, for the same reason as in lse_step)."""
+        (the column words OR-ed as a tree, for the same reason as in lse_step)."""
         s_rc = acc_rows_cols(acc_S)
-        words = []
-        for c in cutlass.range_constexpr(cute.size(s_rc, mode=[1])):
-            hit = s_rc[0, c] >= thr[0]
-            for r in cutlass.range_constexpr(1, cute.size(thr)):
-                hit = hit | (s_rc[r, c] >= thr[r])
-            words.append(Uint32(hit) << c)
+        num_rows = cute.size(thr)
+        cuts = [thr[r] for r in range(num_rows)]
+        words = [
+            _bit_if_any_at_least([s_rc[r, c] for r in range(num_rows)], cuts, 1 << c)
+            for c in range(cute.size(s_rc, mode=[1]))
+        ]
         return _tree(words, lambda a, b: a | b)
 
     @cute.jit
-    def clear_columns(self, bits: Uint32, tScS: cute.Tensor, valid: Int32) -> Uint32:
-        """Drop the bits of columns at or past `valid` (keys past seqlen_k)."""
-        out = bits
-        if valid < self.tile_n:
-            for c in cutlass.range_constexpr(cute.size(tScS, mode=[1])):
-                if tScS[0, c][1] >= valid:
-                    out = out & ~Uint32(1 << c)
-        return out
+    def column_mask(self, tScS: cute.Tensor, valid: Int32) -> Uint32:
+        """Bit c set where this thread's column c is a real key (below `valid`)."""
+        mask = Uint32(0)
+        for c in cutlass.range_constexpr(cute.size(tScS, mode=[1])):
+            if tScS[0, c][1] < valid:
+                mask = mask | Uint32(1 << c)
+        return mask
 
     @cute.jit
     def or_into_bitmap(self, bits: Uint32, sBits: cute.Tensor, n: Int32, lane: Int32):
