@@ -486,17 +486,30 @@ class TopPSelectSm90:
 
     @cute.jit
     def exclusive_warp_prefix(self, value: Int64, red_i, warp: Int32, lane: Int32):
-        """(sum of the warp-uniform `value` over the warps before this one, sum over all)."""
+        """(sum of the warp-uniform `value` over the warps before this one, sum over all).
+
+        For rows in shared memory, lane l of every warp takes warp l's value and the warp scans
+        them: a few shuffles, where a walk over all the warps' values costs each thread ~130
+        instructions, four times a row (11% of the selection at Wan 480p). Rows in global memory
+        keep the walk, which measured 2.7% faster there (H200; perf/NOTES.md, top-p session 10)."""
         if lane == 0:
             red_i[warp] = value
         cute.arch.barrier()
         before = Int64(0)
         total = Int64(0)
-        for w in cutlass.range_constexpr(self.num_warps):
-            t = red_i[w]
-            total += t
-            if w < warp:
-                before += t
+        if const_expr(self.row_in_smem):
+            mine = Int64(0)
+            if lane < self.num_warps:
+                mine = red_i[lane]
+            incl = warp_inclusive_sum(mine, lane)
+            before = cute.arch.shuffle_sync(incl - mine, warp)
+            total = cute.arch.shuffle_sync(incl, self.num_warps - 1)
+        else:
+            for w in cutlass.range_constexpr(self.num_warps):
+                t = red_i[w]
+                total += t
+                if w < warp:
+                    before += t
         cute.arch.barrier()
         return before, total
 
