@@ -28,10 +28,20 @@ def main(argv=None):
     p.add_argument("--seqlen", type=int, default=32760)
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--probe", default="")
+    p.add_argument("--logits", choices=("randn", "pooled"), default="randn",
+                   help="top_p: 3 x standard normal rows, or pooled_top_p's own scores")
     args = p.parse_args(argv)
     S, H, D = args.seqlen, args.heads, 128
     if args.which == "top_p":
-        logits = torch.randn(args.rows, S, device="cuda") * 3
+        if args.logits == "pooled":  # every row of H heads' pooled scores (--rows ignored)
+            from fgattn_cute.host.launch import run_pooled_scores_sm90, run_tile_means_split_sm90
+
+            q, k = (torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16)
+                    for _ in range(2))
+            logits = run_pooled_scores_sm90(run_tile_means_split_sm90(q, 128), k).view(-1, S)
+            args.rows = logits.shape[0]
+        else:
+            logits = torch.randn(args.rows, S, device="cuda") * 3
         words = torch.zeros(math.ceil(S / 32), dtype=torch.int32, device="cuda")
         indices = torch.empty(args.rows, math.ceil(S / 128) * 128, dtype=torch.int32,
                               device="cuda")

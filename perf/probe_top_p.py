@@ -3,6 +3,9 @@ H x 256 query tiles), and the whole pooled_top_p, next to FA4 dense, one process
 
     python perf/probe_top_p.py [--heads 24] [--variant before=dev/variants/top_p_before.py]
 
+--logits pooled selects from the scores pooled_top_p computes (near-uniform rows on random
+inputs) instead of 3 x standard normal logits.
+
 --variant name=path (repeatable) also times the selection kernel of a module file that defines
 `TopPSelectSm90` (a copy before or after a change) on the same rows, in interleaved rounds with
 the package's kernel, and checks that it selects the same keys.
@@ -38,6 +41,9 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=24)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--variant", action="append", default=[])
+    p.add_argument("--logits", choices=("randn", "pooled"), default="randn",
+                   help="rows for the selection alone: 3 x standard normal logits, or the "
+                        "pooled scores that pooled_top_p itself selects from (random q, k)")
     args = p.parse_args(argv)
     S, H = args.seqlen, args.heads
     rows = H * math.ceil(S / 128)
@@ -64,7 +70,10 @@ def main(argv=None):
     for name, fn in steps.items():
         ms = median_ms(fn, args.reps)
         print(f"  {name:21s} {ms:8.3f} ms")
-    logits = torch.randn(rows, S, generator=gen, device="cuda") * 3
+    if args.logits == "pooled":
+        logits = run_pooled_scores_sm90(split, k).view(rows, S)
+    else:
+        logits = torch.randn(rows, S, generator=gen, device="cuda") * 3
     words = torch.zeros(math.ceil(S / 32), dtype=torch.int32, device="cuda")
     indices = torch.empty(rows, math.ceil(S / 128) * 128, dtype=torch.int32, device="cuda")
     counts = torch.empty(rows, dtype=torch.int32, device="cuda")
