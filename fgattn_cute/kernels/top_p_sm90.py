@@ -13,8 +13,9 @@ same SM will most likely load (one row per SM further on), so that load comes fr
 2. the exact rule of ``fgattn_cute.predict.pooled`` (its module docstring): key j weighs
    floor(p_j * 2**52) (an integer, read off the float's exponent and significand), the target
    is ceil(p * total) in float64, and three radix rounds over the probabilities' float32 bit
-   patterns (10, 10 and 9 bits, the same digits as the torch code) find the boundary value tau
-   and the weight above it. Each round is a 1,024-bin histogram of exact weights built with
+   patterns (12, 9 and 8 bits; the torch code's are 10, 10 and 9, and the rule does not depend
+   on them) find the boundary value tau and the weight above it. Each round is a histogram
+   (4,096 bins, then 512 and 256) of exact weights built with
    32-bit shared-memory atomics (see ``bin_units``) and scanned by the whole CTA; the first
    round's is built by the pass that computes the probabilities, and its scan gives the row's
    total weight.
@@ -44,8 +45,12 @@ LOW_BITS = (127 - MASS_BITS) << 23  # float32 bits of 2**-52, the smallest weigh
 # when E >= EXACT_EXP (P >= 2**-29, weight exact), else m >> (EXACT_EXP - E) (floored).
 EXACT_EXP = 127 - MASS_BITS + 23
 SLICE_BITS = 12  # a bin sums each key's significand in two 12-bit slices (32-bit atomics)
-ROUNDS = ((19, 10), (9, 10), (0, 9))  # (shift, bits), most significant digit first
-HIST_BINS = 1 << 10
+# (shift, bits), most significant digit first. The first digit is the exponent and 6
+# significand bits: near-uniform rows (pooled_top_p's usual input) spread over enough bins
+# that the first round's shared-memory atomics rarely collide (10 bits: 17% slower there;
+# perf/NOTES.md, top-p session 10).
+ROUNDS = ((17, 12), (8, 9), (0, 8))
+HIST_BINS = 1 << 12
 LOADS = 4  # keys loaded ahead per thread in the passes whose per-key work branches
 SHARED_CLUSTER = 7  # LLVM address space of shared::cluster (the bulk copy's destination)
 MAX_SEQLEN_K_SMEM = 40960  # rows up to this long live in shared memory (160 KiB of float32)
