@@ -18,7 +18,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fgattn_cute.host.compile import CalibrateConfig, TopPConfig, compile_fwd  # noqa: E402
-from fgattn_cute.kernels.top_p_sm90 import MAX_SEQLEN_K_SMEM  # noqa: E402
 
 
 def main(argv=None):
@@ -46,7 +45,7 @@ def main(argv=None):
         indices = torch.empty(args.rows, math.ceil(S / 128) * 128, dtype=torch.int32,
                               device="cuda")
         counts = torch.empty(args.rows, dtype=torch.int32, device="cuda")
-        fn = compile_fwd(TopPConfig(False, S <= MAX_SEQLEN_K_SMEM))  # long rows: in place
+        fn = compile_fwd(TopPConfig.for_rows(S))  # long rows: in place
         fn(logits, words, indices, counts, D**-0.5, 0.9)
         torch.cuda.synchronize()
         return

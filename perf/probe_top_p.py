@@ -78,7 +78,7 @@ def main(argv=None):
     indices = torch.empty(rows, math.ceil(S / 128) * 128, dtype=torch.int32, device="cuda")
     counts = torch.empty(rows, dtype=torch.int32, device="cuda")
     in_smem = S <= MAX_SEQLEN_K_SMEM
-    fn = compile_fwd(TopPConfig(False, in_smem))
+    fn = compile_fwd(TopPConfig.for_rows(S))
     ms = select_ms(fn, logits, words, indices, counts, args.reps)
     where = "shared memory" if in_smem else "global memory, in place"
     print(f"select kernel alone     {ms:8.3f} ms  {ms / dense:6.3f} x dense "
@@ -112,12 +112,11 @@ def compare_variants(specs, fn, logits, words, indices, counts, reps, dense, rou
     import cutlass.cute as cute
     from ab_kernel import load_variant
 
-    in_smem = logits.shape[1] <= MAX_SEQLEN_K_SMEM
-    config = TopPConfig(False, in_smem)
+    config = TopPConfig.for_rows(logits.shape[1])
     fns = {"current": fn}
     for spec in specs:
         name, path = spec.split("=", 1)
-        selector = load_variant(path).TopPSelectSm90(False, in_smem)
+        selector = load_variant(path).TopPSelectSm90(False, config.row_in_smem)
         fns[name] = cute.compile(selector, *config.fake_args(), options="--enable-tvm-ffi")
     fn(logits.clone(), words, indices, counts, 128**-0.5, 0.9)
     want = (indices.clone(), counts.clone())

@@ -9,7 +9,8 @@ Three query tiles with an empty list, a dense list and a random partial one, B=1
 every code path (gather, contiguous tile, padding, empty tile, partial last tile) runs once.
 Persistent CTAs (two to four for six tiles) with O in its own buffer and over Q. The
 predictors: calibrate (two query tiles per CTA, the second absent for the last pair),
-pooled top-p from shared-memory rows and from rows kept in global memory.
+pooled top-p from short rows (two CTAs per SM), longer shared-memory rows and rows kept in
+global memory.
 """
 
 import math
@@ -72,8 +73,9 @@ for threshold in (1.0, 8.0):
     torch.cuda.synchronize()
     differ = (got.to_mask() != want.to_mask()).float().mean().item()
     report(f"calibrate threshold {threshold}: {differ:.1e} of keys differ", differ < 1e-3)
-k_long = torch.randn(1, 41000, H, D, generator=gen, device="cuda", dtype=torch.bfloat16)
-for keys in (k, k_long):
+k_mid, k_long = (torch.randn(1, n, H, D, generator=gen, device="cuda", dtype=torch.bfloat16)
+                 for n in (20000, 41000))
+for keys in (k, k_mid, k_long):
     got = fg.predict.pooled_top_p(q, keys, 128, 0.9, always_keep=[1], backend="cute")
     want = fg.predict.pooled_top_p(q, keys, 128, 0.9, always_keep=[1], backend="torch")
     torch.cuda.synchronize()

@@ -50,7 +50,9 @@ def _to_mask(indices, counts, n):
     return mask[..., :n]
 
 
-@pytest.mark.parametrize("n", [1, 33, 1000, 4097, 32760, 40960, 40961, 75600])
+# Each side of the two row-length limits: 18,432 (two CTAs per SM, up to it) and 40,960 (the
+# row in shared memory).
+@pytest.mark.parametrize("n", [1, 33, 1000, 4097, 18432, 18433, 32760, 40960, 40961, 75600])
 @pytest.mark.parametrize("p", [0.05, 0.5, 0.9, 0.999])
 @pytest.mark.parametrize("ties", [False, True])
 def test_selection_equals_full_sort(n, p, ties):

@@ -200,11 +200,20 @@ class TopPConfig:
 
     from_probs: bool = False
     row_in_smem: bool = True  # False: rows longer than 40,960 keys, worked on in place
+    short_rows: bool = False  # rows of at most 18,432 keys: two CTAs per SM
+
+    @staticmethod
+    def for_rows(seqlen_k: int, from_probs: bool = False) -> TopPConfig:
+        """The configuration that selects rows of seqlen_k keys."""
+        from fgattn_cute.kernels.top_p_sm90 import MAX_SEQLEN_K_SHORT, MAX_SEQLEN_K_SMEM
+
+        return TopPConfig(from_probs, seqlen_k <= MAX_SEQLEN_K_SMEM,
+                          seqlen_k <= MAX_SEQLEN_K_SHORT)
 
     def kernel(self):
         from fgattn_cute.kernels.top_p_sm90 import TopPSelectSm90
 
-        return TopPSelectSm90(self.from_probs, self.row_in_smem)
+        return TopPSelectSm90(self.from_probs, self.row_in_smem, self.short_rows)
 
     def fake_args(self):
         """rows, keep words, indices, counts, scale, p, stream."""
@@ -318,7 +327,8 @@ def all_tile_means_configs():
 
 def all_top_p_configs():
     """Every top-p selection configuration the package ships (CI compiles each one)."""
-    return [TopPConfig(fp, sm) for fp in (False, True) for sm in (True, False)]
+    return [TopPConfig(fp, sm, short) for fp in (False, True)
+            for sm, short in ((True, True), (True, False), (False, False))]
 
 
 def all_calibrate_configs():

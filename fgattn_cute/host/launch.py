@@ -119,9 +119,7 @@ def run_top_p_select_sm90(
     [R, capacity], counts int32 [R]). keep_words as in run_calibrate_sm90; p in (0, 1).
     indices / counts: optional preallocated outputs (every element is written). Rows longer
     than 40,960 are overwritten (the kernel works on them in place)."""
-    from fgattn_cute.kernels.top_p_sm90 import MAX_SEQLEN_K_SMEM
-
-    fn = compile_fwd(TopPConfig(from_probs, rows.shape[1] <= MAX_SEQLEN_K_SMEM))
+    fn = compile_fwd(TopPConfig.for_rows(rows.shape[1], from_probs))
     n_rows = rows.shape[0]
     if indices is None:
         indices = torch.empty(n_rows, capacity, dtype=torch.int32, device=rows.device)

@@ -54,6 +54,9 @@ HIST_BINS = 1 << 12
 LOADS = 4  # keys loaded ahead per thread in the passes whose per-key work branches
 SHARED_CLUSTER = 7  # LLVM address space of shared::cluster (the bulk copy's destination)
 MAX_SEQLEN_K_SMEM = 40960  # rows up to this long live in shared memory (160 KiB of float32)
+# Rows up to this long (CogVideoX's 17,550) get a 72 KiB buffer and 512 threads, so that two
+# CTAs share an SM and each hides the other's row load and barriers (27% faster there).
+MAX_SEQLEN_K_SHORT = 18432
 MAX_SEQLEN_K = 1 << 17  # longer rows stay in global memory (L2), in place; bound of the bitmap
 
 
@@ -85,20 +88,30 @@ class TopPSelectSm90:
     """Static configuration of one compiled selection kernel; launch through `__call__`."""
 
     def __init__(self, from_probs: bool = False, row_in_smem: bool = True,
-                 num_threads: int = 1024):
+                 short_rows: bool = False):
         self.from_probs = from_probs
         # False: the row is overwritten in place in global memory (its caller's scratch) and
         # every pass after the first reads it back, mostly from L2.
         self.row_in_smem = row_in_smem
-        # 1,024 threads (64 registers, no spills): 3% faster than 512 on rows in shared memory
-        # and 9% on rows in global memory (perf/NOTES.md, session 8).
-        self.num_threads = num_threads
+        # Rows of at most MAX_SEQLEN_K_SHORT keys: two CTAs of 512 threads per SM (64
+        # registers each). Otherwise one CTA of 1,024 threads (64 registers, no spills): 3%
+        # faster than 512 on rows in shared memory and 9% on rows in global memory
+        # (perf/NOTES.md, session 8).
+        if short_rows and not row_in_smem:
+            raise ValueError("short_rows needs row_in_smem")
+        self.short_rows = short_rows
+        self.ctas_per_sm = 2 if short_rows else 1
+        self.num_threads = 1024 // self.ctas_per_sm
+        num_threads = self.num_threads
         self.num_warps = num_threads // 32
-        self.max_n = MAX_SEQLEN_K_SMEM if row_in_smem else MAX_SEQLEN_K
+        if short_rows:
+            self.max_n = MAX_SEQLEN_K_SHORT
+        else:
+            self.max_n = MAX_SEQLEN_K_SMEM if row_in_smem else MAX_SEQLEN_K
         # The scan of a round's histogram gives each thread a whole number of bins.
         assert all((1 << bits) % num_threads == 0 or num_threads % (1 << bits) == 0
                    for _, bits in ROUNDS)
-        self.smem_row = MAX_SEQLEN_K_SMEM if row_in_smem else 4
+        self.smem_row = self.max_n if row_in_smem else 4
 
     @cute.jit
     def __call__(
@@ -130,6 +143,9 @@ class TopPSelectSm90:
             block=[self.num_threads, 1, 1],
             smem=SharedStorage.size_in_bytes(),
             stream=stream,
+            # (a carveout given, so that compiling needs no device to ask for its maximum)
+            min_blocks_per_mp=self.ctas_per_sm,
+            preferred_smem_carveout=100,
         )
 
     @cute.kernel
