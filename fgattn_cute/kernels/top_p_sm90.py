@@ -3,8 +3,9 @@
 Each row (one query tile's pooled scores against every key) is loaded into shared memory once,
 by one bulk copy (the TMA unit), and everything after that runs on chip (rows longer than
 40,960 keys are worked on in place in global memory instead, where the 132 rows in flight stay
-in L2). Once its own row is in, a CTA prefetches into L2 the row that the CTA after it on the
-same SM will most likely load (one row per SM further on), so that load comes from L2:
+in L2; rows of at most 18,432 keys get a smaller buffer and half the threads, so that two CTAs
+share an SM). Once its own row is in, a CTA prefetches into L2 the row that the CTA after it on
+the same SM will most likely load (one row per SM further on), so that load comes from L2:
 
 1. softmax: x = scale * logit, p = exp(x - max) / sum (float32, accurate exp, the division
    correctly rounded), in place; or, in ``from_probs`` mode, the row is already probabilities
