@@ -45,7 +45,7 @@ def main(argv=None):
         indices = torch.empty(args.rows, math.ceil(S / 128) * 128, dtype=torch.int32,
                               device="cuda")
         counts = torch.empty(args.rows, dtype=torch.int32, device="cuda")
-        fn = compile_fwd(TopPConfig.for_rows(S))  # long rows: in place
+        fn = compile_fwd(TopPConfig.for_rows(S))  # the configuration pooled_top_p uses
         fn(logits, words, indices, counts, D**-0.5, 0.9)
         torch.cuda.synchronize()
         return

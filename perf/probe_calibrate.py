@@ -107,7 +107,7 @@ def compile_variants(specs, D):
 def compare(label, fns, args, dense, reps, rounds=5):
     """Time each of `fns` on `args` in interleaved rounds; say whether each one's lists (outputs
     poisoned first) equal the first one's."""
-    q, k, words, indices, counts = args[:5]
+    k, indices, counts = args[1], args[3], args[4]
     names = list(fns)
     kept = {}
     for name, fn in fns.items():

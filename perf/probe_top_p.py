@@ -80,7 +80,10 @@ def main(argv=None):
     in_smem = S <= MAX_SEQLEN_K_SMEM
     fn = compile_fwd(TopPConfig.for_rows(S))
     ms = select_ms(fn, logits, words, indices, counts, args.reps)
-    where = "shared memory" if in_smem else "global memory, in place"
+    where = "global memory, in place"
+    if in_smem:
+        short = TopPConfig.for_rows(S).short_rows
+        where = "shared memory, two CTAs per SM" if short else "shared memory"
     print(f"select kernel alone     {ms:8.3f} ms  {ms / dense:6.3f} x dense "
           f"({rows} rows, in {where})")
     if args.variant:
@@ -109,6 +112,8 @@ def select_ms(fn, logits, words, indices, counts, reps):
 
 
 def compare_variants(specs, fn, logits, words, indices, counts, reps, dense, rounds=5):
+    import inspect
+
     import cutlass.cute as cute
     from ab_kernel import load_variant
 
@@ -116,7 +121,12 @@ def compare_variants(specs, fn, logits, words, indices, counts, reps, dense, rou
     fns = {"current": fn}
     for spec in specs:
         name, path = spec.split("=", 1)
-        selector = load_variant(path).TopPSelectSm90(False, config.row_in_smem)
+        cls = load_variant(path).TopPSelectSm90
+        # the same configuration as "current" where the variant has it (older ones lack
+        # short_rows and run their one configuration for rows in shared memory)
+        short = ({"short_rows": config.short_rows}
+                 if "short_rows" in inspect.signature(cls.__init__).parameters else {})
+        selector = cls(False, config.row_in_smem, **short)
         fns[name] = cute.compile(selector, *config.fake_args(), options="--enable-tvm-ffi")
     fn(logits.clone(), words, indices, counts, 128**-0.5, 0.9)
     want = (indices.clone(), counts.clone())

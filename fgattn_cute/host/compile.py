@@ -202,6 +202,11 @@ class TopPConfig:
     row_in_smem: bool = True  # False: rows longer than 40,960 keys, worked on in place
     short_rows: bool = False  # rows of at most 18,432 keys: two CTAs per SM
 
+    def __post_init__(self):
+        if self.short_rows and not self.row_in_smem:
+            raise ValueError("short_rows: needs row_in_smem=True (short rows live in shared "
+                             "memory)")
+
     @staticmethod
     def for_rows(seqlen_k: int, from_probs: bool = False) -> TopPConfig:
         """The configuration that selects rows of seqlen_k keys."""

@@ -509,8 +509,9 @@ class CalibrateSm90:
         key_mask: Uint32,
         lane: Int32,
     ):
-        """The math of key tile n, whose first `valid` columns are real keys (key_mask: the
-        same as this thread's column bits)."""
+        """The math of key tile n, whose first `valid` columns are real keys ("lse" mode masks
+        them) and whose real columns among this thread's are the set bits of key_mask (bit c
+        for its column c; "bits" mode ANDs it in)."""
         if const_expr(mode == "lse"):
             mask_columns(acc_S, tScS, valid, self.tile_n)
             if const_expr(self.lazy_max and self.probe != "no_exp"):

@@ -5,7 +5,8 @@ by one bulk copy (the TMA unit), and everything after that runs on chip (rows lo
 40,960 keys are worked on in place in global memory instead, where the 132 rows in flight stay
 in L2; rows of at most 18,432 keys get a smaller buffer and half the threads, so that two CTAs
 share an SM). Once its own row is in, a CTA prefetches into L2 the row that the CTA after it on
-the same SM will most likely load (one row per SM further on), so that load comes from L2:
+the same SM will most likely load (one row per SM further on), so that load comes from L2
+(with short rows that row has usually started already; see ``prefetch_next_row``):
 
 1. softmax: x = scale * logit, p = exp(x - max) / sum (float32, accurate exp, the division
    correctly rounded), in place; or, in ``from_probs`` mode, the row is already probabilities
@@ -139,14 +140,16 @@ class TopPSelectSm90:
             red_f: cute.struct.MemRange[Float32, num_warps]
             bcast: cute.struct.MemRange[Int64, 6]
 
+        # Short rows: registers capped for two CTAs per SM, and the largest shared-memory
+        # carveout (given, so that compiling needs no device to ask for it). The other
+        # configurations keep the driver's choice (rows in global memory use L1).
+        two_per_sm = dict(min_blocks_per_mp=2, preferred_smem_carveout=100)
         self.kernel(mX, mKeepWords, mIndices, mCounts, scale, p_top, SharedStorage).launch(
             grid=[cute.size(mX.shape[0]), 1, 1],
             block=[self.num_threads, 1, 1],
             smem=SharedStorage.size_in_bytes(),
             stream=stream,
-            # (a carveout given, so that compiling needs no device to ask for its maximum)
-            min_blocks_per_mp=self.ctas_per_sm,
-            preferred_smem_carveout=100,
+            **(two_per_sm if self.short_rows else {}),
         )
 
     @cute.kernel
@@ -333,7 +336,9 @@ class TopPSelectSm90:
         """Start an L2 prefetch of row row_idx + (number of SMs): CTAs are dispatched in row
         order, one per SM, so that is about the row the next CTA on this SM will load. Issued
         after the pass over the probabilities, when this CTA's own load is long done (issued
-        at the start it competed with that load and was 2% slower; here 2% faster)."""
+        at the start it competed with that load and was 2% slower; here 2% faster). With
+        short rows (two CTAs per SM) that row has usually started already, so the prefetch
+        rarely helps there; twice the distance was not tried."""
         future = row_idx + Int32(nvvm.read_ptx_sreg_nsmid(Int32.mlir_type))
         if future < cute.size(mX.shape[0]):
             x_next = mX[future, None]
@@ -466,7 +471,7 @@ class TopPSelectSm90:
     # A key with probability P = m * 2**(E - 150) (biased exponent E, 24-bit significand m)
     # weighs floor(P * 2**52) = m << (E - EXACT_EXP) when E >= EXACT_EXP, else
     # m >> (EXACT_EXP - E). Every key of a bin has the same E (each round's digits lie within
-    # the first round's, which holds E - 75 above 4 significand bits), so a bin sums, per key,
+    # the first round's, which holds E - 75 above 6 significand bits), so a bin sums, per key,
     # m or the floored weight (its "units") and weighs that sum << max(E - EXACT_EXP, 0). The
     # sum (< 24 bits per key) is kept in two 32-bit slices, added with native 32-bit
     # shared-memory atomics (64-bit ones compile to a CAS loop); neither overflows for rows of
