@@ -105,6 +105,20 @@ def test_top_p_machine_code(config):
     assert _count(hist, "LDL") == 0 and _count(hist, "STL") == 0, f"spills: {hist}"
 
 
+def test_top_p_config_per_row_length():
+    """Rows up to 18,432 keys get the two-per-SM configuration, up to 40,960 the one-per-SM
+    one in shared memory, longer ones work in global memory; short rows outside shared memory
+    are refused."""
+    pick = kcompile.TopPConfig.for_rows
+    assert pick(1).short_rows and pick(18432).short_rows and pick(18432).row_in_smem
+    assert not pick(18433).short_rows and pick(18433).row_in_smem
+    assert pick(40960).row_in_smem and not pick(40961).row_in_smem
+    assert pick(17550, from_probs=True).from_probs
+    assert set(map(pick, (17550, 32760, 75600))) <= set(kcompile.all_top_p_configs())
+    with pytest.raises(ValueError, match="short_rows"):
+        kcompile.TopPConfig(False, row_in_smem=False, short_rows=True)
+
+
 @pytest.mark.parametrize("config", kcompile.all_tile_means_configs(),
                          ids=_config_id)
 def test_tile_means_machine_code(config):
