@@ -51,7 +51,8 @@ def main(argv=None):
     S, H, D = args.seqlen, args.heads, args.head_dim
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = baselines.random_qkv(S, H, D, gen)
-    dense = median_ms(baselines.fa4_dense(q, k, v), args.reps)
+    fa4 = baselines.fa4_dense(q, k, v)
+    dense = median_ms(fa4, args.reps)
     T = math.ceil(S / 128)
     cap = math.ceil(S / 128) * 128
     words = torch.zeros(math.ceil(S / 32), dtype=torch.int32, device="cuda")
@@ -67,13 +68,13 @@ def main(argv=None):
                                               lazy_max=e.endswith("L")))
                for e in levels}
         compare("fma_exp_every", fns, (q, k, words, indices, counts, D**-0.5,
-                                       math.log(1.0 / S)), dense, args.reps)
+                                       math.log(1.0 / S)), fa4, args.reps)
     if args.variant:
         fns = compile_variants(args.variant, D)
         for t in args.thresholds.split(","):
             print(f"threshold {t}")
             compare("variant", fns, (q, k, words, indices, counts, D**-0.5,
-                                     math.log(float(t) / S)), dense, args.reps)
+                                     math.log(float(t) / S)), fa4, args.reps)
     if args.skip_probes:
         return
     for probe, stages, pingpong in variants:
@@ -104,9 +105,10 @@ def compile_variants(specs, D):
             for name, kernel in kernels.items()}
 
 
-def compare(label, fns, args, dense, reps, rounds=5):
-    """Time each of `fns` on `args` in interleaved rounds; say whether each one's lists (outputs
-    poisoned first) equal the first one's."""
+def compare(label, fns, args, fa4, reps, rounds=5):
+    """Time each of `fns` on `args` and FA4 dense (`fa4()`) in interleaved rounds, each against
+    FA4's median over the same rounds (a card's clocks drift under sustained load); say whether
+    each one's lists (outputs poisoned first) equal the first one's."""
     k, indices, counts = args[1], args[3], args[4]
     names = list(fns)
     kept = {}
@@ -115,10 +117,16 @@ def compare(label, fns, args, dense, reps, rounds=5):
         counts.fill_(-7)
         fn(*args)
         kept[name] = (indices.clone(), counts.clone())
-    times = {name: [] for name in fns}
+    runs = {name: (lambda fn=fn: fn(*args)) for name, fn in fns.items()}
+    runs["fa4_dense"] = fa4
+    order = list(runs)
+    times = {name: [] for name in runs}
     for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            times[name].append(median_ms(lambda fn=fns[name]: fn(*args), reps))
+        for name in order[r % len(order):] + order[:r % len(order)]:
+            times[name].append(median_ms(runs[name], reps))
+    dense = sorted(times["fa4_dense"])[rounds // 2]
+    print(f"FA4 dense {dense:8.3f} ms (median of the rounds)  rounds "
+          + " ".join(f"{t:.3f}" for t in times["fa4_dense"]))
     base_idx, base_cnt = kept[names[0]]
     keep = base_cnt.double().mean().item() / k.shape[1]
     for name in names:
