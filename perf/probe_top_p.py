@@ -32,7 +32,6 @@ from sweep import card_info, median_ms  # noqa: E402
 
 import fgattn_cute as fg  # noqa: E402
 from fgattn_cute.host.compile import TopPConfig, compile_fwd  # noqa: E402
-from fgattn_cute.kernels.top_p_sm90 import MAX_SEQLEN_K_SMEM  # noqa: E402
 
 
 def main(argv=None):
@@ -77,13 +76,12 @@ def main(argv=None):
     words = torch.zeros(math.ceil(S / 32), dtype=torch.int32, device="cuda")
     indices = torch.empty(rows, math.ceil(S / 128) * 128, dtype=torch.int32, device="cuda")
     counts = torch.empty(rows, dtype=torch.int32, device="cuda")
-    in_smem = S <= MAX_SEQLEN_K_SMEM
-    fn = compile_fwd(TopPConfig.for_rows(S))
+    config = TopPConfig.for_rows(S)
+    fn = compile_fwd(config)
     ms = select_ms(fn, logits, words, indices, counts, args.reps)
     where = "global memory, in place"
-    if in_smem:
-        short = TopPConfig.for_rows(S).short_rows
-        where = "shared memory, two CTAs per SM" if short else "shared memory"
+    if config.row_in_smem:
+        where = "shared memory, two CTAs per SM" if config.short_rows else "shared memory"
     print(f"select kernel alone     {ms:8.3f} ms  {ms / dense:6.3f} x dense "
           f"({rows} rows, in {where})")
     if args.variant:
@@ -99,7 +97,7 @@ def main(argv=None):
 def select_ms(fn, logits, words, indices, counts, reps):
     """Median time of one selection on `logits` (left unchanged: rows worked on in place are
     restored from a copy before each call, and the copy's own time is subtracted)."""
-    if logits.shape[1] <= MAX_SEQLEN_K_SMEM:
+    if TopPConfig.for_rows(logits.shape[1]).row_in_smem:
         return median_ms(lambda: fn(logits, words, indices, counts, 128**-0.5, 0.9), reps)
     work = logits.clone()
 

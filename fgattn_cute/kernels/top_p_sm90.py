@@ -102,9 +102,7 @@ class TopPSelectSm90:
         if short_rows and not row_in_smem:
             raise ValueError("short_rows needs row_in_smem")
         self.short_rows = short_rows
-        self.ctas_per_sm = 2 if short_rows else 1
-        self.num_threads = 1024 // self.ctas_per_sm
-        num_threads = self.num_threads
+        self.num_threads = num_threads = 512 if short_rows else 1024
         self.num_warps = num_threads // 32
         if short_rows:
             self.max_n = MAX_SEQLEN_K_SHORT
