@@ -49,15 +49,16 @@ EXACT_EXP = 127 - MASS_BITS + 23
 SLICE_BITS = 12  # a bin sums each key's significand in two 12-bit slices (32-bit atomics)
 # (shift, bits), most significant digit first. The first digit is the exponent and 6
 # significand bits: near-uniform rows (pooled_top_p's usual input) spread over enough bins
-# that the first round's shared-memory atomics rarely collide (10 bits: 17% slower there;
-# perf/NOTES.md, top-p session 10).
+# that the first round's shared-memory atomics rarely collide (10 bits: 17% slower there on
+# an H200; perf/NOTES.md, top-p session 10).
 ROUNDS = ((17, 12), (8, 9), (0, 8))
 HIST_BINS = 1 << 12
 LOADS = 4  # keys loaded ahead per thread in the passes whose per-key work branches
 SHARED_CLUSTER = 7  # LLVM address space of shared::cluster (the bulk copy's destination)
 MAX_SEQLEN_K_SMEM = 40960  # rows up to this long live in shared memory (160 KiB of float32)
 # Rows up to this long (CogVideoX's 17,550) get a 72 KiB buffer and 512 threads, so that two
-# CTAs share an SM and each hides the other's row load and barriers (27% faster there).
+# CTAs share an SM and each hides the other's row load and barriers (27% faster there on an
+# H100; perf/NOTES.md, top-p session 10).
 MAX_SEQLEN_K_SHORT = 18432
 MAX_SEQLEN_K = 1 << 17  # longer rows stay in global memory (L2), in place; bound of the bitmap
 
