@@ -137,10 +137,12 @@ def compare_variants(specs, fn, logits, words, indices, counts, reps, dense, rou
         indices.fill_(-7)
         counts.fill_(-7)
         f(logits.clone(), words, indices, counts, 128**-0.5, 0.9)
-        same = torch.equal(indices, want[0]) and torch.equal(counts, want[1])
+        # Rows whose lists differ (kernels that sum a row in another order may round a boundary
+        # probability the other way).
+        differ = ((indices != want[0]).any(-1) | (counts != want[1])).sum().item()
+        same = "same keys" if differ == 0 else f"DIFFERENT keys in {differ} rows"
         ms = sorted(times[name])[rounds // 2]
-        print(f"  select {name:12s} {ms:8.3f} ms  {ms / dense:6.3f} x dense  "
-              f"{'same keys' if same else 'DIFFERENT keys'}  rounds "
+        print(f"  select {name:12s} {ms:8.3f} ms  {ms / dense:6.3f} x dense  {same}  rounds "
               + " ".join(f"{t:.3f}" for t in times[name]))
 
 

@@ -249,27 +249,7 @@ class TopPSelectSm90:
                 bits, i == 0, tidx, warp, lane,
             )
         tau = prefix
-        # How many keys equal to tau to take, by one thread: a 64-bit division is a long
-        # subroutine, and every thread computing it cost 3% of the selection's instructions.
-        if tidx == 0:
-            # Weight of one key equal to tau: float32 bits tau + LOW_BITS, read back as a float.
-            bcast[2] = Int64(tau + LOW_BITS)
-            tau_bits = cute.make_tensor(cute.recast_ptr(bcast.iterator + 2, dtype=Int32),
-                                        cute.make_layout(1))
-            tau_float = cute.make_tensor(cute.recast_ptr(tau_bits.iterator, dtype=Float32),
-                                         cute.make_layout(1))
-            tau_weight = Int64(tau_float[0] * MASS_SCALE)
-            if tau_weight < 1:
-                tau_weight = Int64(1)
-            take = (target - above + tau_weight - 1) // tau_weight
-            # The last round's bin is the single value tau, so it weighs (keys equal to tau) x
-            # tau_weight. When all of them are taken (the usual case: one key), no tie needs a
-            # rank: take < ties, i.e. (take + 1) x tau_weight <= the bin's weight.
-            bcast[4] = take
-            bcast[5] = Int64((take + 1) * tau_weight <= tau_bin_weight)
-        cute.arch.barrier()
-        take = bcast[4]
-        rank_ties = bcast[5] != 0
+        take, rank_ties = self.take_at_tau(bcast, tau, target, above, tau_bin_weight, tidx)
         any_mass = total > 0
 
         # 3. Keep bits in index order, then the list.
@@ -380,12 +360,8 @@ class TopPSelectSm90:
                     target: Int64, total: Int64, p_top: Float64, shift: cutlass.Constexpr[int],
                     bits: cutlass.Constexpr[int], first: cutlass.Constexpr[bool], tidx: Int32,
                     warp: Int32, lane: Int32):
-        """One digit: the weight histogram of the keys whose higher digits equal `prefix`, and
-        the digit at which the cumulative weight from the top reaches target - above (clamped
-        to the lowest digit, as the torch code does). Returns the extended prefix, the weight
-        of the keys above it, the weight of the keys in its bin, and (set by the first round,
-        whose histogram holds every key with a weight, built by the probability pass) the
-        target ceil(p_top * total) and the row's total weight."""
+        """One digit: the weight histogram of the keys whose higher digits equal `prefix` (the
+        first round's is built by the probability pass), then `find_digit`."""
         nb = 1 << bits
         if const_expr(not first):
             self.clear_hist(sHist, nb, tidx)
@@ -395,10 +371,31 @@ class TopPSelectSm90:
                 # (bits 0, probability 0, stand for keys past the row: they weigh nothing)
                 key_bits = [self.load_or(sBitsP, j + k * T, n, Int32(0)) for k in range(LOADS)]
                 for k in cutlass.range_constexpr(LOADS):
-                    rb = key_bits[k] - LOW_BITS  # < 0 exactly where the weight is 0
-                    if rb >> (shift + bits) == prefix:
-                        self.hist_add(sHist, (rb >> shift) & (nb - 1), self.bin_units(key_bits[k]))
+                    self.weigh_digit(sHist, key_bits[k], prefix, shift, bits)
         cute.arch.barrier()
+        return self.find_digit(sHist, red_i, bcast, prefix, above, target, total, p_top, shift,
+                               bits, first, tidx, warp, lane)
+
+    @cute.jit
+    def weigh_digit(self, sHist, key_bits: Int32, prefix: Int32, shift: cutlass.Constexpr[int],
+                    bits: cutlass.Constexpr[int]):
+        """Adds a key (float32 bits of its probability) to its bin of the round whose digits
+        (`bits` wide at `shift`) extend `prefix`, if its higher digits equal `prefix`."""
+        rb = key_bits - LOW_BITS  # < 0 exactly where the weight is 0
+        if rb >> (shift + bits) == prefix:
+            self.hist_add(sHist, (rb >> shift) & ((1 << bits) - 1), self.bin_units(key_bits))
+
+    @cute.jit
+    def find_digit(self, sHist, red_i, bcast, prefix: Int32, above: Int64, target: Int64,
+                   total: Int64, p_top: Float64, shift: cutlass.Constexpr[int],
+                   bits: cutlass.Constexpr[int], first: cutlass.Constexpr[bool], tidx: Int32,
+                   warp: Int32, lane: Int32):
+        """The digit at which the cumulative weight of a round's histogram (complete, behind a
+        barrier) from the top reaches target - above (clamped to the lowest digit, as the torch
+        code does). Returns the extended prefix, the weight of the keys above it, the weight
+        of the keys in its bin, and (set by the first round, whose histogram holds every key
+        with a weight) the target ceil(p_top * total) and the row's total weight."""
+        nb = 1 << bits
         # Scan from the top digit down, every thread at once: thread t holds the `per`
         # descending positions t * per .. t * per + per - 1 (position d is digit nb - 1 - d).
         per = max(nb // self.num_threads, 1)
@@ -440,6 +437,31 @@ class TopPSelectSm90:
             bcast[3] = self.hist_get(sHist, nb - 1 - pos, prefix, shift, bits)
         cute.arch.barrier()
         return Int32(bcast[0]), bcast[1], bcast[3], target, total
+
+    @cute.jit
+    def take_at_tau(self, bcast, tau: Int32, target: Int64, above: Int64, tau_bin_weight: Int64,
+                    tidx: Int32):
+        """(how many keys equal to tau to take, whether the keys equal to tau need ranking), by
+        one thread and broadcast: a 64-bit division is a long subroutine, and every thread
+        computing it cost 3% of the selection's instructions."""
+        if tidx == 0:
+            # Weight of one key equal to tau: float32 bits tau + LOW_BITS, read back as a float.
+            bcast[2] = Int64(tau + LOW_BITS)
+            tau_bits = cute.make_tensor(cute.recast_ptr(bcast.iterator + 2, dtype=Int32),
+                                        cute.make_layout(1))
+            tau_float = cute.make_tensor(cute.recast_ptr(tau_bits.iterator, dtype=Float32),
+                                         cute.make_layout(1))
+            tau_weight = Int64(tau_float[0] * MASS_SCALE)
+            if tau_weight < 1:
+                tau_weight = Int64(1)
+            take = (target - above + tau_weight - 1) // tau_weight
+            # The last round's bin is the single value tau, so it weighs (keys equal to tau) x
+            # tau_weight. When all of them are taken (the usual case: one key), no tie needs a
+            # rank: take < ties, i.e. (take + 1) x tau_weight <= the bin's weight.
+            bcast[4] = take
+            bcast[5] = Int64((take + 1) * tau_weight <= tau_bin_weight)
+        cute.arch.barrier()
+        return bcast[4], bcast[5] != 0
 
     @cute.jit
     def merge_keep_word(self, sWords, c: Int32, keep: Boolean, lane: Int32) -> Int32:
