@@ -4,8 +4,10 @@ without exponentials; pass 2 alone) and against stage counts, next to FA4 dense,
     python perf/probe_calibrate.py [--seqlen 32760 --heads 12] [--fma-exp 0,6,4,3]
 
 --fma-exp times the full kernel with one of every N of pass 1's exponentials on the FMA pipe
-(`CalibrateConfig.fma_exp_every`; 0 = all on MUFU; a trailing L, as in 4L, also sets
-`lazy_max`) in interleaved rounds, and says whether each level's lists equal the first's.
+(`CalibrateConfig.fma_exp_every`; 0 = all on MUFU) in interleaved rounds, and says whether each
+level's lists equal the first's. Levels keep the package's row max (`lazy_max`, on by default);
+a trailing E, as in 0E, turns it off (an exact row max per tile: ~10% slower at Wan 480p), and a
+trailing L turns it on.
 
 --variant name=path (repeatable) does the same for copies of the kernel module (a file that
 defines `CalibrateSm90`, e.g. the module before a change) against the package's kernel
@@ -63,9 +65,11 @@ def main(argv=None):
                 ("no_exp", 3, ("bits",)), ("one_pass", 3, ("bits",)), ("one_pass", 3, ()))
     if args.fma_exp:
         levels = args.fma_exp.split(",")
+        lazy_default = CalibrateConfig(D, "bfloat16", 128).lazy_max
         fns = {e: compile_fwd(CalibrateConfig(D, "bfloat16", 128,
-                                              fma_exp_every=int(e.rstrip("L")),
-                                              lazy_max=e.endswith("L")))
+                                              fma_exp_every=int(e.rstrip("LE")),
+                                              lazy_max=(lazy_default and not e.endswith("E"))
+                                              or e.endswith("L")))
                for e in levels}
         compare("fma_exp_every", fns, (q, k, words, indices, counts, D**-0.5,
                                        math.log(1.0 / S)), fa4, args.reps)
