@@ -1,22 +1,17 @@
 """perf/e2e_wan.py --quick: the end-to-end script's logic on a toy Wan model (CPU: fg's
 float32 reference backend). The real sizes need a GPU and are not run by the tests."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("diffusers")
 
-SCRIPT = Path(__file__).resolve().parent.parent / "perf" / "e2e_wan.py"
+from perf_script import load_perf_script  # noqa: E402
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("e2e_wan", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_perf_script("e2e_wan")
 
 
 def test_quick_run_writes_json_and_markdown(tmp_path):

@@ -1,18 +1,13 @@
 """perf/quality.py on a toy size (CPU, float32 reference): outputs and the interpolation."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parent.parent / "perf" / "quality.py"
+from perf_script import load_perf_script
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("quality", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_perf_script("quality")
 
 
 def test_interp():

@@ -1,20 +1,13 @@
 """perf/top_p_digits.py (CPU): its tau is the full-sort rule's, and it runs on a toy size."""
 
-import importlib.util
-from pathlib import Path
-
 import torch
+from perf_script import load_perf_script
 
 from fgattn_cute.predict import pooled
 
-SCRIPT = Path(__file__).resolve().parent.parent / "perf" / "top_p_digits.py"
-
 
 def _load():
-    spec = importlib.util.spec_from_file_location("top_p_digits", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_perf_script("top_p_digits")
 
 
 def test_tau_is_the_smallest_kept_probability():
