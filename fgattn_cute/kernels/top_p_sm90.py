@@ -14,10 +14,12 @@ the same SM will most likely load (one row per SM further on), so that load come
    same input).
 2. the exact rule of ``fgattn_cute.predict.pooled`` (its module docstring): key j weighs
    floor(p_j * 2**52) (an integer, read off the float's exponent and significand), the target
-   is ceil(p * total) in float64, and three radix rounds over the probabilities' float32 bit
-   patterns (12, 9 and 8 bits; the torch code's are 10, 10 and 9, and the rule does not depend
-   on them) find the boundary value tau and the weight above it. Each round is a histogram
-   (4,096 bins, then 512 and 256) of exact weights built with
+   is ceil(p * total) in float64, and up to three radix rounds over the probabilities' float32
+   bit patterns find the boundary value tau and the weight above it. The first round's 12
+   bits sit just below the highest bit in which the row's keys can differ (`digit_plan`, from
+   the row's extreme probabilities), then up to 12 more bits, then the rest (the torch code's
+   digits are 10, 10 and 9; the rule does not depend on them). Each round is a histogram
+   (4,096 bins) of exact weights built with
    32-bit shared-memory atomics (see ``bin_units``) and scanned by the whole CTA; the first
    round's is built by the pass that computes the probabilities, and its scan gives the row's
    total weight.
@@ -51,8 +53,12 @@ SLICE_BITS = 12  # a bin sums each key's significand in two 12-bit slices (32-bi
 # significand bits: near-uniform rows (pooled_top_p's usual input) spread over enough bins
 # that the first round's shared-memory atomics rarely collide (10 bits: 17% slower there on
 # an H200; perf/NOTES.md, top-p session 10).
-ROUNDS = ((17, 12), (8, 9), (0, 8))
+ROUNDS = ((17, 12), (8, 9), (0, 8))  # (the fallback digits; see `digit_plan`)
 HIST_BINS = 1 << 12
+DIGIT_BITS = 12  # every round's histogram has 4,096 bins; a round uses at most this many digits
+# Ulps of slack around the row's extreme keys' probabilities when the first digit is placed per
+# row: the exponential need not be monotone to the last bit.
+PLAN_MARGIN = 64
 LOADS = 4  # keys loaded ahead per thread in the passes whose per-key work branches
 SHARED_CLUSTER = 7  # LLVM address space of shared::cluster (the bulk copy's destination)
 MAX_SEQLEN_K_SMEM = 40960  # rows up to this long live in shared memory (160 KiB of float32)
@@ -195,22 +201,37 @@ class TopPSelectSm90:
         # built in the pass that computes the probabilities, so that round needs no pass of its
         # own.
         self.clear_hist(sHist, HIST_BINS, tidx)
+        if tidx == 0:
+            bcast[5] = Int64(0)  # set when a key falls outside the first digit's planned range
         cute.arch.barrier()
 
         # 1. Probabilities in shared memory and the first round's histogram of their weights
         # (the row's total weight comes out of that round's scan).
+        shift1 = Int32(ROUNDS[0][0])
+        prefix0 = Int32(0)
         if const_expr(self.from_probs):
+            local_max = Float32(0.0)
+            local_min = Float32.inf
             for j in cutlass.range(tidx, n, T, unroll=8):
-                self.weigh_first_digit(sHist, sP[j])
+                local_max = cute.arch.fmax(local_max, sP[j])
+                local_min = cute.arch.fmin(local_min, sP[j])
+            p_hi = self.block_reduce(local_max, cute.arch.fmax, red_f, warp, lane)
+            p_lo = self.block_reduce(local_min, cute.arch.fmin, red_f, warp, lane)
+            shift1, prefix0 = self.digit_plan(p_lo, p_hi)
+            for j in cutlass.range(tidx, n, T, unroll=8):
+                self.weigh_first_digit(sHist, sP[j], shift1, prefix0, bcast)
         else:
             # The scaled logit is stored and read back, so that it is rounded before the
             # subtraction (as torch does) rather than fused into it.
             local_max = -Float32.inf
+            local_min = Float32.inf
             for j in cutlass.range(tidx, n, T, unroll=8):
                 v = sP[j] * scale
                 sP[j] = v
                 local_max = cute.arch.fmax(local_max, v)
+                local_min = cute.arch.fmin(local_min, v)
             row_max = self.block_reduce(local_max, cute.arch.fmax, red_f, warp, lane)
+            row_min = self.block_reduce(local_min, cute.arch.fmin, red_f, warp, lane)
             local_sum = Float32(0.0)
             for j in cutlass.range(tidx, n, T, unroll=1):
                 e = cute.math.exp(sP[j] - row_max)
@@ -221,6 +242,10 @@ class TopPSelectSm90:
             # the reciprocal refined once per row rather than once per key.
             rcp = cute.arch.rcp_approx(row_sum)
             rcp = _fma(rcp, _fma(-row_sum, rcp, Float32(1.0)), rcp)
+            # The extreme keys' probabilities, by the very operations their keys go through.
+            p_hi = self.divide(cute.math.exp(row_max - row_max), row_sum, rcp)
+            p_lo = self.divide(cute.math.exp(row_min - row_max), row_sum, rcp)
+            shift1, prefix0 = self.digit_plan(p_lo, p_hi)
             # LOADS keys per step, all loaded before any is worked on (a key's work branches, so
             # the compiler would not hoist the next load above it).
             for j in cutlass.range(tidx, n, LOADS * T, unroll=1):
@@ -229,7 +254,7 @@ class TopPSelectSm90:
                     prob = self.divide(e[k], row_sum, rcp)
                     if j + k * T < n:
                         sP[j + k * T] = prob
-                    self.weigh_first_digit(sHist, prob)
+                    self.weigh_first_digit(sHist, prob, shift1, prefix0, bcast)
 
         if const_expr(self.row_in_smem):
             # Not for rows in global memory: their passes already fill L2 with the rows in
@@ -237,16 +262,31 @@ class TopPSelectSm90:
             if tidx == 0:
                 self.prefetch_next_row(mX, row_idx)
 
-        # 2. The target, then the boundary value tau by radix rounds.
-        prefix = Int32(0)
+        # A weighted key outside the planned range (never seen; the margin is wide) left the
+        # first histogram incomplete: build it again with the fixed first digit.
+        cute.arch.barrier()
+        if bcast[5] != 0:
+            self.clear_hist(sHist, HIST_BINS, tidx)
+            cute.arch.barrier()
+            shift1 = Int32(ROUNDS[0][0])
+            prefix0 = Int32(0)
+            for j in cutlass.range(tidx, n, T, unroll=1):
+                self.weigh_first_digit(sHist, sP[j], shift1, prefix0, bcast)
+
+        # 2. The target, then the boundary value tau by radix rounds: 12 bits at shift1, then
+        # at most 12 more, then what is left (up to 5 bits; none when shift1 <= 12).
+        bits2 = cutlass.min(shift1, DIGIT_BITS)
+        shift2 = shift1 - bits2
+        plan = ((shift1, Int32(DIGIT_BITS)), (shift2, bits2), (Int32(0), shift2))
+        prefix = prefix0
         above = Int64(0)
         tau_bin_weight = Int64(0)
         target = Int64(0)
         total = Int64(0)
-        for i, (shift, bits) in enumerate(ROUNDS):
+        for i, (shift, bits) in enumerate(plan):
             prefix, above, tau_bin_weight, target, total = self.radix_round(
-                sP, sBitsP, sHist, red_i, bcast, n, prefix, above, target, total, p_top, shift,
-                bits, i == 0, tidx, warp, lane,
+                sP, sBitsP, sHist, red_i, bcast, n, prefix, above, tau_bin_weight, target, total,
+                p_top, shift, bits, i == 0, tidx, warp, lane,
             )
         tau = prefix
         take, rank_ties = self.take_at_tau(bcast, tau, target, above, tau_bin_weight, tidx)
@@ -357,45 +397,48 @@ class TopPSelectSm90:
 
     @cute.jit
     def radix_round(self, sP, sBitsP, sHist, red_i, bcast, n: Int32, prefix: Int32, above: Int64,
-                    target: Int64, total: Int64, p_top: Float64, shift: cutlass.Constexpr[int],
-                    bits: cutlass.Constexpr[int], first: cutlass.Constexpr[bool], tidx: Int32,
+                    tau_bin_weight: Int64, target: Int64, total: Int64, p_top: Float64,
+                    shift: Int32, bits: Int32, first: cutlass.Constexpr[bool], tidx: Int32,
                     warp: Int32, lane: Int32):
-        """One digit: the weight histogram of the keys whose higher digits equal `prefix` (the
-        first round's is built by the probability pass), then `find_digit`."""
-        nb = 1 << bits
-        if const_expr(not first):
-            self.clear_hist(sHist, nb, tidx)
+        """One digit (`bits` wide at `shift`, at most DIGIT_BITS; none left when bits is 0): the
+        weight histogram of the keys whose higher digits equal `prefix` (the first round's is
+        built by the probability pass), then `find_digit`."""
+        out = (prefix, above, tau_bin_weight, target, total)
+        if bits > 0:
+            if const_expr(not first):
+                self.clear_hist(sHist, HIST_BINS, tidx)
+                cute.arch.barrier()
+                T = self.num_threads
+                for j in cutlass.range(tidx, n, LOADS * T, unroll=1):
+                    # (bits 0, probability 0, stand for keys past the row: they weigh nothing)
+                    key_bits = [self.load_or(sBitsP, j + k * T, n, Int32(0))
+                                for k in range(LOADS)]
+                    for k in cutlass.range_constexpr(LOADS):
+                        self.weigh_digit(sHist, key_bits[k], prefix, shift, bits)
             cute.arch.barrier()
-            T = self.num_threads
-            for j in cutlass.range(tidx, n, LOADS * T, unroll=1):
-                # (bits 0, probability 0, stand for keys past the row: they weigh nothing)
-                key_bits = [self.load_or(sBitsP, j + k * T, n, Int32(0)) for k in range(LOADS)]
-                for k in cutlass.range_constexpr(LOADS):
-                    self.weigh_digit(sHist, key_bits[k], prefix, shift, bits)
-        cute.arch.barrier()
-        return self.find_digit(sHist, red_i, bcast, prefix, above, target, total, p_top, shift,
-                               bits, first, tidx, warp, lane)
+            out = self.find_digit(sHist, red_i, bcast, prefix, above, target, total, p_top,
+                                  shift, bits, first, tidx, warp, lane)
+        return out
 
     @cute.jit
-    def weigh_digit(self, sHist, key_bits: Int32, prefix: Int32, shift: cutlass.Constexpr[int],
-                    bits: cutlass.Constexpr[int]):
+    def weigh_digit(self, sHist, key_bits: Int32, prefix: Int32, shift: Int32, bits: Int32):
         """Adds a key (float32 bits of its probability) to its bin of the round whose digits
         (`bits` wide at `shift`) extend `prefix`, if its higher digits equal `prefix`."""
         rb = key_bits - LOW_BITS  # < 0 exactly where the weight is 0
         if rb >> (shift + bits) == prefix:
-            self.hist_add(sHist, (rb >> shift) & ((1 << bits) - 1), self.bin_units(key_bits))
+            self.hist_add(sHist, (rb >> shift) & ((Int32(1) << bits) - 1),
+                          self.bin_units(key_bits))
 
     @cute.jit
     def find_digit(self, sHist, red_i, bcast, prefix: Int32, above: Int64, target: Int64,
-                   total: Int64, p_top: Float64, shift: cutlass.Constexpr[int],
-                   bits: cutlass.Constexpr[int], first: cutlass.Constexpr[bool], tidx: Int32,
-                   warp: Int32, lane: Int32):
+                   total: Int64, p_top: Float64, shift: Int32, bits: Int32,
+                   first: cutlass.Constexpr[bool], tidx: Int32, warp: Int32, lane: Int32):
         """The digit at which the cumulative weight of a round's histogram (complete, behind a
         barrier) from the top reaches target - above (clamped to the lowest digit, as the torch
         code does). Returns the extended prefix, the weight of the keys above it, the weight
         of the keys in its bin, and (set by the first round, whose histogram holds every key
         with a weight) the target ceil(p_top * total) and the row's total weight."""
-        nb = 1 << bits
+        nb = HIST_BINS  # (digits past 1 << bits are empty bins)
         # Scan from the top digit down, every thread at once: thread t holds the `per`
         # descending positions t * per .. t * per + per - 1 (position d is digit nb - 1 - d).
         per = max(nb // self.num_threads, 1)
@@ -432,7 +475,7 @@ class TopPSelectSm90:
                         found = Boolean(True)
                     else:
                         running += b
-            bcast[0] = Int64((prefix << bits) | (nb - 1 - pos))
+            bcast[0] = Int64((prefix << bits) | (nb - 1 - pos))  # (pos >= nb - (1 << bits))
             bcast[1] = above + running
             bcast[3] = self.hist_get(sHist, nb - 1 - pos, prefix, shift, bits)
         cute.arch.barrier()
@@ -480,14 +523,32 @@ class TopPSelectSm90:
             sHist[b, 1] = Uint32(0)
 
     @cute.jit
-    def weigh_first_digit(self, sHist, prob: Float32):
+    def weigh_first_digit(self, sHist, prob: Float32, shift1: Int32, prefix0: Int32, bcast):
         """Adds a key that weighs something (prob >= 2**-52) to the first round's bin of its
-        probability."""
+        probability (12 bits at shift1 under the row's shared prefix0); one outside that
+        prefix sets bcast[5], and the histogram is built again with the fixed digit."""
         bits = prob.bitcast(Int32)
         rb = bits - LOW_BITS
         if rb >= 0:
-            shift, nbits = ROUNDS[0]
-            self.hist_add(sHist, (rb >> shift) & ((1 << nbits) - 1), self.bin_units(bits))
+            if (rb >> (shift1 + DIGIT_BITS)) == prefix0:
+                self.hist_add(sHist, (rb >> shift1) & ((1 << DIGIT_BITS) - 1),
+                              self.bin_units(bits))
+            else:
+                bcast[5] = Int64(1)
+
+    @cute.jit
+    def digit_plan(self, p_lo: Float32, p_hi: Float32):
+        """(shift1, prefix0): the first digit's shift, 12 bits just below the highest bit in
+        which the row's weighted keys can differ (their probabilities lie within p_lo and p_hi,
+        give or take PLAN_MARGIN ulps), and the bits above it that every such key shares.
+        pooled_top_p's near-uniform rows share the exponent's upper bits, which the fixed
+        first digit (shift 17) spends 5 of its 12 bits on. A bin still holds one exponent: its
+        digit holds the lowest bit in which two keys' exponents can differ."""
+        lo = cutlass.max(p_lo.bitcast(Int32) - LOW_BITS - PLAN_MARGIN, 0)
+        hi = cutlass.max(p_hi.bitcast(Int32) - LOW_BITS + PLAN_MARGIN, 0)
+        top = Int32(31) - Int32(cute.arch.clz(lo ^ hi))  # -1 when lo == hi
+        shift1 = cutlass.min(cutlass.max(top - (DIGIT_BITS - 1), 0), ROUNDS[0][0])
+        return shift1, hi >> (shift1 + DIGIT_BITS)
 
     # A key with probability P = m * 2**(E - 150) (biased exponent E, 24-bit significand m)
     # weighs floor(P * 2**52) = m << (E - EXACT_EXP) when E >= EXACT_EXP, else
@@ -526,15 +587,16 @@ class TopPSelectSm90:
         cute.arch.atomic_add(sHist.iterator + HIST_BINS + b, Uint32(units >> SLICE_BITS))
 
     @cute.jit
-    def hist_get(self, sHist, b: Int32, prefix: Int32, shift: cutlass.Constexpr[int],
-                 bits: cutlass.Constexpr[int]) -> Int64:
+    def hist_get(self, sHist, b: Int32, prefix: Int32, shift: Int32, bits: Int32) -> Int64:
         """The weight of bin b of the round whose digits (`bits` wide at `shift`) extend
-        `prefix`."""
-        units = Int64(sHist[b, 0]) + (Int64(sHist[b, 1]) << SLICE_BITS)
-        digits = (prefix << bits) | b  # (bits - LOW_BITS) >> shift of the bin's keys
-        exponent = (digits >> (23 - shift)) + (LOW_BITS >> 23)
-        if exponent > EXACT_EXP:
-            units = units << (exponent - EXACT_EXP)
+        `prefix` (0 for bins past 1 << bits, which no key reaches)."""
+        units = Int64(0)
+        if b < (Int32(1) << bits):
+            units = Int64(sHist[b, 0]) + (Int64(sHist[b, 1]) << SLICE_BITS)
+            digits = (prefix << bits) | b  # (bits - LOW_BITS) >> shift of the bin's keys
+            exponent = (digits >> (23 - shift)) + (LOW_BITS >> 23)
+            if exponent > EXACT_EXP:
+                units = units << (exponent - EXACT_EXP)
         return units
 
     @cute.jit
