@@ -15,6 +15,7 @@ from predict_brute import top_p_sorted
 
 import fgattn_cute as fg
 from fgattn_cute.host.launch import run_top_p_select_sm90
+from fgattn_cute.predict import pooled
 from fgattn_cute.predict._args import keep_words
 
 pytestmark = pytest.mark.gpu
@@ -59,6 +60,20 @@ def test_selection_equals_full_sort(n, p, ties):
     probs = _probs(n, 6, n, ties=ties)
     got = _select(probs, p)
     assert torch.equal(got, top_p_sorted(probs, p))
+
+
+@pytest.mark.parametrize("n", [5000, 32760, 40961])
+def test_selection_when_a_key_falls_outside_the_planned_first_digit(n):
+    """A -0.0 entry (bits 0x80000000, an int32 pattern far above every probability's) lies
+    outside the range the first digit is planned for, so the kernel builds the first histogram
+    again with the fixed digit. The kept set must still be the torch rule's, which keeps such
+    keys as the kernel does (weight 0, bits above tau)."""
+    probs = _probs(n + 7, 4, n)
+    probs[:, [10, n // 2]] = -0.0
+    for p in (0.05, 0.9, 0.999):
+        want = pooled.top_p_select(probs, torch.tensor(p, dtype=torch.float64))
+        assert want[:, 10].all(), "a case that does not reach the fallback's keys"
+        assert torch.equal(_select(probs, p), want), f"p={p}"
 
 
 def test_uniform_rows_zero_rows_and_always_keep():

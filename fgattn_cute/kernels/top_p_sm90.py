@@ -49,11 +49,10 @@ LOW_BITS = (127 - MASS_BITS) << 23  # float32 bits of 2**-52, the smallest weigh
 # when E >= EXACT_EXP (P >= 2**-29, weight exact), else m >> (EXACT_EXP - E) (floored).
 EXACT_EXP = 127 - MASS_BITS + 23
 SLICE_BITS = 12  # a bin sums each key's significand in two 12-bit slices (32-bit atomics)
-# (shift, bits), most significant digit first. The first digit is the exponent and 6
-# significand bits: near-uniform rows (pooled_top_p's usual input) spread over enough bins
-# that the first round's shared-memory atomics rarely collide (10 bits: 17% slower there on
-# an H200; perf/NOTES.md, top-p session 10).
-ROUNDS = ((17, 12), (8, 9), (0, 8))  # (the fallback digits; see `digit_plan`)
+# The fixed first digit, (shift, bits): the exponent and 6 significand bits, used when a row's
+# planned digit (`digit_plan`) would miss a key. The plan's digits for a row are 12 bits at its
+# shift1, then up to 12 more, then the rest (perf/NOTES.md, top-p session 11).
+FIRST_DIGIT = (17, 12)
 HIST_BINS = 1 << 12
 DIGIT_BITS = 12  # every round's histogram has 4,096 bins; a round uses at most this many digits
 # Ulps of slack around the row's extreme keys' probabilities when the first digit is placed per
@@ -116,8 +115,7 @@ class TopPSelectSm90:
         else:
             self.max_n = MAX_SEQLEN_K_SMEM if row_in_smem else MAX_SEQLEN_K
         # The scan of a round's histogram gives each thread a whole number of bins.
-        assert all((1 << bits) % num_threads == 0 or num_threads % (1 << bits) == 0
-                   for _, bits in ROUNDS)
+        assert HIST_BINS % num_threads == 0 or num_threads % HIST_BINS == 0
         self.smem_row = self.max_n if row_in_smem else 4
 
     @cute.jit
@@ -207,7 +205,7 @@ class TopPSelectSm90:
 
         # 1. Probabilities in shared memory and the first round's histogram of their weights
         # (the row's total weight comes out of that round's scan).
-        shift1 = Int32(ROUNDS[0][0])
+        shift1 = Int32(FIRST_DIGIT[0])
         prefix0 = Int32(0)
         if const_expr(self.from_probs):
             local_max = Float32(0.0)
@@ -268,7 +266,7 @@ class TopPSelectSm90:
         if bcast[5] != 0:
             self.clear_hist(sHist, HIST_BINS, tidx)
             cute.arch.barrier()
-            shift1 = Int32(ROUNDS[0][0])
+            shift1 = Int32(FIRST_DIGIT[0])
             prefix0 = Int32(0)
             for j in cutlass.range(tidx, n, T, unroll=1):
                 self.weigh_first_digit(sHist, sP[j], shift1, prefix0, bcast)
@@ -406,7 +404,7 @@ class TopPSelectSm90:
         out = (prefix, above, tau_bin_weight, target, total)
         if bits > 0:
             if const_expr(not first):
-                self.clear_hist(sHist, HIST_BINS, tidx)
+                self.clear_hist(sHist, Int32(1) << bits, tidx)  # (hist_get reads no others)
                 cute.arch.barrier()
                 T = self.num_threads
                 for j in cutlass.range(tidx, n, LOADS * T, unroll=1):
@@ -517,7 +515,7 @@ class TopPSelectSm90:
         return Int32(cute.arch.popc(word))
 
     @cute.jit
-    def clear_hist(self, sHist, nb: cutlass.Constexpr[int], tidx: Int32):
+    def clear_hist(self, sHist, nb: Int32, tidx: Int32):
         for b in cutlass.range(tidx, nb, self.num_threads, unroll=1):
             sHist[b, 0] = Uint32(0)
             sHist[b, 1] = Uint32(0)
@@ -542,18 +540,20 @@ class TopPSelectSm90:
         which the row's weighted keys can differ (their probabilities lie within p_lo and p_hi,
         give or take PLAN_MARGIN ulps), and the bits above it that every such key shares.
         pooled_top_p's near-uniform rows share the exponent's upper bits, which the fixed
-        first digit (shift 17) spends 5 of its 12 bits on. A bin still holds one exponent: its
-        digit holds the lowest bit in which two keys' exponents can differ."""
+        first digit (shift 17) spends 5 of its 12 bits on. A bin still holds one exponent: the
+        shift is at most 17 < 23 and the prefix carries every bit above the digit. p_lo is the
+        row's smallest probability, weighted or not, so rows with keys below 2**-52 get lo = 0
+        and, mostly, the fixed digit's shift."""
         lo = cutlass.max(p_lo.bitcast(Int32) - LOW_BITS - PLAN_MARGIN, 0)
         hi = cutlass.max(p_hi.bitcast(Int32) - LOW_BITS + PLAN_MARGIN, 0)
         top = Int32(31) - Int32(cute.arch.clz(lo ^ hi))  # -1 when lo == hi
-        shift1 = cutlass.min(cutlass.max(top - (DIGIT_BITS - 1), 0), ROUNDS[0][0])
+        shift1 = cutlass.min(cutlass.max(top - (DIGIT_BITS - 1), 0), FIRST_DIGIT[0])
         return shift1, hi >> (shift1 + DIGIT_BITS)
 
     # A key with probability P = m * 2**(E - 150) (biased exponent E, 24-bit significand m)
     # weighs floor(P * 2**52) = m << (E - EXACT_EXP) when E >= EXACT_EXP, else
-    # m >> (EXACT_EXP - E). Every key of a bin has the same E (each round's digits lie within
-    # the first round's, which holds E - 75 above 6 significand bits), so a bin sums, per key,
+    # m >> (EXACT_EXP - E). Every key of a bin has the same E (every round's shift is at most
+    # 17 < 23 and its prefix holds all the bits above its digit), so a bin sums, per key,
     # m or the floored weight (its "units") and weighs that sum << max(E - EXACT_EXP, 0). The
     # sum (< 24 bits per key) is kept in two 32-bit slices, added with native 32-bit
     # shared-memory atomics (64-bit ones compile to a CAS loop); neither overflows for rows of
