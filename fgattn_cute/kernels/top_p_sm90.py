@@ -15,9 +15,9 @@ the same SM will most likely load (one row per SM further on), so that load come
 2. the exact rule of ``fgattn_cute.predict.pooled`` (its module docstring): key j weighs
    floor(p_j * 2**52) (an integer, read off the float's exponent and significand), the target
    is ceil(p * total) in float64, and up to three radix rounds over the probabilities' float32
-   bit patterns find the boundary value tau and the weight above it. The first round's 12
-   bits sit just below the highest bit in which the row's keys can differ (`digit_plan`, from
-   the row's extreme probabilities), then up to 12 more bits, then the rest (the torch code's
+   bit patterns find the boundary value tau and the weight above it. The first round's 4,096
+   bins cover the row's range of keys at the finest shift that fits (`digit_plan`, from the
+   row's extreme probabilities), then up to 12 more bits, then the rest (the torch code's
    digits are 10, 10 and 9; the rule does not depend on them). Each round is a histogram
    (4,096 bins) of exact weights built with
    32-bit shared-memory atomics (see ``bin_units``) and scanned by the whole CTA; the first
@@ -50,8 +50,8 @@ LOW_BITS = (127 - MASS_BITS) << 23  # float32 bits of 2**-52, the smallest weigh
 EXACT_EXP = 127 - MASS_BITS + 23
 SLICE_BITS = 12  # a bin sums each key's significand in two 12-bit slices (32-bit atomics)
 # The fixed first digit, (shift, bits): the exponent and 6 significand bits, used when a row's
-# planned digit (`digit_plan`) would miss a key. The plan's digits for a row are 12 bits at its
-# shift1, then up to 12 more, then the rest (perf/NOTES.md, top-p session 11).
+# planned digit (`digit_plan`) would miss a key. A row's plan: 4,096 bins of rb >> shift1 from
+# its lowest key's, then up to 12 more bits, then the rest (perf/NOTES.md, top-p session 12).
 FIRST_DIGIT = (17, 12)
 HIST_BINS = 1 << 12
 DIGIT_BITS = 12  # every round's histogram has 4,096 bins; a round uses at most this many digits
@@ -206,7 +206,7 @@ class TopPSelectSm90:
         # 1. Probabilities in shared memory and the first round's histogram of their weights
         # (the row's total weight comes out of that round's scan).
         shift1 = Int32(FIRST_DIGIT[0])
-        prefix0 = Int32(0)
+        base1 = Int32(0)
         if const_expr(self.from_probs):
             local_max = Float32(0.0)
             local_min = Float32.inf
@@ -215,9 +215,9 @@ class TopPSelectSm90:
                 local_min = cute.arch.fmin(local_min, sP[j])
             p_hi = self.block_reduce(local_max, cute.arch.fmax, red_f, warp, lane)
             p_lo = self.block_reduce(local_min, cute.arch.fmin, red_f, warp, lane)
-            shift1, prefix0 = self.digit_plan(p_lo, p_hi)
+            shift1, base1 = self.digit_plan(p_lo, p_hi)
             for j in cutlass.range(tidx, n, T, unroll=8):
-                self.weigh_first_digit(sHist, sP[j], shift1, prefix0, bcast)
+                self.weigh_first_digit(sHist, sP[j], shift1, base1, bcast)
         else:
             # The scaled logit is stored and read back, so that it is rounded before the
             # subtraction (as torch does) rather than fused into it.
@@ -243,7 +243,7 @@ class TopPSelectSm90:
             # The extreme keys' probabilities, by the very operations their keys go through.
             p_hi = self.divide(cute.math.exp(row_max - row_max), row_sum, rcp)
             p_lo = self.divide(cute.math.exp(row_min - row_max), row_sum, rcp)
-            shift1, prefix0 = self.digit_plan(p_lo, p_hi)
+            shift1, base1 = self.digit_plan(p_lo, p_hi)
             # LOADS keys per step, all loaded before any is worked on (a key's work branches, so
             # the compiler would not hoist the next load above it).
             for j in cutlass.range(tidx, n, LOADS * T, unroll=1):
@@ -252,7 +252,7 @@ class TopPSelectSm90:
                     prob = self.divide(e[k], row_sum, rcp)
                     if j + k * T < n:
                         sP[j + k * T] = prob
-                    self.weigh_first_digit(sHist, prob, shift1, prefix0, bcast)
+                    self.weigh_first_digit(sHist, prob, shift1, base1, bcast)
 
         if const_expr(self.row_in_smem):
             # Not for rows in global memory: their passes already fill L2 with the rows in
@@ -267,26 +267,29 @@ class TopPSelectSm90:
             self.clear_hist(sHist, HIST_BINS, tidx)
             cute.arch.barrier()
             shift1 = Int32(FIRST_DIGIT[0])
-            prefix0 = Int32(0)
+            base1 = Int32(0)
             for j in cutlass.range(tidx, n, T, unroll=1):
-                self.weigh_first_digit(sHist, sP[j], shift1, prefix0, bcast)
+                self.weigh_first_digit(sHist, sP[j], shift1, base1, bcast)
 
         # 2. The target, then the boundary value tau by radix rounds: 12 bits at shift1, then
         # at most 12 more, then what is left (up to 5 bits; none when shift1 <= 12).
         bits2 = cutlass.min(shift1, DIGIT_BITS)
         shift2 = shift1 - bits2
         plan = ((shift1, Int32(DIGIT_BITS)), (shift2, bits2), (Int32(0), shift2))
-        prefix = prefix0
+        # `value` is the chosen bin's rb >> shift after each round (rb: a key's float bits less
+        # LOW_BITS); a round's digit is a key's rb >> shift less its `base`.
+        value = base1
         above = Int64(0)
         tau_bin_weight = Int64(0)
         target = Int64(0)
         total = Int64(0)
         for i, (shift, bits) in enumerate(plan):
-            prefix, above, tau_bin_weight, target, total = self.radix_round(
-                sP, sBitsP, sHist, red_i, bcast, n, prefix, above, tau_bin_weight, target, total,
+            base = base1 if i == 0 else value << bits
+            value, above, tau_bin_weight, target, total = self.radix_round(
+                sP, sBitsP, sHist, red_i, bcast, n, base, above, tau_bin_weight, target, total,
                 p_top, shift, bits, i == 0, tidx, warp, lane,
             )
-        tau = prefix
+        tau = value
         take, rank_ties = self.take_at_tau(bcast, tau, target, above, tau_bin_weight, tidx)
         any_mass = total > 0
 
@@ -394,14 +397,15 @@ class TopPSelectSm90:
         cute.arch.barrier()  # the plain stores too
 
     @cute.jit
-    def radix_round(self, sP, sBitsP, sHist, red_i, bcast, n: Int32, prefix: Int32, above: Int64,
+    def radix_round(self, sP, sBitsP, sHist, red_i, bcast, n: Int32, base: Int32, above: Int64,
                     tau_bin_weight: Int64, target: Int64, total: Int64, p_top: Float64,
                     shift: Int32, bits: Int32, first: cutlass.Constexpr[bool], tidx: Int32,
                     warp: Int32, lane: Int32):
         """One digit (`bits` wide at `shift`, at most DIGIT_BITS; none left when bits is 0): the
-        weight histogram of the keys whose higher digits equal `prefix` (the first round's is
-        built by the probability pass), then `find_digit`."""
-        out = (prefix, above, tau_bin_weight, target, total)
+        weight histogram of the keys with base <= rb >> shift < base + 2**bits (the first
+        round's is built by the probability pass), then `find_digit`. Returns the chosen bin's
+        rb >> shift (base itself when bits is 0) and what `find_digit` returns."""
+        out = (base, above, tau_bin_weight, target, total)
         if bits > 0:
             if const_expr(not first):
                 self.clear_hist(sHist, Int32(1) << bits, tidx)  # (hist_get reads no others)
@@ -412,30 +416,31 @@ class TopPSelectSm90:
                     key_bits = [self.load_or(sBitsP, j + k * T, n, Int32(0))
                                 for k in range(LOADS)]
                     for k in cutlass.range_constexpr(LOADS):
-                        self.weigh_digit(sHist, key_bits[k], prefix, shift, bits)
+                        self.weigh_digit(sHist, key_bits[k], base, shift, bits)
             cute.arch.barrier()
-            out = self.find_digit(sHist, red_i, bcast, prefix, above, target, total, p_top,
+            out = self.find_digit(sHist, red_i, bcast, base, above, target, total, p_top,
                                   shift, bits, first, tidx, warp, lane)
         return out
 
     @cute.jit
-    def weigh_digit(self, sHist, key_bits: Int32, prefix: Int32, shift: Int32, bits: Int32):
-        """Adds a key (float32 bits of its probability) to its bin of the round whose digits
-        (`bits` wide at `shift`) extend `prefix`, if its higher digits equal `prefix`."""
+    def weigh_digit(self, sHist, key_bits: Int32, base: Int32, shift: Int32, bits: Int32):
+        """Adds a key (float32 bits of its probability) to bin (rb >> shift) - base of a round
+        `bits` wide, if it has one."""
         rb = key_bits - LOW_BITS  # < 0 exactly where the weight is 0
-        if rb >> (shift + bits) == prefix:
-            self.hist_add(sHist, (rb >> shift) & ((Int32(1) << bits) - 1),
-                          self.bin_units(key_bits))
+        digit = (rb >> shift) - base  # (< 0, so out of range as unsigned, when rb < 0)
+        if Uint32(digit) < (Uint32(1) << Uint32(bits)):
+            self.hist_add(sHist, digit, self.bin_units(key_bits))
 
     @cute.jit
-    def find_digit(self, sHist, red_i, bcast, prefix: Int32, above: Int64, target: Int64,
+    def find_digit(self, sHist, red_i, bcast, base: Int32, above: Int64, target: Int64,
                    total: Int64, p_top: Float64, shift: Int32, bits: Int32,
                    first: cutlass.Constexpr[bool], tidx: Int32, warp: Int32, lane: Int32):
         """The digit at which the cumulative weight of a round's histogram (complete, behind a
         barrier) from the top reaches target - above (clamped to the lowest digit, as the torch
-        code does). Returns the extended prefix, the weight of the keys above it, the weight
-        of the keys in its bin, and (set by the first round, whose histogram holds every key
-        with a weight) the target ceil(p_top * total) and the row's total weight."""
+        code does). Returns its bin's rb >> shift (base + digit), the weight of the keys above
+        it, the weight of the keys in its bin, and (set by the first round, whose histogram
+        holds every key with a weight) the target ceil(p_top * total) and the row's total
+        weight."""
         nb = HIST_BINS  # (digits past 1 << bits are empty bins)
         # Scan from the top digit down, every thread at once: thread t holds the `per`
         # descending positions t * per .. t * per + per - 1 (position d is digit nb - 1 - d).
@@ -444,7 +449,7 @@ class TopPSelectSm90:
         own = Int64(0)
         if d0 < nb:  # (threads past the last bin hold none)
             for i in cutlass.range_constexpr(per):
-                own += self.hist_get(sHist, nb - 1 - (d0 + i), prefix, shift, bits)
+                own += self.hist_get(sHist, nb - 1 - (d0 + i), base, shift, bits)
         incl = warp_inclusive_sum(own, lane)
         warp_total = cute.arch.shuffle_sync(incl, 31)
         before, all_bins = self.exclusive_warp_prefix(warp_total, red_i, warp, lane)
@@ -467,15 +472,15 @@ class TopPSelectSm90:
             found = Boolean(False)
             for i in cutlass.range_constexpr(per):
                 if not found:
-                    b = self.hist_get(sHist, nb - 1 - (d0 + i), prefix, shift, bits)
+                    b = self.hist_get(sHist, nb - 1 - (d0 + i), base, shift, bits)
                     if running + b >= need or d0 + i == nb - 1:
                         pos = d0 + i
                         found = Boolean(True)
                     else:
                         running += b
-            bcast[0] = Int64((prefix << bits) | (nb - 1 - pos))  # (pos >= nb - (1 << bits))
+            bcast[0] = Int64(base + (nb - 1 - pos))  # (pos >= nb - (1 << bits))
             bcast[1] = above + running
-            bcast[3] = self.hist_get(sHist, nb - 1 - pos, prefix, shift, bits)
+            bcast[3] = self.hist_get(sHist, nb - 1 - pos, base, shift, bits)
         cute.arch.barrier()
         return Int32(bcast[0]), bcast[1], bcast[3], target, total
 
@@ -521,39 +526,45 @@ class TopPSelectSm90:
             sHist[b, 1] = Uint32(0)
 
     @cute.jit
-    def weigh_first_digit(self, sHist, prob: Float32, shift1: Int32, prefix0: Int32, bcast):
+    def weigh_first_digit(self, sHist, prob: Float32, shift1: Int32, base1: Int32, bcast):
         """Adds a key that weighs something (prob >= 2**-52) to the first round's bin of its
-        probability (12 bits at shift1 under the row's shared prefix0); one outside that
-        prefix sets bcast[5], and the histogram is built again with the fixed digit."""
+        probability, (rb >> shift1) - base1; one past the 4,096 bins sets bcast[5], and the
+        histogram is built again with the fixed digit."""
         bits = prob.bitcast(Int32)
         rb = bits - LOW_BITS
         if rb >= 0:
-            if (rb >> (shift1 + DIGIT_BITS)) == prefix0:
-                self.hist_add(sHist, (rb >> shift1) & ((1 << DIGIT_BITS) - 1),
-                              self.bin_units(bits))
+            digit = (rb >> shift1) - base1
+            if Uint32(digit) < Uint32(HIST_BINS):
+                self.hist_add(sHist, digit, self.bin_units(bits))
             else:
                 bcast[5] = Int64(1)
 
     @cute.jit
     def digit_plan(self, p_lo: Float32, p_hi: Float32):
-        """(shift1, prefix0): the first digit's shift, 12 bits just below the highest bit in
-        which the row's weighted keys can differ (their probabilities lie within p_lo and p_hi,
-        give or take PLAN_MARGIN ulps), and the bits above it that every such key shares.
-        pooled_top_p's near-uniform rows share the exponent's upper bits, which the fixed
-        first digit (shift 17) spends 5 of its 12 bits on. A bin still holds one exponent: the
-        shift is at most 17 < 23 and the prefix carries every bit above the digit. p_lo is the
-        row's smallest probability, weighted or not, so rows with keys below 2**-52 get lo = 0
-        and, mostly, the fixed digit's shift."""
+        """(shift1, base1): the first round's bins are rb >> shift1 less base1, with the
+        smallest shift1 at which the row's weighted keys (their probabilities lie within p_lo
+        and p_hi, give or take PLAN_MARGIN ulps) fit in 4,096 bins, and base1 the lowest key's.
+        pooled_top_p's near-uniform rows (largest over smallest probability about 2) then need
+        two rounds, not three; the fixed first digit (shift 17, base 0) spends most of its bins
+        on values no key has. A bin still holds one exponent: shift1 is at most 17 < 23. p_lo
+        is the row's smallest probability, weighted or not, so rows with keys below 2**-52 get
+        lo = 0 and, mostly, the fixed digit."""
         lo = cutlass.max(p_lo.bitcast(Int32) - LOW_BITS - PLAN_MARGIN, 0)
         hi = cutlass.max(p_hi.bitcast(Int32) - LOW_BITS + PLAN_MARGIN, 0)
-        top = Int32(31) - Int32(cute.arch.clz(lo ^ hi))  # -1 when lo == hi
-        shift1 = cutlass.min(cutlass.max(top - (DIGIT_BITS - 1), 0), FIRST_DIGIT[0])
-        return shift1, hi >> (shift1 + DIGIT_BITS)
+        span_bits = Int32(32) - Int32(cute.arch.clz(hi - lo))
+        shift1 = cutlass.max(span_bits - DIGIT_BITS, 0)
+        if (hi >> shift1) - (lo >> shift1) >= HIST_BINS:  # (the floors can add one bin)
+            shift1 += 1
+        base1 = lo >> shift1
+        if shift1 > FIRST_DIGIT[0]:
+            shift1 = Int32(FIRST_DIGIT[0])
+            base1 = Int32(0)
+        return shift1, base1
 
     # A key with probability P = m * 2**(E - 150) (biased exponent E, 24-bit significand m)
     # weighs floor(P * 2**52) = m << (E - EXACT_EXP) when E >= EXACT_EXP, else
-    # m >> (EXACT_EXP - E). Every key of a bin has the same E (every round's shift is at most
-    # 17 < 23 and its prefix holds all the bits above its digit), so a bin sums, per key,
+    # m >> (EXACT_EXP - E). Every key of a bin has the same E (a bin's keys share
+    # rb >> shift, and every round's shift is at most 17 < 23), so a bin sums, per key,
     # m or the floored weight (its "units") and weighs that sum << max(E - EXACT_EXP, 0). The
     # sum (< 24 bits per key) is kept in two 32-bit slices, added with native 32-bit
     # shared-memory atomics (64-bit ones compile to a CAS loop); neither overflows for rows of
@@ -587,13 +598,13 @@ class TopPSelectSm90:
         cute.arch.atomic_add(sHist.iterator + HIST_BINS + b, Uint32(units >> SLICE_BITS))
 
     @cute.jit
-    def hist_get(self, sHist, b: Int32, prefix: Int32, shift: Int32, bits: Int32) -> Int64:
-        """The weight of bin b of the round whose digits (`bits` wide at `shift`) extend
-        `prefix` (0 for bins past 1 << bits, which no key reaches)."""
+    def hist_get(self, sHist, b: Int32, base: Int32, shift: Int32, bits: Int32) -> Int64:
+        """The weight of bin b of the round whose keys have rb >> shift = base + b (0 for bins
+        past 1 << bits, which no key reaches)."""
         units = Int64(0)
         if b < (Int32(1) << bits):
             units = Int64(sHist[b, 0]) + (Int64(sHist[b, 1]) << SLICE_BITS)
-            digits = (prefix << bits) | b  # (bits - LOW_BITS) >> shift of the bin's keys
+            digits = base + b  # (bits - LOW_BITS) >> shift of the bin's keys
             exponent = (digits >> (23 - shift)) + (LOW_BITS >> 23)
             if exponent > EXACT_EXP:
                 units = units << (exponent - EXACT_EXP)
