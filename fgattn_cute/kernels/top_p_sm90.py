@@ -59,6 +59,9 @@ DIGIT_BITS = 12  # every round's histogram has 4,096 bins; a round uses at most 
 # row: the exponential need not be monotone to the last bit.
 PLAN_MARGIN = 64
 LOADS = 4  # keys loaded ahead per thread in the passes whose per-key work branches
+# A row in shared memory arrives in this many bulk copies, each with its own barrier, so that
+# the first pass over the logits starts on the first part while the rest is still in flight.
+LOAD_CHUNKS = 4
 SHARED_CLUSTER = 7  # LLVM address space of shared::cluster (the bulk copy's destination)
 MAX_SEQLEN_K_SMEM = 40960  # rows up to this long live in shared memory (160 KiB of float32)
 # Rows up to this long (CogVideoX's 17,550) get a 72 KiB buffer and 512 threads, so that two
@@ -134,7 +137,7 @@ class TopPSelectSm90:
         @cute.struct
         class SharedStorage:
             row: cute.struct.Align[cute.struct.MemRange[Float32, self.smem_row + 4], 16]
-            load_bar: cute.struct.MemRange[Int64, 1]
+            load_bar: cute.struct.MemRange[Int64, LOAD_CHUNKS]
             words: cute.struct.Align[cute.struct.MemRange[Uint32, self.max_n // 32], 16]
             hist: cute.struct.Align[
                 cute.struct.MemRange[Uint32, 2 * HIST_BINS], 16
@@ -179,7 +182,10 @@ class TopPSelectSm90:
             # part sits 16-byte aligned in shared memory: one bulk copy then moves it.
             shift, head, body = _aligned_span(x_row, n)
             sP = cute.make_tensor(storage.row.data_ptr() + shift, cute.make_layout(self.max_n))
-            self.load_row(x_row, sP, storage.load_bar.data_ptr(), n, head, body, tidx)
+            load_bar = storage.load_bar.data_ptr()
+            chunk = self.load_row(x_row, sP, load_bar, n, head, body, tidx)
+            if const_expr(self.from_probs):
+                self.wait_row(load_bar)
         else:
             sP = x_row
         # The same bytes as int32: non-negative floats order like their bit patterns.
@@ -223,11 +229,32 @@ class TopPSelectSm90:
             # subtraction (as torch does) rather than fused into it.
             local_max = -Float32.inf
             local_min = Float32.inf
-            for j in cutlass.range(tidx, n, T, unroll=8):
-                v = sP[j] * scale
-                sP[j] = v
-                local_max = cute.arch.fmax(local_max, v)
-                local_min = cute.arch.fmin(local_min, v)
+            if const_expr(self.row_in_smem):
+                # Each copy's part as soon as it has landed (the few elements outside the copies
+                # are in shared memory already: `load_row`, then the barrier above).
+                for c in cutlass.range_constexpr(LOAD_CHUNKS):
+                    cute.arch.mbarrier_wait(load_bar + c, 0)
+                    start = head + c * chunk
+                    stop = cutlass.min(start + chunk, head + body)
+                    for j in cutlass.range(start + tidx, stop, T, unroll=8):
+                        v = sP[j] * scale
+                        sP[j] = v
+                        local_max = cute.arch.fmax(local_max, v)
+                        local_min = cute.arch.fmin(local_min, v)
+                edge = tidx
+                if tidx >= head:  # threads head.. take the elements after the copies
+                    edge = head + body + (tidx - head)
+                if edge < n and tidx < head + 4:
+                    v = sP[edge] * scale
+                    sP[edge] = v
+                    local_max = cute.arch.fmax(local_max, v)
+                    local_min = cute.arch.fmin(local_min, v)
+            else:
+                for j in cutlass.range(tidx, n, T, unroll=8):
+                    v = sP[j] * scale
+                    sP[j] = v
+                    local_max = cute.arch.fmax(local_max, v)
+                    local_min = cute.arch.fmin(local_min, v)
             row_max = self.block_reduce(local_max, cute.arch.fmax, red_f, warp, lane)
             row_min = self.block_reduce(local_min, cute.arch.fmin, red_f, warp, lane)
             local_sum = Float32(0.0)
@@ -369,32 +396,46 @@ class TopPSelectSm90:
     # ------------------------------------------------------------------ helpers
     @cute.jit
     def load_row(self, x_row: cute.Tensor, sP: cute.Tensor, bar: cute.Pointer, n: Int32,
-                 head: Int32, body: Int32, tidx: Int32):
-        """The row into sP: its 16-byte aligned middle by one bulk copy (the TMA unit streams
-        it at full rate, with no loads in flight to keep up per thread), the at most 3 + 3
-        elements before and after it by plain loads. head, body: `_aligned_span` of the row;
-        sP is shifted so that element `head` is at a 16-byte boundary in both memories."""
+                 head: Int32, body: Int32, tidx: Int32) -> Int32:
+        """Starts loading the row into sP: its 16-byte aligned middle by LOAD_CHUNKS bulk copies
+        (the TMA unit streams them at full rate, with no loads in flight to keep up per thread),
+        chunk c complete when barrier bar + c has flipped (`wait_row`); the at most 3 + 3
+        elements before and after it by plain loads, which only the storing threads may read
+        before the next CTA barrier. head, body: `_aligned_span` of the row; sP is shifted so
+        that element `head` is at a 16-byte boundary in both memories. Returns the chunk length
+        in elements (a multiple of 4; the last chunk may be shorter, or empty)."""
+        chunk = cute.ceil_div(cute.ceil_div(body, LOAD_CHUNKS), 4) * 4
         if tidx == 0:
-            cute.arch.mbarrier_init(bar, 1)
+            for c in cutlass.range_constexpr(LOAD_CHUNKS):
+                cute.arch.mbarrier_init(bar + c, 1)
         cute.arch.mbarrier_init_fence()
         cute.arch.barrier()
         if tidx == 0:
-            if body > 0:
-                cute.arch.mbarrier_arrive_and_expect_tx(bar, body * 4)
-                src = _global_ptr(x_row, head)
-                dst = llvm.addrspacecast(llvm.PointerType.get(SHARED_CLUSTER),
-                                         (sP.iterator + head).llvm_ptr)
-                nvvm.cp_async_bulk_shared_cluster_global(dst, src, bar.llvm_ptr,
-                                                         Int32(body * 4).ir_value())
-            else:
-                cute.arch.mbarrier_arrive(bar)
+            for c in cutlass.range_constexpr(LOAD_CHUNKS):
+                start = head + c * chunk
+                size = cutlass.min(chunk, head + body - start)
+                if size > 0:
+                    cute.arch.mbarrier_arrive_and_expect_tx(bar + c, size * 4)
+                    src = _global_ptr(x_row, start)
+                    dst = llvm.addrspacecast(llvm.PointerType.get(SHARED_CLUSTER),
+                                             (sP.iterator + start).llvm_ptr)
+                    nvvm.cp_async_bulk_shared_cluster_global(dst, src, (bar + c).llvm_ptr,
+                                                             Int32(size * 4).ir_value())
+                else:
+                    cute.arch.mbarrier_arrive(bar + c)
         if tidx < head:
             sP[tidx] = x_row[tidx]
         tail = head + body + tidx
         if tidx < 4 and tail < n:
             sP[tail] = x_row[tail]
-        cute.arch.mbarrier_wait(bar, 0)
-        cute.arch.barrier()  # the plain stores too
+        return chunk
+
+    @cute.jit
+    def wait_row(self, bar: cute.Pointer):
+        """Waits for every chunk of `load_row`, and for the plain stores of every thread."""
+        for c in cutlass.range_constexpr(LOAD_CHUNKS):
+            cute.arch.mbarrier_wait(bar + c, 0)
+        cute.arch.barrier()
 
     @cute.jit
     def radix_round(self, sP, sBitsP, sHist, red_i, bcast, n: Int32, base: Int32, above: Int64,
