@@ -1,12 +1,13 @@
 """The selection of ``fg.predict.pooled_top_p`` as one kernel: one CTA per row of scores.
 
 Each row (one query tile's pooled scores against every key) is loaded into shared memory once,
-by one bulk copy (the TMA unit), and everything after that runs on chip (rows longer than
-40,960 keys are worked on in place in global memory instead, where the 132 rows in flight stay
-in L2; rows of at most 18,432 keys get a smaller buffer and half the threads, so that two CTAs
-share an SM). Once its own row is in, a CTA prefetches into L2 the row that the CTA after it on
-the same SM will most likely load (one row per SM further on), so that load comes from L2
-(with short rows that row has usually started already; see ``prefetch_next_row``):
+by four bulk copies (the TMA unit; the first pass starts on the first), and everything after
+that runs on chip (rows longer than 40,960 keys are worked on in place in global memory
+instead, where the 132 rows in flight stay in L2; rows of at most 18,432 keys get a smaller
+buffer and half the threads, so that two CTAs share an SM). Once its own row is in, a CTA
+prefetches into L2 the row that the CTA after it on the same SM will most likely load (one row
+per SM further on), so that load comes from L2 (with short rows that row has usually started
+already; see ``prefetch_next_row``):
 
 1. softmax: x = scale * logit, p = exp(x - max) / sum (float32, accurate exp, the division
    correctly rounded), in place; or, in ``from_probs`` mode, the row is already probabilities
@@ -179,7 +180,7 @@ class TopPSelectSm90:
         n = cute.size(mX.shape[1])
         if const_expr(self.row_in_smem):
             # Element j of the row at sP[j], with sP shifted so that the row's 16-byte aligned
-            # part sits 16-byte aligned in shared memory: one bulk copy then moves it.
+            # part sits 16-byte aligned in shared memory: bulk copies then move it.
             shift, head, body = _aligned_span(x_row, n)
             sP = cute.make_tensor(storage.row.data_ptr() + shift, cute.make_layout(self.max_n))
             load_bar = storage.load_bar.data_ptr()
