@@ -1,14 +1,16 @@
 """How many of a row's keys share tau's bin in the top-p selection's first radix round, with the
-kernel's fixed digits and with a first digit placed per row (CPU, the torch path's pooled
-probabilities; a count, not a timing). See perf/NOTES.md, "The selection with each row in
-registers (session 11)".
+fixed first digit (bits 17-28) and with the first round the kernel plans per row, and how many
+rounds that plan takes (CPU, the torch path's pooled probabilities; a count, not a timing). See
+perf/NOTES.md, "The selection with each row in registers (session 11)" and "The first radix
+round placed per row, on the GPU (session 12)".
 
-    python perf/top_p_digits.py [--seqlen 32760 --rows 64 --p 0.9]
+    python perf/top_p_digits.py [--seqlen 32760 --head-dim 128 --rows 64 --p 0.9]
 
 For each kind of input it prints the highest bit in which a row's weighted keys differ (of the
-float bits less 2^-52's), the share of keys in tau's first-round bin now (bits 17-28) and with
-the 12-bit digit just below that bit, and the share of 32-key warp steps that then run round 2's
-atomic path (1 - (1 - share)^32).
+float bits less 2^-52's), the share of keys in tau's first-round bin with the fixed digit and
+with the planned one (`digit_plan` of fgattn_cute/kernels/top_p_sm90.py: 4,096 bins of
+rb >> shift1 from the row's lowest key), the planned rounds (mean), and the share of 32-key
+warp steps that then run round 2's atomic path (1 - (1 - share)^32).
 """
 
 from __future__ import annotations
@@ -24,7 +26,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fgattn_cute.predict import pooled  # noqa: E402
 from fgattn_cute.testing import video_like_qkv  # noqa: E402
 
-FIRST_SHIFT, FIRST_BITS = 17, 12  # the kernel's first digit (top_p_sm90.ROUNDS[0])
+FIRST_SHIFT = 17  # the kernel's fixed first digit (top_p_sm90.FIRST_DIGIT): bits 17-28
+BINS, MARGIN = 4096, 64  # top_p_sm90.HIST_BINS and PLAN_MARGIN
+
+
+def planned_shift(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shift1, base1) per row, as the kernel's `digit_plan` computes them from the row's
+    smallest and largest probabilities."""
+    lo = (probs.amin(-1).view(torch.int32) - pooled._LOW_BITS - MARGIN).clamp(min=0).tolist()
+    hi = (probs.amax(-1).view(torch.int32) - pooled._LOW_BITS + MARGIN).clamp(min=0).tolist()
+    shifts, bases = [], []
+    for a, b in zip(lo, hi, strict=True):
+        s = max((b - a).bit_length() - 12, 0)
+        if (b >> s) - (a >> s) >= BINS:
+            s += 1
+        shifts.append(s if s <= FIRST_SHIFT else FIRST_SHIFT)
+        bases.append(a >> s if s <= FIRST_SHIFT else 0)
+    return torch.tensor(shifts)[:, None], torch.tensor(bases)[:, None]
 
 
 def tau_bits(probs: torch.Tensor, p: float) -> torch.Tensor:
@@ -45,14 +63,16 @@ def report(name: str, probs: torch.Tensor, p: float):
     lo = torch.where(weighted, rb, torch.full_like(rb, 2**30)).amin(-1)
     hi = torch.where(weighted, rb, torch.full_like(rb, -1)).amax(-1)
     top = torch.tensor([int(x).bit_length() - 1 for x in (lo ^ hi)])
-    placed = (top - (FIRST_BITS - 1)).clamp(min=0)[:, None]
+    shift1, _ = planned_shift(probs)
+    rounds = 1 + (shift1 > 0).double() + (shift1 > 12).double()
     n = weighted.sum(-1).double()
-    now = (((rb >> FIRST_SHIFT) == (tau >> FIRST_SHIFT)) & weighted).sum(-1) / n
-    per_row = (((rb >> placed) == (tau >> placed)) & weighted).sum(-1) / n
-    now, per_row = now.mean().item(), per_row.mean().item()
+    fixed = (((rb >> FIRST_SHIFT) == (tau >> FIRST_SHIFT)) & weighted).sum(-1) / n
+    per_row = (((rb >> shift1) == (tau >> shift1)) & weighted).sum(-1) / n
+    fixed, per_row = fixed.mean().item(), per_row.mean().item()
     print(f"{name:12s} rows {probs.shape[0]:4d}  highest differing bit {top.float().mean():5.1f}  "
-          f"keys in tau's bin: now {now:.4f}, placed per row {per_row:.5f}  "
-          f"warp steps on round 2's atomic path: now {1 - (1 - now) ** 32:.3f}, "
+          f"keys in tau's bin: fixed digit {fixed:.4f}, placed per row {per_row:.5f} "
+          f"(shift {shift1.double().mean():4.1f}, {rounds.mean():.2f} rounds)  "
+          f"warp steps on round 2's atomic path: fixed {1 - (1 - fixed) ** 32:.3f}, "
           f"placed {1 - (1 - per_row) ** 32:.3f}")
 
 
@@ -60,9 +80,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seqlen", type=int, default=32760)
     ap.add_argument("--rows", type=int, default=64, help="query tiles (rows) per kind of input")
+    ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--p", type=float, default=0.9)
     args = ap.parse_args(argv)
-    S, D = args.seqlen, 128
+    S, D = args.seqlen, args.head_dim
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, S, 1, D, generator=g).bfloat16()
     k = torch.randn(1, S, 1, D, generator=g).bfloat16()
