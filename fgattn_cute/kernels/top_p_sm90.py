@@ -121,6 +121,11 @@ class TopPSelectSm90:
         # The scan of a round's histogram gives each thread a whole number of bins.
         assert HIST_BINS % num_threads == 0 or num_threads % HIST_BINS == 0
         self.smem_row = self.max_n if row_in_smem else 4
+        # Rows in global memory: round 2's pass also settles the keep bits of every key outside
+        # the first round's chosen bin (`mark_keys`), which saves a pass over the row in L2
+        # (-7% at Wan 720p on an H200). Rows in shared memory keep the pass: there the marking
+        # cost as much as the pass it saved (perf/NOTES.md, top-p session 12).
+        self.mark_in_round2 = not row_in_smem
 
     @cute.jit
     def __call__(
@@ -140,6 +145,10 @@ class TopPSelectSm90:
             row: cute.struct.Align[cute.struct.MemRange[Float32, self.smem_row + 4], 16]
             load_bar: cute.struct.MemRange[Int64, LOAD_CHUNKS]
             words: cute.struct.Align[cute.struct.MemRange[Uint32, self.max_n // 32], 16]
+            # per 32-key chunk, the keys in the first round's chosen bin (`mark_key`)
+            in_bin: cute.struct.Align[
+                cute.struct.MemRange[Uint32, self.max_n // 32 if self.mark_in_round2 else 1], 16
+            ]
             hist: cute.struct.Align[
                 cute.struct.MemRange[Uint32, 2 * HIST_BINS], 16
             ]
@@ -192,6 +201,8 @@ class TopPSelectSm90:
         # The same bytes as int32: non-negative floats order like their bit patterns.
         sBitsP = cute.make_tensor(cute.recast_ptr(sP.iterator, dtype=Int32), sP.layout)
         sWords = storage.words.get_tensor(cute.make_layout(self.max_n // 32))
+        sInBin = storage.in_bin.get_tensor(
+            cute.make_layout(self.max_n // 32 if self.mark_in_round2 else 1))
         sHist = storage.hist.get_tensor(cute.make_layout((HIST_BINS, 2)))
         red_i = storage.red_i.get_tensor(cute.make_layout(self.num_warps))
         red_f = storage.red_f.get_tensor(cute.make_layout(self.num_warps))
@@ -229,7 +240,6 @@ class TopPSelectSm90:
             # The scaled logit is stored and read back, so that it is rounded before the
             # subtraction (as torch does) rather than fused into it.
             local_max = -Float32.inf
-            local_min = Float32.inf
             if const_expr(self.row_in_smem):
                 # Each copy's part as soon as it has landed (the few elements outside the copies
                 # are in shared memory already: `load_row`, then the barrier above).
@@ -241,7 +251,6 @@ class TopPSelectSm90:
                         v = sP[j] * scale
                         sP[j] = v
                         local_max = cute.arch.fmax(local_max, v)
-                        local_min = cute.arch.fmin(local_min, v)
                 edge = tidx
                 if tidx >= head:  # threads head.. take the elements after the copies
                     edge = head + body + (tidx - head)
@@ -249,28 +258,31 @@ class TopPSelectSm90:
                     v = sP[edge] * scale
                     sP[edge] = v
                     local_max = cute.arch.fmax(local_max, v)
-                    local_min = cute.arch.fmin(local_min, v)
             else:
                 for j in cutlass.range(tidx, n, T, unroll=8):
                     v = sP[j] * scale
                     sP[j] = v
                     local_max = cute.arch.fmax(local_max, v)
-                    local_min = cute.arch.fmin(local_min, v)
             row_max = self.block_reduce(local_max, cute.arch.fmax, red_f, warp, lane)
-            row_min = self.block_reduce(local_min, cute.arch.fmin, red_f, warp, lane)
+            # The smallest exponential is the lowest key's (exp is monotone), taken here rather
+            # than as the min logit in the pass above: held across this pass, that spilled with
+            # 1,024 threads, and keeping it in shared memory instead cost 2% (H200).
             local_sum = Float32(0.0)
+            local_min = Float32.inf
             for j in cutlass.range(tidx, n, T, unroll=1):
                 e = cute.math.exp(sP[j] - row_max)
                 sP[j] = e
                 local_sum += e
+                local_min = cute.arch.fmin(local_min, e)
             row_sum = self.block_reduce(local_sum, _add, red_f, warp, lane)
+            e_min = self.block_reduce(local_min, cute.arch.fmin, red_f, warp, lane)
             # prob = e / row_sum, correctly rounded: the compiler's own division sequence with
             # the reciprocal refined once per row rather than once per key.
             rcp = cute.arch.rcp_approx(row_sum)
             rcp = _fma(rcp, _fma(-row_sum, rcp, Float32(1.0)), rcp)
             # The extreme keys' probabilities, by the very operations their keys go through.
             p_hi = self.divide(cute.math.exp(row_max - row_max), row_sum, rcp)
-            p_lo = self.divide(cute.math.exp(row_min - row_max), row_sum, rcp)
+            p_lo = self.divide(e_min, row_sum, rcp)
             shift1, base1 = self.digit_plan(p_lo, p_hi)
             # LOADS keys per step, all loaded before any is worked on (a key's work branches, so
             # the compiler would not hoist the next load above it).
@@ -306,16 +318,24 @@ class TopPSelectSm90:
         plan = ((shift1, Int32(DIGIT_BITS)), (shift2, bits2), (Int32(0), shift2))
         # `value` is the chosen bin's rb >> shift after each round (rb: a key's float bits less
         # LOW_BITS); a round's digit is a key's rb >> shift less its `base`.
+        # With mark_in_round2, round 2's pass also sorts every key against the first round's
+        # chosen bin (`mark_keys`): the keys above it are kept whatever tau is, and only the
+        # few in it are looked at again once tau is known.
         value = base1
+        value1 = base1
         above = Int64(0)
         tau_bin_weight = Int64(0)
         target = Int64(0)
         total = Int64(0)
         for i, (shift, bits) in enumerate(plan):
             base = base1 if i == 0 else value << bits
+            if const_expr(i == 1):
+                value1 = value
             value, above, tau_bin_weight, target, total = self.radix_round(
                 sP, sBitsP, sHist, red_i, bcast, n, base, above, tau_bin_weight, target, total,
                 p_top, shift, bits, i == 0, tidx, warp, lane,
+                self.mark_in_round2 and i == 1, sWords, sInBin, value1, shift1, total > 0,
+                n_chunks,
             )
         tau = value
         take, rank_ties = self.take_at_tau(bcast, tau, target, above, tau_bin_weight, tidx)
@@ -327,6 +347,37 @@ class TopPSelectSm90:
         c_end = cutlass.min(c_begin + chunks_per_warp, n_chunks)
         lower_lanes = (Uint32(1) << Uint32(lane)) - Uint32(1)
 
+        if const_expr(self.mark_in_round2):
+            kept = self.settle_bin_keys(sWords, sInBin, sBitsP, n, tau, take, rank_ties,
+                                        any_mass, c_begin, c_end, red_i, warp, lane, lower_lanes)
+        else:
+            kept = self.keep_bits(sWords, sBitsP, n, tau, take, rank_ties, any_mass, c_begin,
+                                  c_end, red_i, warp, lane, lower_lanes)
+        slot_base, kept_total = self.exclusive_warp_prefix(Int64(kept), red_i, warp, lane)
+        count = Int32(kept_total)
+
+        indices = mIndices[row_idx, None]
+        capacity = cute.size(indices)
+        slot = Int32(slot_base)
+        for c in cutlass.range(c_begin, c_end, unroll=4):
+            word = sWords[c]
+            if ((word >> Uint32(lane)) & Uint32(1)) != Uint32(0):
+                mine = slot + Int32(cute.arch.popc(word & lower_lanes))
+                if mine < capacity:
+                    indices[mine] = c * 32 + lane
+            slot += Int32(cute.arch.popc(word))
+        for s in cutlass.range(count + tidx, capacity, T, unroll=1):
+            indices[s] = 0
+        if tidx == 0:
+            mCounts[row_idx] = count
+
+    @cute.jit
+    def keep_bits(self, sWords, sBitsP, n: Int32, tau: Int32, take: Int64, rank_ties: Boolean,
+                  any_mass: Boolean, c_begin: Int32, c_end: Int32, red_i, warp: Int32,
+                  lane: Int32, lower_lanes: Uint32) -> Int32:
+        """Adds to the keep words of this warp's chunks [c_begin, c_end) the keys above tau,
+        and those equal to it while among the first `take` in index order. Returns the number
+        of keys the warp's words keep."""
         tie_rank = Int64(0)
         if rank_ties:
             ties = Int32(0)
@@ -361,23 +412,44 @@ class TopPSelectSm90:
                 if j < n:
                     keep = any_mass & (sBitsP[j] - LOW_BITS >= tau)
                 kept += self.merge_keep_word(sWords, c, keep, lane)
-        slot_base, kept_total = self.exclusive_warp_prefix(Int64(kept), red_i, warp, lane)
-        count = Int32(kept_total)
+        return kept
 
-        indices = mIndices[row_idx, None]
-        capacity = cute.size(indices)
-        slot = Int32(slot_base)
-        for c in cutlass.range(c_begin, c_end, unroll=4):
-            word = sWords[c]
-            if ((word >> Uint32(lane)) & Uint32(1)) != Uint32(0):
-                mine = slot + Int32(cute.arch.popc(word & lower_lanes))
-                if mine < capacity:
-                    indices[mine] = c * 32 + lane
-            slot += Int32(cute.arch.popc(word))
-        for s in cutlass.range(count + tidx, capacity, T, unroll=1):
-            indices[s] = 0
-        if tidx == 0:
-            mCounts[row_idx] = count
+    @cute.jit
+    def settle_bin_keys(self, sWords, sInBin, sBitsP, n: Int32, tau: Int32, take: Int64,
+                        rank_ties: Boolean, any_mass: Boolean, c_begin: Int32, c_end: Int32,
+                        red_i, warp: Int32, lane: Int32, lower_lanes: Uint32) -> Int32:
+        """`keep_bits` after `mark_keys`: only the keys in the first round's bin (a few chunks
+        of a row) are compared with tau, the other chunks' words are complete. A chunk at a
+        time: a warp that gathered its chunks' marks 32 at a time and visited only the marked
+        ones measured 6% slower on rows in global memory (perf/NOTES.md, top-p session 12)."""
+        tie_rank = Int64(0)
+        if rank_ties:
+            ties = Int32(0)
+            for c in cutlass.range(c_begin, c_end, unroll=1):
+                in_bin = sInBin[c]
+                if in_bin != Uint32(0):
+                    rb = self.load_or(sBitsP, c * 32 + lane, n, Int32(0)) - LOW_BITS
+                    tie = (((in_bin >> Uint32(lane)) & Uint32(1)) != Uint32(0)) & (rb == tau)
+                    ties += Int32(cute.arch.popc(Uint32(cute.arch.vote_ballot_sync(tie))))
+            tie_rank, _ = self.exclusive_warp_prefix(Int64(ties), red_i, warp, lane)
+
+        kept = Int32(0)
+        for c in cutlass.range(c_begin, c_end, unroll=1):
+            in_bin = sInBin[c]
+            if in_bin != Uint32(0):
+                rb = self.load_or(sBitsP, c * 32 + lane, n, Int32(0)) - LOW_BITS
+                mine = ((in_bin >> Uint32(lane)) & Uint32(1)) != Uint32(0)
+                greater = mine & (rb > tau)
+                tie = mine & (rb == tau)
+                if rank_ties:
+                    tie_ballot = Uint32(cute.arch.vote_ballot_sync(tie))
+                    rank = tie_rank + Int64(cute.arch.popc(tie_ballot & lower_lanes)) + 1
+                    tie = tie & (rank <= take)
+                    tie_rank += Int64(cute.arch.popc(tie_ballot))
+                kept += self.merge_keep_word(sWords, c, any_mass & (greater | tie), lane)
+            else:
+                kept += Int32(cute.arch.popc(sWords[c]))
+        return kept
 
     @cute.jit
     def prefetch_next_row(self, mX: cute.Tensor, row_idx: Int32):
@@ -442,17 +514,38 @@ class TopPSelectSm90:
     def radix_round(self, sP, sBitsP, sHist, red_i, bcast, n: Int32, base: Int32, above: Int64,
                     tau_bin_weight: Int64, target: Int64, total: Int64, p_top: Float64,
                     shift: Int32, bits: Int32, first: cutlass.Constexpr[bool], tidx: Int32,
-                    warp: Int32, lane: Int32):
+                    warp: Int32, lane: Int32, mark: cutlass.Constexpr[bool], sWords, sInBin,
+                    value1: Int32, shift1: Int32, any_mass: Boolean, n_chunks: Int32):
         """One digit (`bits` wide at `shift`, at most DIGIT_BITS; none left when bits is 0): the
         weight histogram of the keys with base <= rb >> shift < base + 2**bits (the first
         round's is built by the probability pass), then `find_digit`. Returns the chosen bin's
-        rb >> shift (base itself when bits is 0) and what `find_digit` returns."""
+        rb >> shift (base itself when bits is 0) and what `find_digit` returns. With `mark`,
+        the pass also runs `mark_key` on every key (the rest of the arguments are its), and
+        runs even when bits is 0."""
         out = (base, above, tau_bin_weight, target, total)
-        if bits > 0:
+        T = self.num_threads
+        if const_expr(mark):
+            self.clear_hist(sHist, Int32(1) << bits, tidx)  # (hist_get reads no others)
+            cute.arch.barrier()
+            # Warp-uniform steps (a ballot per chunk): lane l of warp w takes keys
+            # jw + l + k * T; keys past the row read as bits 0, probability 0, which weighs
+            # nothing and is in no bin.
+            for jw in cutlass.range(warp * 32, n, LOADS * T, unroll=1):
+                key_bits = [self.load_or(sBitsP, jw + lane + k * T, n, Int32(0))
+                            for k in range(LOADS)]
+                for k in cutlass.range_constexpr(LOADS):
+                    # (bits 0: bin 0 of a histogram no one reads)
+                    self.weigh_digit(sHist, key_bits[k], base, shift, bits)
+                self.mark_keys(sWords, sInBin, value1, shift1, any_mass, key_bits, jw // 32,
+                               n_chunks, lane)
+            cute.arch.barrier()
+            if bits > 0:
+                out = self.find_digit(sHist, red_i, bcast, base, above, target, total, p_top,
+                                      shift, bits, first, tidx, warp, lane)
+        elif bits > 0:
             if const_expr(not first):
                 self.clear_hist(sHist, Int32(1) << bits, tidx)  # (hist_get reads no others)
                 cute.arch.barrier()
-                T = self.num_threads
                 for j in cutlass.range(tidx, n, LOADS * T, unroll=1):
                     # (bits 0, probability 0, stand for keys past the row: they weigh nothing)
                     key_bits = [self.load_or(sBitsP, j + k * T, n, Int32(0))
@@ -463,6 +556,28 @@ class TopPSelectSm90:
             out = self.find_digit(sHist, red_i, bcast, base, above, target, total, p_top,
                                   shift, bits, first, tidx, warp, lane)
         return out
+
+    @cute.jit
+    def mark_keys(self, sWords, sInBin, value1: Int32, shift1: Int32, any_mass: Boolean,
+                  key_bits: list, c0: Int32, n_chunks: Int32, lane: Int32):
+        """Sorts the warp's keys of chunks c0 + k * (T / 32), k < LOADS (key_bits[k]: this
+        lane's) against the first round's chosen bin (rb >> shift1 = value1, which holds tau):
+        keys above it join the chunk's keep word (kept whatever tau is; none when the row
+        weighs nothing), keys in it are marked in sInBin for the pass after tau. Lane k
+        stores chunk k's words, so that a step has one short branch, not LOADS."""
+        keep_word = Uint32(0)
+        in_word = Uint32(0)
+        for k in cutlass.range_constexpr(LOADS):
+            high = (key_bits[k] - LOW_BITS) >> shift1  # (< 0, below every bin, when rb < 0)
+            keep = Uint32(cute.arch.vote_ballot_sync(any_mass & (high > value1)))
+            in_bin = Uint32(cute.arch.vote_ballot_sync(high == value1))
+            if lane == k:
+                keep_word = keep
+                in_word = in_bin
+        c = c0 + lane * (self.num_threads // 32)
+        if lane < LOADS and c < n_chunks:
+            sWords[c] = sWords[c] | keep_word
+            sInBin[c] = in_word
 
     @cute.jit
     def weigh_digit(self, sHist, key_bits: Int32, base: Int32, shift: Int32, bits: Int32):
