@@ -28,7 +28,9 @@ already; see ``prefetch_next_row``):
    when some keys equal to tau are left out), plus the always-keep bits, are written as the
    sorted key list (``KeyIndex`` row format: zeros after the count). Index order comes from
    warp-contiguous segments of 32-key chunks: a ballot per chunk, popcounts within the warp,
-   one prefix sum across the warps.
+   one prefix sum across the warps. Rows in global memory settle the keep bits of the keys
+   outside tau's first-round bin in round 2's pass (``mark_keys``), so that only the few keys
+   in that bin are read again.
 
 Same integer arithmetic as the torch selection, so on the same probabilities the kept sets are
 identical; from logits, the probabilities themselves may differ from torch.softmax's in the last
@@ -264,9 +266,9 @@ class TopPSelectSm90:
                     sP[j] = v
                     local_max = cute.arch.fmax(local_max, v)
             row_max = self.block_reduce(local_max, cute.arch.fmax, red_f, warp, lane)
-            # The smallest exponential is the lowest key's (exp is monotone), taken here rather
-            # than as the min logit in the pass above: held across this pass, that spilled with
-            # 1,024 threads, and keeping it in shared memory instead cost 2% (H200).
+            # The smallest exponential, which the lowest probability is computed from, taken
+            # here rather than as the min logit in the pass above: held across this pass, that
+            # spilled with 1,024 threads, and keeping it in shared memory instead cost 2%.
             local_sum = Float32(0.0)
             local_min = Float32.inf
             for j in cutlass.range(tidx, n, T, unroll=1):
