@@ -76,12 +76,14 @@ def test_selection_when_a_key_falls_outside_the_planned_first_digit(n):
         assert torch.equal(_select(probs, p), want), f"p={p}"
 
 
-def test_uniform_rows_zero_rows_and_always_keep():
-    n = 3000
+# 41,000 keys: the row stays in global memory, where round 2's pass settles the keep bits of
+# every key outside tau's first-round bin (a uniform row has all of them in it).
+@pytest.mark.parametrize("n", [3000, 41000])
+def test_uniform_rows_zero_rows_and_always_keep(n):
     probs = torch.full((3, n), 1.0 / n)
     probs[2] = 0.0  # no mass: nothing but the always-keep keys
     keep = torch.zeros(n, dtype=torch.bool)
-    keep[[0, 31, 32, 2999]] = True
+    keep[[0, 31, 32, n - 1]] = True
     got = _select(probs, 0.5, keep=keep)
     expected = top_p_sorted(probs, 0.5) | keep
     assert torch.equal(got, expected)
