@@ -64,10 +64,12 @@ def test_selection_equals_full_sort(n, p, ties):
 
 @pytest.mark.parametrize("n", [5000, 32760, 40961])
 def test_selection_when_a_key_falls_outside_the_planned_first_digit(n):
-    """A -0.0 entry (bits 0x80000000, an int32 pattern far above every probability's) lies
-    outside the range the first digit is planned for, so the kernel builds the first histogram
-    again with the fixed digit. The kept set must still be the torch rule's, which keeps such
-    keys as the kernel does (weight 0, bits above tau)."""
+    """A -0.0 entry (bits 0x80000000; less LOW_BITS, an int32 pattern far above every
+    probability's) lies outside the first round's bins, so the kernel builds the first
+    histogram again with the fixed digit. (As the row's minimum it also wraps the plan's range,
+    which already picks the fixed digit: the rebuild runs, with the same digit.) The kept set
+    must still be the torch rule's, which keeps such keys as the kernel does (weight 0, bits
+    above tau)."""
     probs = _probs(n + 7, 4, n)
     probs[:, [10, n // 2]] = -0.0
     for p in (0.05, 0.9, 0.999):

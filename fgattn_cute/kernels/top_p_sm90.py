@@ -59,7 +59,8 @@ FIRST_DIGIT = (17, 12)
 HIST_BINS = 1 << 12
 DIGIT_BITS = 12  # every round's histogram has 4,096 bins; a round uses at most this many digits
 # Ulps of slack around the row's extreme keys' probabilities when the first digit is placed per
-# row: the exponential need not be monotone to the last bit.
+# row. Only a guard: those probabilities are the extreme keys' own (the same exponential and
+# division), so every key lies within them.
 PLAN_MARGIN = 64
 LOADS = 4  # keys loaded ahead per thread in the passes whose per-key work branches
 # A row in shared memory arrives in this many bulk copies, each with its own barrier, so that
@@ -147,7 +148,7 @@ class TopPSelectSm90:
             row: cute.struct.Align[cute.struct.MemRange[Float32, self.smem_row + 4], 16]
             load_bar: cute.struct.MemRange[Int64, LOAD_CHUNKS]
             words: cute.struct.Align[cute.struct.MemRange[Uint32, self.max_n // 32], 16]
-            # per 32-key chunk, the keys in the first round's chosen bin (`mark_key`)
+            # per 32-key chunk, the keys in the first round's chosen bin (`mark_keys`)
             in_bin: cute.struct.Align[
                 cute.struct.MemRange[Uint32, self.max_n // 32 if self.mark_in_round2 else 1], 16
             ]
@@ -302,8 +303,9 @@ class TopPSelectSm90:
             if tidx == 0:
                 self.prefetch_next_row(mX, row_idx)
 
-        # A weighted key outside the planned range (never seen; the margin is wide) left the
-        # first histogram incomplete: build it again with the fixed first digit.
+        # A weighted key outside the planned range left the first histogram incomplete: build
+        # it again with the fixed first digit. Valid probabilities never do this (the plan
+        # comes from the row's own extremes); a -0.0 or NaN entry does (the tests use -0.0).
         cute.arch.barrier()
         if bcast[5] != 0:
             self.clear_hist(sHist, HIST_BINS, tidx)
@@ -522,7 +524,7 @@ class TopPSelectSm90:
         weight histogram of the keys with base <= rb >> shift < base + 2**bits (the first
         round's is built by the probability pass), then `find_digit`. Returns the chosen bin's
         rb >> shift (base itself when bits is 0) and what `find_digit` returns. With `mark`,
-        the pass also runs `mark_key` on every key (the rest of the arguments are its), and
+        the pass also runs `mark_keys` on every key (the rest of the arguments are its), and
         runs even when bits is 0."""
         out = (base, above, tau_bin_weight, target, total)
         T = self.num_threads
@@ -637,7 +639,9 @@ class TopPSelectSm90:
                         found = Boolean(True)
                     else:
                         running += b
-            bcast[0] = Int64(base + (nb - 1 - pos))  # (pos >= nb - (1 << bits))
+            # (pos >= nb - (1 << bits) whenever the row has mass; without it, the value lands
+            # past the round's bins, and any_mass keeps nothing anyway)
+            bcast[0] = Int64(base + (nb - 1 - pos))
             bcast[1] = above + running
             bcast[3] = self.hist_get(sHist, nb - 1 - pos, base, shift, bits)
         cute.arch.barrier()
@@ -687,8 +691,8 @@ class TopPSelectSm90:
     @cute.jit
     def weigh_first_digit(self, sHist, prob: Float32, shift1: Int32, base1: Int32, bcast):
         """Adds a key that weighs something (prob >= 2**-52) to the first round's bin of its
-        probability, (rb >> shift1) - base1; one past the 4,096 bins sets bcast[5], and the
-        histogram is built again with the fixed digit."""
+        probability, (rb >> shift1) - base1; one outside the 4,096 bins (above them, or below
+        base1) sets bcast[5], and the histogram is built again with the fixed digit."""
         bits = prob.bitcast(Int32)
         rb = bits - LOW_BITS
         if rb >= 0:
