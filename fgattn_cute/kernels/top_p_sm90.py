@@ -403,11 +403,8 @@ class TopPSelectSm90:
                     rb = sBitsP[j] - LOW_BITS
                     greater = rb > tau
                     tie = rb == tau
-                tie_ballot = Uint32(cute.arch.vote_ballot_sync(tie))
-                rank = tie_rank + Int64(cute.arch.popc(tie_ballot & lower_lanes)) + 1
-                keep = any_mass & (greater | (tie & (rank <= take)))
-                kept += self.merge_keep_word(sWords, c, keep, lane)
-                tie_rank += Int64(cute.arch.popc(tie_ballot))
+                taken, tie_rank = self.take_ties(tie, tie_rank, take, lower_lanes)
+                kept += self.merge_keep_word(sWords, c, any_mass & (greater | taken), lane)
         else:
             # Every key equal to tau is taken: keep exactly the keys at or above it.
             for c in cutlass.range(c_begin, c_end, unroll=4):
@@ -446,14 +443,19 @@ class TopPSelectSm90:
                 greater = mine & (rb > tau)
                 tie = mine & (rb == tau)
                 if rank_ties:
-                    tie_ballot = Uint32(cute.arch.vote_ballot_sync(tie))
-                    rank = tie_rank + Int64(cute.arch.popc(tie_ballot & lower_lanes)) + 1
-                    tie = tie & (rank <= take)
-                    tie_rank += Int64(cute.arch.popc(tie_ballot))
+                    tie, tie_rank = self.take_ties(tie, tie_rank, take, lower_lanes)
                 kept += self.merge_keep_word(sWords, c, any_mass & (greater | tie), lane)
             else:
                 kept += Int32(cute.arch.popc(sWords[c]))
         return kept
+
+    @cute.jit
+    def take_ties(self, tie: Boolean, tie_rank: Int64, take: Int64, lower_lanes: Uint32):
+        """(whether this lane's key, if a tie, is among the first `take` ties in index order,
+        the ties before the next chunk): tie_rank counts the ties before this chunk."""
+        tie_ballot = Uint32(cute.arch.vote_ballot_sync(tie))
+        rank = tie_rank + Int64(cute.arch.popc(tie_ballot & lower_lanes)) + 1
+        return tie & (rank <= take), tie_rank + Int64(cute.arch.popc(tie_ballot))
 
     @cute.jit
     def prefetch_next_row(self, mX: cute.Tensor, row_idx: Int32):

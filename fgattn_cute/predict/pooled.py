@@ -303,11 +303,11 @@ def pooled_top_p(q, k, q_tile=128, p=0.9, softmax_scale=None, always_keep=None, 
     Cost (R = B * H * n_q_tiles rows of Sk keys, at S = 32,760, H = 24, q_tile 128: R * Sk =
     2.0e8). Kernel path: the tile means (one read of q), 3 x 2 * R * Sk * D tensor-core flops
     with a float32 output (0.8 GB), one read of it by the selection kernel, and the lists (0.8
-    GB); 1.9 ms on an H200 (0.095x FA4 dense, perf/bench_predict.py). Torch path: a float32
-    [R, D] x [D, Sk] matmul, a softmax, ``top_p_mask`` (three histogram rounds) and
-    ``KeyIndex.from_mask``, tens of bytes per (row, key) in eager torch: 48 ms there (session
-    2's measurement, before the ``from_mask`` kernel that ``backend="auto"`` now uses on this
-    path).
+    GB); 1.7-1.8 ms on an H200 (0.088-0.094x FA4 dense, perf/bench_predict.py, session 12).
+    Torch path: a float32 [R, D] x [D, Sk] matmul, a softmax, ``top_p_mask`` (three histogram
+    rounds) and ``KeyIndex.from_mask``, tens of bytes per (row, key) in eager torch: 48 ms
+    there (session 2's measurement, before the ``from_mask`` kernel that ``backend="auto"`` now
+    uses on this path).
     """
     _args.check_qk(q, k)
     q_tile = _args.check_q_tile(q_tile)
