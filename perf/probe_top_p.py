@@ -4,7 +4,7 @@ H x 256 query tiles), and the whole pooled_top_p, next to FA4 dense, one process
     python perf/probe_top_p.py [--heads 24] [--variant before=dev/variants/top_p_before.py]
 
 --logits pooled selects from the scores pooled_top_p computes (near-uniform rows on random
-inputs) instead of 3 x standard normal logits.
+inputs) instead of 3 x standard normal logits; --logits flat from rows of equal logits.
 
 --variant name=path (repeatable) also times the selection kernel of a module file that defines
 `TopPSelectSm90` (a copy before or after a change) on the same rows, in interleaved rounds with
@@ -40,9 +40,10 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=24)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--variant", action="append", default=[])
-    p.add_argument("--logits", choices=("randn", "pooled"), default="randn",
-                   help="rows for the selection alone: 3 x standard normal logits, or the "
-                        "pooled scores that pooled_top_p itself selects from (random q, k)")
+    p.add_argument("--logits", choices=("randn", "pooled", "flat"), default="randn",
+                   help="rows for the selection alone: 3 x standard normal logits, the "
+                        "pooled scores that pooled_top_p itself selects from (random q, k), "
+                        "or rows of equal logits (uniform probabilities: every key a tie)")
     args = p.parse_args(argv)
     S, H = args.seqlen, args.heads
     rows = H * math.ceil(S / 128)
@@ -71,6 +72,8 @@ def main(argv=None):
         print(f"  {name:21s} {ms:8.3f} ms")
     if args.logits == "pooled":
         logits = run_pooled_scores_sm90(split, k).view(rows, S)
+    elif args.logits == "flat":
+        logits = torch.full((rows, S), 0.25, device="cuda")
     else:
         logits = torch.randn(rows, S, generator=gen, device="cuda") * 3
     words = torch.zeros(math.ceil(S / 32), dtype=torch.int32, device="cuda")

@@ -539,9 +539,12 @@ class TopPSelectSm90:
             for jw in cutlass.range(warp * 32, n, LOADS * T, unroll=1):
                 key_bits = [self.load_or(sBitsP, jw + lane + k * T, n, Int32(0))
                             for k in range(LOADS)]
-                for k in cutlass.range_constexpr(LOADS):
-                    # (bits 0: bin 0 of a histogram no one reads)
-                    self.weigh_digit(sHist, key_bits[k], base, shift, bits)
+                # With no bits left (rows longer than 40,960 keys spanning under 4,096 ulps),
+                # the pass only marks: every key equal to the value would otherwise add to
+                # bin 0, one address, of a histogram no one reads.
+                if bits > 0:
+                    for k in cutlass.range_constexpr(LOADS):
+                        self.weigh_digit(sHist, key_bits[k], base, shift, bits)
                 self.mark_keys(sWords, sInBin, value1, shift1, any_mass, key_bits, jw // 32,
                                n_chunks, lane)
             cute.arch.barrier()
