@@ -21,6 +21,7 @@ keeps key j for a tile where some query gives it probability >= t / seqlen).
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import sys
 from pathlib import Path
@@ -101,9 +102,13 @@ def compile_variants(specs, D):
     kernels = {}
     for spec in specs:
         name, path = spec.split("=", 1)
-        kernels[name] = load_variant(path).CalibrateSm90(
+        # (the configuration's own Q operand only where the module has the option)
+        module = load_variant(path)
+        has_q_option = "q_in_regs" in inspect.signature(module.CalibrateSm90).parameters
+        extra = (config.q_in_regs,) if has_q_option else ()
+        kernels[name] = module.CalibrateSm90(
             cutlass.BFloat16, D, config.q_tile, config.num_stages, config.probe,
-            config.pingpong, config.fma_exp_every, config.lazy_max)
+            config.pingpong, config.fma_exp_every, config.lazy_max, *extra)
     kernels["current"] = config.kernel()
     return {name: cute.compile(kernel, *config.fake_args(), options="--enable-tvm-ffi")
             for name, kernel in kernels.items()}

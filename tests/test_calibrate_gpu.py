@@ -42,12 +42,12 @@ def _run_poisoned(qg, kg, q_tile, threshold, scale, keep, capacity):
 
 def _run_config_poisoned(config, q, k, threshold):
     """The kept-key mask of one compiled calibrate configuration (not the package's default)
-    on CPU q, k (q_tile 128, no always-keep keys), its outputs poisoned first."""
+    on CPU q, k (no always-keep keys), its outputs poisoned first."""
     from fgattn_cute.host.compile import compile_fwd
 
     B, sq, H, D = q.shape
     sk = k.shape[1]
-    n_tiles, cap = math.ceil(sq / 128), math.ceil(sk / 128) * 128
+    n_tiles, cap = math.ceil(sq / config.q_tile), math.ceil(sk / 128) * 128
     indices = torch.full((B, H, n_tiles, cap), -7, dtype=torch.int32, device="cuda")
     counts = torch.full((B, H, n_tiles), -7, dtype=torch.int32, device="cuda")
     compile_fwd(config)(q.cuda(), k.cuda(), keep_words(None, sk, torch.device("cuda")), indices,
@@ -205,3 +205,22 @@ def test_row_max_that_grows_across_key_tiles(lazy):
     rule, ambiguous = keep_with_margin(q, k, 128, 1.0, 128**-0.5, rel=1e-4)
     assert rule.any() and not rule.all(), "a case that cannot fail"
     assert not ((got != rule) & ~ambiguous).any()
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c[:6])))
+def test_q_in_registers_gives_the_same_lists(case):
+    """Q as the wgmmas' register operand (CalibrateConfig.q_in_regs): the same lists as Q from
+    shared memory, and the float64 rule outside the 1e-4 margin."""
+    from fgattn_cute.host.compile import CalibrateConfig
+
+    B, sq, sk, H, D, q_tile, dtype = case
+    q, k = _qk(B, sq, sk, H, D, dtype, seed=sq + 3 * sk)
+    name = "bfloat16" if dtype == torch.bfloat16 else "float16"
+    threshold = 2.0
+    smem = _run_config_poisoned(CalibrateConfig(D, name, q_tile), q, k, threshold)
+    regs = _run_config_poisoned(CalibrateConfig(D, name, q_tile, q_in_regs=True), q, k,
+                                threshold)
+    rule, ambiguous = keep_with_margin(q, k, q_tile, threshold, D**-0.5, rel=1e-4)
+    assert rule.any() and not rule.all(), "a case that cannot fail"
+    assert torch.equal(regs, smem)
+    assert not ((regs != rule) & ~ambiguous).any()

@@ -163,6 +163,7 @@ class CalibrateConfig:
     pingpong: tuple = ("bits",)  # passes whose warpgroups take turns at issuing
     fma_exp_every: int = 0  # pass 1: one exponential in this many on the FMA pipe (0: none)
     lazy_max: bool = True  # pass 1 without a row max per tile (CalibrateSm90.lazy_max)
+    q_in_regs: bool = True  # Q as the wgmmas' register operand (CalibrateSm90.q_in_regs)
 
     def __post_init__(self):
         _check_tile_shape(self.head_dim, self.dtype, self.q_tile)
@@ -173,7 +174,7 @@ class CalibrateConfig:
 
         return CalibrateSm90(_dsl_dtype(self.dtype), self.head_dim, self.q_tile,
                              self.num_stages, self.probe, self.pingpong, self.fma_exp_every,
-                             self.lazy_max)
+                             self.lazy_max, self.q_in_regs)
 
     def fake_args(self):
         """q, k, keep words, indices, counts, softmax_scale, log_cut, stream."""

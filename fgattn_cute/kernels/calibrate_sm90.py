@@ -22,9 +22,11 @@ slots past the count are zero-filled, which is the ``KeyIndex`` row format.
 
 Warp specialised like the attention kernel: warp 0 of the producer warpgroup loads the two Q
 tiles once and streams the K tiles by TMA (twice: once per pass) through a ring of
-128B-swizzled stages that both consumer warpgroups read. Two query tiles per K tile halve the
-L2 -> SM traffic, which bounded the one-tile-per-CTA version (perf/NOTES.md). Nothing S x S
-touches global memory: the traffic is Q, K twice (mostly from L2) and the lists.
+128B-swizzled stages that both consumer warpgroups read; each consumer warpgroup holds its Q
+tile in registers (the wgmmas' A operand), so the wgmmas read only K from shared memory. Two
+query tiles per K tile halve the L2 -> SM traffic, which bounded the one-tile-per-CTA version
+(perf/NOTES.md). Nothing S x S touches global memory: the traffic is Q, K twice (mostly from
+L2) and the lists.
 """
 
 import math
@@ -95,7 +97,7 @@ class CalibrateSm90:
 
     def __init__(self, dtype, head_dim: int, q_tile: int = 128, num_stages: int = 3,
                  probe: str = "", pingpong: tuple = ("bits",), fma_exp_every: int = 0,
-                 lazy_max: bool = True):
+                 lazy_max: bool = True, q_in_regs: bool = True):
         if dtype not in (cutlass.BFloat16, cutlass.Float16):
             raise TypeError(f"dtype must be BFloat16 or Float16, got {dtype}")
         if head_dim not in (64, 128):
@@ -123,6 +125,10 @@ class CalibrateSm90:
         # the quad's four maxima are reconciled once, at the end. 7-8% faster at head dim
         # 128, 3% at 64 (H200).
         self.lazy_max = lazy_max
+        # Q as the wgmmas' register operand (loaded from shared memory once per tile), so
+        # that their shared-memory reads are K's alone: a third less per Q K^T; 1-3% faster
+        # at head dim 128, 4-7% at 64 (H200, perf/NOTES.md, calibrate step 14).
+        self.q_in_regs = q_in_regs
         self.dtype = dtype
         self.head_dim = head_dim
         self.tile_m = q_tile
@@ -172,6 +178,8 @@ class CalibrateSm90:
             Float32,
             atom_layout_mnk=(1, 1, 1),
             tiler_mn=(64, self.tile_n),
+            a_source=(warpgroup.OperandSource.RMEM if self.q_in_regs
+                      else warpgroup.OperandSource.SMEM),
         )
         tma_atom_Q, tma_Q = cpasync.make_tiled_tma_atom(
             cpasync.CopyBulkTensorTileG2SOp(),
@@ -363,7 +371,10 @@ class CalibrateSm90:
         q_tile_idx = TILES_PER_CTA * m_block + wg
         barrier_id = BARRIER_WG + wg
         thr_qk = mma_qk.get_slice(tidx)
-        tSrQ = thr_qk.make_fragment_A(thr_qk.partition_A(sQ[None, None, wg]))
+        if const_expr(self.q_in_regs):
+            tSrQ = thr_qk.make_fragment_A(thr_qk.partition_shape_A((self.tile_m, self.head_dim)))
+        else:
+            tSrQ = thr_qk.make_fragment_A(thr_qk.partition_A(sQ[None, None, wg]))
         tSrK = thr_qk.make_fragment_B(thr_qk.partition_B(sK))
         s_shape = mma_qk.partition_shape_C((self.tile_m, self.tile_n))
         cS = cute.make_identity_tensor((self.tile_m, self.tile_n))
@@ -386,6 +397,8 @@ class CalibrateSm90:
         softmax = OnlineSoftmax(scale_log2, num_rows)
         thr = cute.make_rmem_tensor(num_rows, Float32)
         cute.arch.mbarrier_wait(bar_q, 0)
+        if const_expr(self.q_in_regs):
+            cute.autovec_copy(thr_qk.partition_A(sQ[None, None, wg]), tSrQ)
         if const_expr(self.probe != "one_pass"):
             self.sweep("lse", mma_qk, ring, tSrQ, tSrK, s_shape, tScS, softmax, thr, bits_wg,
                        n_blocks, last_valid, lane)
