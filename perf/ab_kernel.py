@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import functools
 import importlib.util
+import inspect
 import sys
 from pathlib import Path
 
@@ -47,6 +48,13 @@ def load_variant(path: str):
     return module
 
 
+def variant_options(cls, **options) -> dict:
+    """The keyword options that the kernel class `cls` (a variant, perhaps older than an
+    option) takes in its constructor; the others are dropped."""
+    taken = inspect.signature(cls.__init__).parameters
+    return {name: value for name, value in options.items() if name in taken}
+
+
 def load_kernel_class(path: str | None):
     if path is None:
         from fgattn_cute.kernels.fg_fwd_sm90 import FgAttentionForwardSm90
@@ -57,15 +65,12 @@ def load_kernel_class(path: str | None):
 
 def compile_variant(cls, config: KernelConfig):
     """The variant compiled for `config`, as f(q, k, v, out, lse, indices, counts, scale)."""
-    import inspect
-
     import cutlass
     import cutlass.cute as cute
 
     dtype = {"bfloat16": cutlass.BFloat16, "float16": cutlass.Float16}[config.dtype]
     # max_ctas only to kernels that take it (older variants lack it; wrappers set their own)
-    takes = "max_ctas" in inspect.signature(cls.__init__).parameters
-    extra = {"max_ctas": config.max_ctas} if config.max_ctas and takes else {}
+    extra = variant_options(cls, max_ctas=config.max_ctas) if config.max_ctas else {}
     kernel = cls(dtype, config.head_dim, q_tile=config.q_tile, tile_n=config.tile_n,
                  num_stages=config.num_stages, engine=config.engine, **extra)
     args = list(config.fake_args())

@@ -21,7 +21,6 @@ keeps key j for a tile where some query gives it probability >= t / seqlen).
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 import sys
 from pathlib import Path
@@ -32,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import baselines  # noqa: E402
-from ab_kernel import load_variant  # noqa: E402
+from ab_kernel import load_variant, variant_options  # noqa: E402
 from sweep import card_info, median_ms  # noqa: E402
 
 from fgattn_cute.host.compile import CalibrateConfig, compile_fwd  # noqa: E402
@@ -103,12 +102,11 @@ def compile_variants(specs, D):
     for spec in specs:
         name, path = spec.split("=", 1)
         # (the configuration's own Q operand only where the module has the option)
-        module = load_variant(path)
-        has_q_option = "q_in_regs" in inspect.signature(module.CalibrateSm90).parameters
-        extra = (config.q_in_regs,) if has_q_option else ()
-        kernels[name] = module.CalibrateSm90(
+        cls = load_variant(path).CalibrateSm90
+        kernels[name] = cls(
             cutlass.BFloat16, D, config.q_tile, config.num_stages, config.probe,
-            config.pingpong, config.fma_exp_every, config.lazy_max, *extra)
+            config.pingpong, config.fma_exp_every, config.lazy_max,
+            **variant_options(cls, q_in_regs=config.q_in_regs))
     kernels["current"] = config.kernel()
     return {name: cute.compile(kernel, *config.fake_args(), options="--enable-tvm-ffi")
             for name, kernel in kernels.items()}

@@ -113,10 +113,8 @@ def select_ms(fn, logits, words, indices, counts, reps):
 
 
 def compare_variants(specs, fn, logits, words, indices, counts, reps, dense, rounds=5):
-    import inspect
-
     import cutlass.cute as cute
-    from ab_kernel import load_variant
+    from ab_kernel import load_variant, variant_options
 
     config = TopPConfig.for_rows(logits.shape[1])
     fns = {"current": fn}
@@ -125,9 +123,8 @@ def compare_variants(specs, fn, logits, words, indices, counts, reps, dense, rou
         cls = load_variant(path).TopPSelectSm90
         # the same configuration as "current" where the variant has it (older ones lack
         # short_rows and run their one configuration for rows in shared memory)
-        short = ({"short_rows": config.short_rows}
-                 if "short_rows" in inspect.signature(cls.__init__).parameters else {})
-        selector = cls(False, config.row_in_smem, **short)
+        selector = cls(False, config.row_in_smem,
+                       **variant_options(cls, short_rows=config.short_rows))
         fns[name] = cute.compile(selector, *config.fake_args(), options="--enable-tvm-ffi")
     fn(logits.clone(), words, indices, counts, 128**-0.5, 0.9)
     want = (indices.clone(), counts.clone())

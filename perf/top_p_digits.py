@@ -23,22 +23,28 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from fgattn_cute.kernels.top_p_sm90 import (  # noqa: E402
+    DIGIT_BITS,
+    FIRST_DIGIT,
+    HIST_BINS,
+    PLAN_MARGIN,
+)
 from fgattn_cute.predict import pooled  # noqa: E402
 from fgattn_cute.testing import video_like_qkv  # noqa: E402
 
-FIRST_SHIFT = 17  # the kernel's fixed first digit (top_p_sm90.FIRST_DIGIT): bits 17-28
-BINS, MARGIN = 4096, 64  # top_p_sm90.HIST_BINS and PLAN_MARGIN
+FIRST_SHIFT = FIRST_DIGIT[0]  # the kernel's fixed first digit: bits 17-28
 
 
 def planned_shift(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(shift1, base1) per row, as the kernel's `digit_plan` computes them from the row's
     smallest and largest probabilities."""
-    lo = (probs.amin(-1).view(torch.int32) - pooled._LOW_BITS - MARGIN).clamp(min=0).tolist()
-    hi = (probs.amax(-1).view(torch.int32) - pooled._LOW_BITS + MARGIN).clamp(min=0).tolist()
+    low_bits = pooled._LOW_BITS
+    lo = (probs.amin(-1).view(torch.int32) - low_bits - PLAN_MARGIN).clamp(min=0).tolist()
+    hi = (probs.amax(-1).view(torch.int32) - low_bits + PLAN_MARGIN).clamp(min=0).tolist()
     shifts, bases = [], []
     for a, b in zip(lo, hi, strict=True):
-        s = max((b - a).bit_length() - 12, 0)
-        if (b >> s) - (a >> s) >= BINS:
+        s = max((b - a).bit_length() - DIGIT_BITS, 0)
+        if (b >> s) - (a >> s) >= HIST_BINS:
             s += 1
         shifts.append(s if s <= FIRST_SHIFT else FIRST_SHIFT)
         bases.append(a >> s if s <= FIRST_SHIFT else 0)
@@ -64,7 +70,7 @@ def report(name: str, probs: torch.Tensor, p: float):
     hi = torch.where(weighted, rb, torch.full_like(rb, -1)).amax(-1)
     top = torch.tensor([int(x).bit_length() - 1 for x in (lo ^ hi)])
     shift1, _ = planned_shift(probs)
-    rounds = 1 + (shift1 > 0).double() + (shift1 > 12).double()
+    rounds = 1 + (shift1 > 0).double() + (shift1 > DIGIT_BITS).double()
     n = weighted.sum(-1).double()
     fixed = (((rb >> FIRST_SHIFT) == (tau >> FIRST_SHIFT)) & weighted).sum(-1) / n
     per_row = (((rb >> shift1) == (tau >> shift1)) & weighted).sum(-1) / n
