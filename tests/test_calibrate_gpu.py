@@ -175,18 +175,19 @@ def test_exp2_on_the_fma_pipe_matches_exp2():
     assert bool((y >= 2.0**-126).all()) and bool(torch.isfinite(y).all())
 
 
-@pytest.mark.parametrize("every,lazy", [(0, False), (2, False), (4, False), (4, True),
-                                        (0, True)])
-def test_exponentials_on_either_pipe_give_the_rule(every, lazy):
-    """calibrate's kernel with none, half or a quarter of pass 1's exponentials on the FMA pipe,
-    with and without the lazy row max: the same kept sets as the float64 rule outside the 1e-4
-    margin."""
+@pytest.mark.parametrize("D,every,lazy", [(128, 0, False), (128, 2, False), (128, 4, False),
+                                          (128, 4, True), (128, 0, True), (64, 8, True),
+                                          (64, 0, True), (64, 8, False)])
+def test_exponentials_on_either_pipe_give_the_rule(D, every, lazy):
+    """calibrate's kernel with none, half, a quarter or an eighth of pass 1's exponentials on
+    the FMA pipe (an eighth is head dim 64's default), with and without the lazy row max: the
+    same kept sets as the float64 rule outside the 1e-4 margin."""
     from fgattn_cute.host.compile import CalibrateConfig
 
-    q, k = _qk(1, 1000, 3000, 2, 128, torch.bfloat16, seed=21)
-    config = CalibrateConfig(128, "bfloat16", 128, fma_exp_every=every, lazy_max=lazy)
+    q, k = _qk(1, 1000, 3000, 2, D, torch.bfloat16, seed=21)
+    config = CalibrateConfig(D, "bfloat16", 128, fma_exp_every=every, lazy_max=lazy)
     got = _run_config_poisoned(config, q, k, 4.0)
-    rule, ambiguous = keep_with_margin(q, k, 128, 4.0, 128**-0.5, rel=1e-4)
+    rule, ambiguous = keep_with_margin(q, k, 128, 4.0, D**-0.5, rel=1e-4)
     assert rule.any() and not rule.all(), "a case that cannot fail"
     assert not ((got != rule) & ~ambiguous).any()
 

@@ -161,13 +161,19 @@ class CalibrateConfig:
     num_stages: int = 3
     probe: str = ""  # benchmark probes of CalibrateSm90 (wrong results): "no_exp", "one_pass"
     pingpong: tuple = ("bits",)  # passes whose warpgroups take turns at issuing
-    fma_exp_every: int = 0  # pass 1: one exponential in this many on the FMA pipe (0: none)
+    # pass 1: one exponential in this many on the FMA pipe (0: none); None picks per head dim
+    fma_exp_every: int | None = None
     lazy_max: bool = True  # pass 1 without a row max per tile (CalibrateSm90.lazy_max)
     q_in_regs: bool = True  # Q as the wgmmas' register operand (CalibrateSm90.q_in_regs)
 
     def __post_init__(self):
         _check_tile_shape(self.head_dim, self.dtype, self.q_tile)
         _check_stages(self.num_stages)
+        if self.fma_exp_every is None:
+            # At head dim 64 pass 1 is bound by MUFU at twice its tensor time, and one
+            # exponential in 8 on the FMA pipe is faster; at 128 issue slots bind and none is
+            # (perf/NOTES.md, calibrate steps 10, 15 and 16).
+            object.__setattr__(self, "fma_exp_every", 8 if self.head_dim == 64 else 0)
 
     def kernel(self):
         from fgattn_cute.kernels.calibrate_sm90 import CalibrateSm90

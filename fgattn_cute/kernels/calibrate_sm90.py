@@ -113,8 +113,9 @@ class CalibrateSm90:
         self.probe = probe
         # Pass 1 computes one of every `fma_exp_every` exponentials on the FMA pipe
         # (softmax.exp2_fma) rather than MUFU (0: all on MUFU). With the row max of every
-        # tile, one in 4 was 2-5% faster; with lazy_max, issue slots bind first and none is
-        # fastest (perf/NOTES.md, calibrate step 10).
+        # tile, one in 4 was 2-5% faster; with lazy_max, issue slots bind first at head dim
+        # 128 and none is fastest, while at 64 (MUFU at twice the tensor time) one in 8 is
+        # 4-6% faster (perf/NOTES.md, calibrate steps 10, 15 and 16; CalibrateConfig picks).
         if fma_exp_every < 0:
             raise ValueError(f"fma_exp_every must be >= 0, got {fma_exp_every}")
         self.fma_exp_every = fma_exp_every
