@@ -156,7 +156,7 @@ class TopPSelectSm90:
                 cute.struct.MemRange[Uint32, 2 * HIST_BINS], 16
             ]
             red_i: cute.struct.MemRange[Int64, num_warps]
-            red_f: cute.struct.MemRange[Float32, num_warps]
+            red_f: cute.struct.MemRange[Float32, 2 * num_warps]
             bcast: cute.struct.MemRange[Int64, 6]
 
         # Short rows: registers capped for two CTAs per SM, and the largest shared-memory
@@ -208,7 +208,7 @@ class TopPSelectSm90:
             cute.make_layout(self.max_n // 32 if self.mark_in_round2 else 1))
         sHist = storage.hist.get_tensor(cute.make_layout((HIST_BINS, 2)))
         red_i = storage.red_i.get_tensor(cute.make_layout(self.num_warps))
-        red_f = storage.red_f.get_tensor(cute.make_layout(self.num_warps))
+        red_f = storage.red_f.get_tensor(cute.make_layout((self.num_warps, 2)))
         bcast = storage.bcast.get_tensor(cute.make_layout(6))
         n_chunks = cute.ceil_div(n, 32)
         T = self.num_threads
@@ -234,8 +234,8 @@ class TopPSelectSm90:
             for j in cutlass.range(tidx, n, T, unroll=8):
                 local_max = cute.arch.fmax(local_max, sP[j])
                 local_min = cute.arch.fmin(local_min, sP[j])
-            p_hi = self.block_reduce(local_max, cute.arch.fmax, red_f, warp, lane)
-            p_lo = self.block_reduce(local_min, cute.arch.fmin, red_f, warp, lane)
+            p_hi, p_lo = self.block_reduce(((local_max, cute.arch.fmax),
+                                            (local_min, cute.arch.fmin)), red_f, warp, lane)
             shift1, base1 = self.digit_plan(p_lo, p_hi)
             for j in cutlass.range(tidx, n, T, unroll=8):
                 self.weigh_first_digit(sHist, sP[j], shift1, base1, bcast)
@@ -266,7 +266,7 @@ class TopPSelectSm90:
                     v = sP[j] * scale
                     sP[j] = v
                     local_max = cute.arch.fmax(local_max, v)
-            row_max = self.block_reduce(local_max, cute.arch.fmax, red_f, warp, lane)
+            (row_max,) = self.block_reduce(((local_max, cute.arch.fmax),), red_f, warp, lane)
             # The smallest exponential, which the lowest probability is computed from, taken
             # here rather than as the min logit in the pass above: held across this pass, that
             # spilled with 1,024 threads, and keeping it in shared memory instead cost 2%.
@@ -277,8 +277,8 @@ class TopPSelectSm90:
                 sP[j] = e
                 local_sum += e
                 local_min = cute.arch.fmin(local_min, e)
-            row_sum = self.block_reduce(local_sum, _add, red_f, warp, lane)
-            e_min = self.block_reduce(local_min, cute.arch.fmin, red_f, warp, lane)
+            row_sum, e_min = self.block_reduce(((local_sum, _add), (local_min, cute.arch.fmin)),
+                                               red_f, warp, lane)
             # prob = e / row_sum, correctly rounded: the compiler's own division sequence with
             # the reciprocal refined once per row rather than once per key.
             rcp = cute.arch.rcp_approx(row_sum)
@@ -808,16 +808,28 @@ class TopPSelectSm90:
         return before, total
 
     @cute.jit
-    def block_reduce(self, value, op, red, warp: Int32, lane: Int32):
-        """op-reduce one value per thread over the CTA (warp butterflies, then the warps'
-        results through `red`, a shared buffer of value's type); every thread gets the result."""
-        for offset in (16, 8, 4, 2, 1):
-            value = op(value, cute.arch.shuffle_sync_bfly(value, offset))
-        if lane == 0:
-            red[warp] = value
+    def block_reduce(self, pairs, red, warp: Int32, lane: Int32):
+        """Reduces each (value, op) of `pairs` (one or two Float32 values per thread) over the
+        CTA behind one pair of barriers: warp butterflies, then lane l of every warp takes warp
+        l's results from `red` (num_warps x 2) and the warp reduces them by butterflies again,
+        where every thread used to walk all the warps' values (~60 instructions a thread and
+        value). Every thread gets the same results: a butterfly's two lanes combine the same
+        two values, and op is commutative."""
+        values = list(pairs)
+        for i, (value, op) in enumerate(values):
+            for offset in (16, 8, 4, 2, 1):
+                value = op(value, cute.arch.shuffle_sync_bfly(value, offset))
+            if lane == 0:
+                red[warp, i] = value
         cute.arch.barrier()
-        out = red[0]
-        for w in cutlass.range_constexpr(1, self.num_warps):
-            out = op(out, red[w])
+        out = []
+        for i, (_, op) in enumerate(values):
+            # (16 warps: lanes 16.. hold copies of lanes 0..15, and the butterflies stay within
+            # each half)
+            total = red[lane % self.num_warps, i]
+            for offset in (16, 8, 4, 2, 1):
+                if const_expr(offset < self.num_warps):
+                    total = op(total, cute.arch.shuffle_sync_bfly(total, offset))
+            out.append(total)
         cute.arch.barrier()
-        return out
+        return tuple(out)
