@@ -206,7 +206,8 @@ class TopPConfig:
     kernel) or, for tests, from probabilities."""
 
     from_probs: bool = False
-    row_in_smem: bool = True  # False: rows longer than 40,960 keys, worked on in place
+    # False: rows longer than 40,960 keys (their first 40,960 in shared memory, the rest in place)
+    row_in_smem: bool = True
     short_rows: bool = False  # rows of at most 18,432 keys: two CTAs per SM
 
     def __post_init__(self):

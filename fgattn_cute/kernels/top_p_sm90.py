@@ -2,12 +2,12 @@
 
 Each row (one query tile's pooled scores against every key) is loaded into shared memory once,
 by four bulk copies (the TMA unit; the first pass starts on the first), and everything after
-that runs on chip (rows longer than 40,960 keys are worked on in place in global memory
-instead, where the 132 rows in flight stay in L2; rows of at most 18,432 keys get a smaller
-buffer and half the threads, so that two CTAs share an SM). Once its own row is in, a CTA
-prefetches into L2 the row that the CTA after it on the same SM will most likely load (one row
-per SM further on), so that load comes from L2 (with short rows that row has usually started
-already; see ``prefetch_next_row``):
+that runs on chip (a row longer than 40,960 keys has its first 40,960 there too, and the rest
+is worked on in place in global memory, where the 132 rows in flight stay in L2; rows of at
+most 18,432 keys get a smaller buffer and half the threads, so that two CTAs share an SM).
+Once its own row is in, a CTA prefetches into L2 the row that the CTA after it on the same SM
+will most likely load (one row per SM further on), so that load comes from L2 (with short rows
+that row has usually started already; see ``prefetch_next_row``):
 
 1. softmax: x = scale * logit, p = exp(x - max) / sum (float32, accurate exp, the division
    correctly rounded), in place; or, in ``from_probs`` mode, the row is already probabilities
@@ -73,6 +73,9 @@ MAX_SEQLEN_K_SMEM = 40960  # rows up to this long live in shared memory (160 KiB
 # H100; perf/NOTES.md, top-p session 10).
 MAX_SEQLEN_K_SHORT = 18432
 MAX_SEQLEN_K = 1 << 17  # longer rows stay in global memory (L2), in place; bound of the bitmap
+# A row in global memory keeps its first this many keys in shared memory (what the bitmaps and
+# histograms leave of 227 KiB), and only the rest in place in global memory.
+PREFIX_KEYS = 40960
 
 
 def _add(a, b):
@@ -105,8 +108,11 @@ class TopPSelectSm90:
     def __init__(self, from_probs: bool = False, row_in_smem: bool = True,
                  short_rows: bool = False):
         self.from_probs = from_probs
-        # False: the row is overwritten in place in global memory (its caller's scratch) and
-        # every pass after the first reads it back, mostly from L2.
+        # False: rows longer than shared memory holds. Their first PREFIX_KEYS keys are loaded
+        # into shared memory as short rows are, and the rest is overwritten in place in global
+        # memory (the caller's scratch) and read back by every pass, mostly from L2 (the
+        # prefix made these rows 45% faster at Wan 720p's 75,600 keys, H100; perf/NOTES.md,
+        # top-p session 14).
         self.row_in_smem = row_in_smem
         # Rows of at most MAX_SEQLEN_K_SHORT keys: two CTAs of 512 threads per SM (64
         # registers each). Otherwise one CTA of 1,024 threads (64 registers, no spills): 3%
@@ -123,7 +129,7 @@ class TopPSelectSm90:
             self.max_n = MAX_SEQLEN_K_SMEM if row_in_smem else MAX_SEQLEN_K
         # The scan of a round's histogram gives each thread a whole number of bins.
         assert HIST_BINS % num_threads == 0 or num_threads % HIST_BINS == 0
-        self.smem_row = self.max_n if row_in_smem else 4
+        self.smem_row = self.max_n if row_in_smem else PREFIX_KEYS
         # Rows in global memory: round 2's pass also settles the keep bits of every key outside
         # the first round's chosen bin (`mark_keys`), which saves a pass over the row in L2
         # (-7% at Wan 720p on an H200). Rows in shared memory keep the pass: there the marking
@@ -161,7 +167,7 @@ class TopPSelectSm90:
 
         # Short rows: registers capped for two CTAs per SM, and the largest shared-memory
         # carveout (given, so that compiling needs no device to ask for it). The other
-        # configurations keep the driver's choice (rows in global memory use L1).
+        # configurations keep the driver's choice.
         two_per_sm = dict(min_blocks_per_mp=2, preferred_smem_carveout=100)
         self.kernel(mX, mKeepWords, mIndices, mCounts, scale, p_top, SharedStorage).launch(
             grid=[cute.size(mX.shape[0]), 1, 1],
@@ -190,19 +196,28 @@ class TopPSelectSm90:
         storage = smem.allocate(SharedStorage)
         x_row = mX[row_idx, None]
         n = cute.size(mX.shape[1])
-        if const_expr(self.row_in_smem):
-            # Element j of the row at sP[j], with sP shifted so that the row's 16-byte aligned
-            # part sits 16-byte aligned in shared memory: bulk copies then move it.
-            shift, head, body = _aligned_span(x_row, n)
-            sP = cute.make_tensor(storage.row.data_ptr() + shift, cute.make_layout(self.max_n))
-            load_bar = storage.load_bar.data_ptr()
-            chunk = self.load_row(x_row, sP, load_bar, n, head, body, tidx)
-            if const_expr(self.from_probs):
-                self.wait_row(load_bar)
-        else:
-            sP = x_row
+        # The keys [0, n_smem) in shared memory (the whole row, or the first PREFIX_KEYS keys
+        # of a row in global memory), the rest in place in global memory; n_smem is a multiple
+        # of 32 whenever keys follow it, so no 32-key chunk straddles the two.
+        n_smem = n
+        if const_expr(not self.row_in_smem):
+            n_smem = cutlass.min(n, PREFIX_KEYS)
+        # Element j of the row at sP[j], with sP shifted so that the row's 16-byte aligned part
+        # sits 16-byte aligned in shared memory: bulk copies then move it.
+        shift, head, body = _aligned_span(x_row, n_smem)
+        sP = cute.make_tensor(storage.row.data_ptr() + shift, cute.make_layout(self.smem_row))
+        load_bar = storage.load_bar.data_ptr()
+        chunk = self.load_row(x_row, sP, load_bar, n_smem, head, body, tidx)
+        if const_expr(self.from_probs):
+            self.wait_row(load_bar)
         # The same bytes as int32: non-negative floats order like their bit patterns.
         sBitsP = cute.make_tensor(cute.recast_ptr(sP.iterator, dtype=Int32), sP.layout)
+        # (probabilities, their bits, first key, end) of each part of the row
+        segments = [(sP, sBitsP, Int32(0), n_smem)]
+        if const_expr(not self.row_in_smem):
+            gBitsP = cute.make_tensor(cute.recast_ptr(x_row.iterator, dtype=Int32),
+                                      x_row.layout)
+            segments.append((x_row, gBitsP, n_smem, n))
         sWords = storage.words.get_tensor(cute.make_layout(self.max_n // 32))
         sInBin = storage.in_bin.get_tensor(
             cute.make_layout(self.max_n // 32 if self.mark_in_round2 else 1))
@@ -231,40 +246,41 @@ class TopPSelectSm90:
         if const_expr(self.from_probs):
             local_max = Float32(0.0)
             local_min = Float32.inf
-            for j in cutlass.range(tidx, n, T, unroll=8):
-                local_max = cute.arch.fmax(local_max, sP[j])
-                local_min = cute.arch.fmin(local_min, sP[j])
+            for xP, _, lo, hi in segments:
+                for j in cutlass.range(lo + tidx, hi, T, unroll=8):
+                    local_max = cute.arch.fmax(local_max, xP[j])
+                    local_min = cute.arch.fmin(local_min, xP[j])
             p_hi, p_lo = self.block_reduce(((local_max, cute.arch.fmax),
                                             (local_min, cute.arch.fmin)), red_f, warp, lane)
             shift1, base1 = self.digit_plan(p_lo, p_hi)
-            for j in cutlass.range(tidx, n, T, unroll=8):
-                self.weigh_first_digit(sHist, sP[j], shift1, base1, bcast)
+            for xP, _, lo, hi in segments:
+                for j in cutlass.range(lo + tidx, hi, T, unroll=8):
+                    self.weigh_first_digit(sHist, xP[j], shift1, base1, bcast)
         else:
             # The scaled logit is stored and read back, so that it is rounded before the
             # subtraction (as torch does) rather than fused into it.
             local_max = -Float32.inf
-            if const_expr(self.row_in_smem):
-                # Each copy's part as soon as it has landed (the few elements outside the copies
-                # are in shared memory already: `load_row`, then the barrier above).
-                for c in cutlass.range_constexpr(LOAD_CHUNKS):
-                    cute.arch.mbarrier_wait(load_bar + c, 0)
-                    start = head + c * chunk
-                    stop = cutlass.min(start + chunk, head + body)
-                    for j in cutlass.range(start + tidx, stop, T, unroll=8):
-                        v = sP[j] * scale
-                        sP[j] = v
-                        local_max = cute.arch.fmax(local_max, v)
-                edge = tidx
-                if tidx >= head:  # threads head.. take the elements after the copies
-                    edge = head + body + (tidx - head)
-                if edge < n and tidx < head + 4:
-                    v = sP[edge] * scale
-                    sP[edge] = v
-                    local_max = cute.arch.fmax(local_max, v)
-            else:
-                for j in cutlass.range(tidx, n, T, unroll=8):
+            # Each copy's part as soon as it has landed (the few elements outside the copies
+            # are in shared memory already: `load_row`, then the barrier above).
+            for c in cutlass.range_constexpr(LOAD_CHUNKS):
+                cute.arch.mbarrier_wait(load_bar + c, 0)
+                start = head + c * chunk
+                stop = cutlass.min(start + chunk, head + body)
+                for j in cutlass.range(start + tidx, stop, T, unroll=8):
                     v = sP[j] * scale
                     sP[j] = v
+                    local_max = cute.arch.fmax(local_max, v)
+            edge = tidx
+            if tidx >= head:  # threads head.. take the elements after the copies
+                edge = head + body + (tidx - head)
+            if edge < n_smem and tidx < head + 4:
+                v = sP[edge] * scale
+                sP[edge] = v
+                local_max = cute.arch.fmax(local_max, v)
+            if const_expr(not self.row_in_smem):
+                for j in cutlass.range(n_smem + tidx, n, T, unroll=8):
+                    v = x_row[j] * scale
+                    x_row[j] = v
                     local_max = cute.arch.fmax(local_max, v)
             (row_max,) = self.block_reduce(((local_max, cute.arch.fmax),), red_f, warp, lane)
             # The smallest exponential, which the lowest probability is computed from, taken
@@ -272,11 +288,12 @@ class TopPSelectSm90:
             # spilled with 1,024 threads, and keeping it in shared memory instead cost 2%.
             local_sum = Float32(0.0)
             local_min = Float32.inf
-            for j in cutlass.range(tidx, n, T, unroll=1):
-                e = cute.math.exp(sP[j] - row_max)
-                sP[j] = e
-                local_sum += e
-                local_min = cute.arch.fmin(local_min, e)
+            for xP, _, lo, hi in segments:
+                for j in cutlass.range(lo + tidx, hi, T, unroll=1):
+                    e = cute.math.exp(xP[j] - row_max)
+                    xP[j] = e
+                    local_sum += e
+                    local_min = cute.arch.fmin(local_min, e)
             row_sum, e_min = self.block_reduce(((local_sum, _add), (local_min, cute.arch.fmin)),
                                                red_f, warp, lane)
             # prob = e / row_sum, correctly rounded: the compiler's own division sequence with
@@ -289,13 +306,14 @@ class TopPSelectSm90:
             shift1, base1 = self.digit_plan(p_lo, p_hi)
             # LOADS keys per step, all loaded before any is worked on (a key's work branches, so
             # the compiler would not hoist the next load above it).
-            for j in cutlass.range(tidx, n, LOADS * T, unroll=1):
-                e = [self.load_or(sP, j + k * T, n, Float32(0.0)) for k in range(LOADS)]
-                for k in cutlass.range_constexpr(LOADS):
-                    prob = self.divide(e[k], row_sum, rcp)
-                    if j + k * T < n:
-                        sP[j + k * T] = prob
-                    self.weigh_first_digit(sHist, prob, shift1, base1, bcast)
+            for xP, _, lo, hi in segments:
+                for j in cutlass.range(lo + tidx, hi, LOADS * T, unroll=1):
+                    e = [self.load_or(xP, j + k * T, hi, Float32(0.0)) for k in range(LOADS)]
+                    for k in cutlass.range_constexpr(LOADS):
+                        prob = self.divide(e[k], row_sum, rcp)
+                        if j + k * T < hi:
+                            xP[j + k * T] = prob
+                        self.weigh_first_digit(sHist, prob, shift1, base1, bcast)
 
         if const_expr(self.row_in_smem):
             # Not for rows in global memory: their passes already fill L2 with the rows in
@@ -312,8 +330,9 @@ class TopPSelectSm90:
             cute.arch.barrier()
             shift1 = Int32(FIRST_DIGIT[0])
             base1 = Int32(0)
-            for j in cutlass.range(tidx, n, T, unroll=1):
-                self.weigh_first_digit(sHist, sP[j], shift1, base1, bcast)
+            for xP, _, lo, hi in segments:
+                for j in cutlass.range(lo + tidx, hi, T, unroll=1):
+                    self.weigh_first_digit(sHist, xP[j], shift1, base1, bcast)
 
         # 2. The target, then the boundary value tau by radix rounds: 12 bits at shift1, then
         # at most 12 more, then what is left (up to 5 bits; none when shift1 <= 12).
@@ -336,7 +355,7 @@ class TopPSelectSm90:
             if const_expr(i == 1):
                 value1 = value
             value, above, tau_bin_weight, target, total = self.radix_round(
-                sP, sBitsP, sHist, red_i, bcast, n, base, above, tau_bin_weight, target, total,
+                segments, sHist, red_i, bcast, base, above, tau_bin_weight, target, total,
                 p_top, shift, bits, i == 0, tidx, warp, lane,
                 self.mark_in_round2 and i == 1, sWords, sInBin, value1, shift1, total > 0,
                 n_chunks,
@@ -352,7 +371,7 @@ class TopPSelectSm90:
         lower_lanes = (Uint32(1) << Uint32(lane)) - Uint32(1)
 
         if const_expr(self.mark_in_round2):
-            kept = self.settle_bin_keys(sWords, sInBin, sBitsP, n, tau, take, rank_ties,
+            kept = self.settle_bin_keys(sWords, sInBin, segments, tau, take, rank_ties,
                                         any_mass, c_begin, c_end, red_i, warp, lane, lower_lanes)
         else:
             kept = self.keep_bits(sWords, sBitsP, n, tau, take, rank_ties, any_mass, c_begin,
@@ -416,7 +435,7 @@ class TopPSelectSm90:
         return kept
 
     @cute.jit
-    def settle_bin_keys(self, sWords, sInBin, sBitsP, n: Int32, tau: Int32, take: Int64,
+    def settle_bin_keys(self, sWords, sInBin, segments, tau: Int32, take: Int64,
                         rank_ties: Boolean, any_mass: Boolean, c_begin: Int32, c_end: Int32,
                         red_i, warp: Int32, lane: Int32, lower_lanes: Uint32) -> Int32:
         """`keep_bits` after `mark_keys`: only the keys in the first round's bin (a few chunks
@@ -429,7 +448,7 @@ class TopPSelectSm90:
             for c in cutlass.range(c_begin, c_end, unroll=1):
                 in_bin = sInBin[c]
                 if in_bin != Uint32(0):
-                    rb = self.load_or(sBitsP, c * 32 + lane, n, Int32(0)) - LOW_BITS
+                    rb = self.chunk_key_bits(segments, c, lane) - LOW_BITS
                     tie = (((in_bin >> Uint32(lane)) & Uint32(1)) != Uint32(0)) & (rb == tau)
                     ties += Int32(cute.arch.popc(Uint32(cute.arch.vote_ballot_sync(tie))))
             tie_rank, _ = self.exclusive_warp_prefix(Int64(ties), red_i, warp, lane)
@@ -438,7 +457,7 @@ class TopPSelectSm90:
         for c in cutlass.range(c_begin, c_end, unroll=1):
             in_bin = sInBin[c]
             if in_bin != Uint32(0):
-                rb = self.load_or(sBitsP, c * 32 + lane, n, Int32(0)) - LOW_BITS
+                rb = self.chunk_key_bits(segments, c, lane) - LOW_BITS
                 mine = ((in_bin >> Uint32(lane)) & Uint32(1)) != Uint32(0)
                 greater = mine & (rb > tau)
                 tie = mine & (rb == tau)
@@ -448,6 +467,22 @@ class TopPSelectSm90:
             else:
                 kept += Int32(cute.arch.popc(sWords[c]))
         return kept
+
+    @cute.jit
+    def chunk_key_bits(self, segments, c: Int32, lane: Int32) -> Int32:
+        """The bits of key c * 32 + lane (0 past the row), from the part of the row that holds
+        chunk c (a chunk never straddles two)."""
+        _, bits_smem, _, n_smem = segments[0]
+        value = Int32(0)
+        if const_expr(len(segments) == 1):
+            value = self.load_or(bits_smem, c * 32 + lane, n_smem, Int32(0))
+        else:
+            _, bits_rest, _, n = segments[1]
+            if c * 32 < n_smem:
+                value = self.load_or(bits_smem, c * 32 + lane, n_smem, Int32(0))
+            else:
+                value = self.load_or(bits_rest, c * 32 + lane, n, Int32(0))
+        return value
 
     @cute.jit
     def take_ties(self, tie: Boolean, tie_rank: Int64, take: Int64, lower_lanes: Uint32):
@@ -517,7 +552,7 @@ class TopPSelectSm90:
         cute.arch.barrier()
 
     @cute.jit
-    def radix_round(self, sP, sBitsP, sHist, red_i, bcast, n: Int32, base: Int32, above: Int64,
+    def radix_round(self, segments, sHist, red_i, bcast, base: Int32, above: Int64,
                     tau_bin_weight: Int64, target: Int64, total: Int64, p_top: Float64,
                     shift: Int32, bits: Int32, first: cutlass.Constexpr[bool], tidx: Int32,
                     warp: Int32, lane: Int32, mark: cutlass.Constexpr[bool], sWords, sInBin,
@@ -536,17 +571,18 @@ class TopPSelectSm90:
             # Warp-uniform steps (a ballot per chunk): lane l of warp w takes keys
             # jw + l + k * T; keys past the row read as bits 0, probability 0, which weighs
             # nothing and is in no bin.
-            for jw in cutlass.range(warp * 32, n, LOADS * T, unroll=1):
-                key_bits = [self.load_or(sBitsP, jw + lane + k * T, n, Int32(0))
-                            for k in range(LOADS)]
-                # With no bits left (rows longer than 40,960 keys spanning under 4,096 ulps),
-                # the pass only marks: every key equal to the value would otherwise add to
-                # bin 0, one address, of a histogram no one reads.
-                if bits > 0:
-                    for k in cutlass.range_constexpr(LOADS):
-                        self.weigh_digit(sHist, key_bits[k], base, shift, bits)
-                self.mark_keys(sWords, sInBin, value1, shift1, any_mass, key_bits, jw // 32,
-                               n_chunks, lane)
+            for _, xBits, lo, hi in segments:
+                for jw in cutlass.range(lo + warp * 32, hi, LOADS * T, unroll=1):
+                    key_bits = [self.load_or(xBits, jw + lane + k * T, hi, Int32(0))
+                                for k in range(LOADS)]
+                    # With no bits left (rows longer than 40,960 keys spanning under 4,096
+                    # ulps), the pass only marks: every key equal to the value would otherwise
+                    # add to bin 0, one address, of a histogram no one reads.
+                    if bits > 0:
+                        for k in cutlass.range_constexpr(LOADS):
+                            self.weigh_digit(sHist, key_bits[k], base, shift, bits)
+                    self.mark_keys(sWords, sInBin, value1, shift1, any_mass, key_bits,
+                                   jw // 32, n_chunks, lane)
             cute.arch.barrier()
             if bits > 0:
                 out = self.find_digit(sHist, red_i, bcast, base, above, target, total, p_top,
@@ -555,12 +591,14 @@ class TopPSelectSm90:
             if const_expr(not first):
                 self.clear_hist(sHist, Int32(1) << bits, tidx)  # (hist_get reads no others)
                 cute.arch.barrier()
-                for j in cutlass.range(tidx, n, LOADS * T, unroll=1):
-                    # (bits 0, probability 0, stand for keys past the row: they weigh nothing)
-                    key_bits = [self.load_or(sBitsP, j + k * T, n, Int32(0))
-                                for k in range(LOADS)]
-                    for k in cutlass.range_constexpr(LOADS):
-                        self.weigh_digit(sHist, key_bits[k], base, shift, bits)
+                for _, xBits, lo, hi in segments:
+                    for j in cutlass.range(lo + tidx, hi, LOADS * T, unroll=1):
+                        # (bits 0, probability 0, stand for keys past the row: they weigh
+                        # nothing)
+                        key_bits = [self.load_or(xBits, j + k * T, hi, Int32(0))
+                                    for k in range(LOADS)]
+                        for k in cutlass.range_constexpr(LOADS):
+                            self.weigh_digit(sHist, key_bits[k], base, shift, bits)
             cute.arch.barrier()
             out = self.find_digit(sHist, red_i, bcast, base, above, target, total, p_top,
                                   shift, bits, first, tidx, warp, lane)
