@@ -67,8 +67,8 @@ LOADS = 4  # keys loaded ahead per thread in the passes whose per-key work branc
 # the first pass over the logits starts on the first part while the rest is still in flight.
 LOAD_CHUNKS = 4
 # Keys loaded ahead per thread in the passes over the part of a row in global memory, whose
-# loads wait on L2 (8 rather than 1 or 4: 11% faster at Wan 720p's length, H100).
-GLOBAL_LOADS = 8
+# loads wait on L2 (16 rather than 1 or 4: 14% faster at Wan 720p's length, H100; 8: 11%).
+GLOBAL_LOADS = 16
 SHARED_CLUSTER = 7  # LLVM address space of shared::cluster (the bulk copy's destination)
 MAX_SEQLEN_K_SMEM = 40960  # rows up to this long live in shared memory (160 KiB of float32)
 # Rows up to this long (CogVideoX's 17,550) get a 72 KiB buffer and 512 threads, so that two
