@@ -43,7 +43,7 @@ import cutlass.cute as cute
 from cutlass import Boolean, Float32, Float64, Int32, Int64, Uint32, const_expr
 from cutlass._mlir.dialects import llvm, nvvm
 
-from fgattn_cute.kernels.warp_scan import warp_inclusive_sum
+from fgattn_cute.kernels.warp_scan import warp_allreduce, warp_inclusive_sum
 
 MASS_BITS = 52
 MASS_SCALE = float(2**MASS_BITS)
@@ -489,18 +489,14 @@ class TopPSelectSm90:
 
     @cute.jit
     def chunk_key_bits(self, segments, c: Int32, lane: Int32) -> Int32:
-        """The bits of key c * 32 + lane (0 past the row), from the part of the row that holds
-        chunk c (a chunk never straddles two)."""
-        _, bits_smem, _, n_smem = segments[0]
+        """The bits of key c * 32 + lane (0 past the row) of a row in global memory, from the
+        part (shared prefix or the rest) that holds chunk c (a chunk never straddles two)."""
+        (_, bits_smem, _, n_smem), (_, bits_rest, _, n) = segments
         value = Int32(0)
-        if const_expr(len(segments) == 1):
+        if c * 32 < n_smem:
             value = self.load_or(bits_smem, c * 32 + lane, n_smem, Int32(0))
         else:
-            _, bits_rest, _, n = segments[1]
-            if c * 32 < n_smem:
-                value = self.load_or(bits_smem, c * 32 + lane, n_smem, Int32(0))
-            else:
-                value = self.load_or(bits_rest, c * 32 + lane, n, Int32(0))
+            value = self.load_or(bits_rest, c * 32 + lane, n, Int32(0))
         return value
 
     @cute.jit
@@ -871,23 +867,14 @@ class TopPSelectSm90:
         CTA behind one pair of barriers: warp butterflies, then lane l of every warp takes warp
         l's results from `red` (num_warps x 2) and the warp reduces them by butterflies again,
         where every thread used to walk all the warps' values (~60 instructions a thread and
-        value). Every thread gets the same results: a butterfly's two lanes combine the same
-        two values, and op is commutative."""
-        values = list(pairs)
-        for i, (value, op) in enumerate(values):
-            for offset in (16, 8, 4, 2, 1):
-                value = op(value, cute.arch.shuffle_sync_bfly(value, offset))
+        value). Every thread gets the same results (`warp_allreduce`)."""
+        for i, (value, op) in enumerate(pairs):
+            value = warp_allreduce(value, op)
             if lane == 0:
                 red[warp, i] = value
         cute.arch.barrier()
-        out = []
-        for i, (_, op) in enumerate(values):
-            # (16 warps: lanes 16.. hold copies of lanes 0..15, and the butterflies stay within
-            # each half)
-            total = red[lane % self.num_warps, i]
-            for offset in (16, 8, 4, 2, 1):
-                if const_expr(offset < self.num_warps):
-                    total = op(total, cute.arch.shuffle_sync_bfly(total, offset))
-            out.append(total)
+        # (16 warps: lanes 16.. hold copies of lanes 0..15, reduced within each half)
+        out = tuple(warp_allreduce(red[lane % self.num_warps, i], op, self.num_warps)
+                    for i, (_, op) in enumerate(pairs))
         cute.arch.barrier()
-        return tuple(out)
+        return out
