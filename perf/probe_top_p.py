@@ -8,7 +8,8 @@ inputs) instead of 3 x standard normal logits; --logits flat from rows of equal 
 
 --variant name=path (repeatable) also times the selection kernel of a module file that defines
 `TopPSelectSm90` (a copy before or after a change) on the same rows, in interleaved rounds with
-the package's kernel, and checks that it selects the same keys.
+the package's kernel, and checks that it selects the same keys. name=path:option=int,... also
+passes those constructor options (e.g. max_ctas=132).
 
 Rows longer than 40,960 keys (--seqlen 75600, Wan 720p) are worked on in place in global memory,
 so every timed call first restores them from a pristine copy, and the median time of that copy
@@ -120,11 +121,14 @@ def compare_variants(specs, fn, logits, words, indices, counts, reps, dense, rou
     fns = {"current": fn}
     for spec in specs:
         name, path = spec.split("=", 1)
+        path, _, extra = path.partition(":")
+        options = dict(item.split("=") for item in extra.split(",") if item)
         cls = load_variant(path).TopPSelectSm90
         # the same configuration as "current" where the variant has it (older ones lack
         # short_rows and run their one configuration for rows in shared memory)
         selector = cls(False, config.row_in_smem,
-                       **variant_options(cls, short_rows=config.short_rows))
+                       **variant_options(cls, short_rows=config.short_rows),
+                       **{key: int(value) for key, value in options.items()})
         fns[name] = cute.compile(selector, *config.fake_args(), options="--enable-tvm-ffi")
     fn(logits.clone(), words, indices, counts, 128**-0.5, 0.9)
     want = (indices.clone(), counts.clone())

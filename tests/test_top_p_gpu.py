@@ -7,6 +7,7 @@ the kept mass must still reach p. Outputs are poisoned before each run and every
 in full. Skipped without a Hopper GPU.
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -93,6 +94,36 @@ def test_uniform_rows_zero_rows_and_always_keep(n):
     selected = top_p_sorted(probs[:1], 0.5)[0]
     m = int(selected.sum())
     assert abs(m - n // 2) <= 2 and selected[:m].all()
+
+
+# Persistent CTAs: with 3 of them every CTA selects several rows, each loaded under the list
+# writing of the one before. Odd lengths give consecutive rows different 16-byte alignments,
+# so each row lands at its own offset in shared memory.
+@pytest.mark.parametrize("n", [1001, 4096, 32759, 32760, 41003])
+@pytest.mark.parametrize("from_probs", [True, False])
+def test_persistent_ctas_select_what_one_cta_per_row_selects(n, from_probs):
+    from fgattn_cute.host.compile import TopPConfig, compile_fwd
+
+    rows = 11
+    x = _probs(n + 3, rows, n, ties=True) if from_probs else torch.randn(
+        rows, n, generator=torch.Generator().manual_seed(n)) * 3
+    x[4] = 1.0 / n if from_probs else 0.5  # a row of ties between others
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[[0, n // 3, n - 1]] = True
+    words = keep_words(keep.cuda(), n, torch.device("cuda"))
+    cap = math.ceil(n / 128) * 128
+    shipped = TopPConfig.for_rows(n, from_probs)
+    results = []
+    for max_ctas in (0, 3):
+        config = dataclasses.replace(shipped, max_ctas=max_ctas)
+        indices = torch.full((rows, cap), -5, dtype=torch.int32, device="cuda")
+        counts = torch.full((rows,), -5, dtype=torch.int32, device="cuda")
+        # (rows in global memory are overwritten in place: each run gets a fresh copy)
+        compile_fwd(config)(x.cuda(), words, indices, counts, 0.7, 0.9)
+        results.append(_to_mask(indices.cpu(), counts.cpu(), n))
+    assert torch.equal(results[0], results[1])
+    if from_probs:
+        assert torch.equal(results[1], top_p_sorted(x, 0.9) | keep)
 
 
 def test_from_logits_matches_softmax_rule():

@@ -200,6 +200,10 @@ class CalibrateConfig:
         )
 
 
+# SMs of an H100 SXM or H200; the launcher passes the device's own count.
+DEFAULT_NUM_SMS = 132
+
+
 @dataclass(frozen=True)
 class TopPConfig:
     """The pooled top-p selection kernel (fg.predict.pooled_top_p): from logits (softmax in the
@@ -209,24 +213,35 @@ class TopPConfig:
     # False: rows longer than 40,960 keys (their first 40,960 in shared memory, the rest in place)
     row_in_smem: bool = True
     short_rows: bool = False  # rows of at most 18,432 keys: two CTAs per SM
+    # > 0: at most this many persistent CTAs, each selecting every grid-th row; 0: one per row
+    max_ctas: int = 0
 
     def __post_init__(self):
         if self.short_rows and not self.row_in_smem:
             raise ValueError("short_rows: needs row_in_smem=True (short rows live in shared "
                              "memory)")
+        if self.max_ctas < 0:
+            raise ValueError(f"max_ctas: expected >= 0, got {self.max_ctas}")
 
     @staticmethod
-    def for_rows(seqlen_k: int, from_probs: bool = False) -> TopPConfig:
-        """The configuration that selects rows of seqlen_k keys."""
+    def for_rows(seqlen_k: int, from_probs: bool = False,
+                 num_sms: int = DEFAULT_NUM_SMS) -> TopPConfig:
+        """The configuration that selects rows of seqlen_k keys on a GPU of num_sms SMs."""
         from fgattn_cute.kernels.top_p_sm90 import MAX_SEQLEN_K_SHORT, MAX_SEQLEN_K_SMEM
 
-        return TopPConfig(from_probs, seqlen_k <= MAX_SEQLEN_K_SMEM,
-                          seqlen_k <= MAX_SEQLEN_K_SHORT)
+        row_in_smem = seqlen_k <= MAX_SEQLEN_K_SMEM
+        # Rows in global memory: persistent CTAs, one per SM, each loading its next row's
+        # prefix under the current row's list writing (3.4% faster at Wan 720p's length,
+        # H200). Rows in shared memory measured level (one per SM) and 5% slower (two per SM)
+        # that way (perf/NOTES.md, top-p session 15).
+        return TopPConfig(from_probs, row_in_smem, seqlen_k <= MAX_SEQLEN_K_SHORT,
+                          0 if row_in_smem else num_sms)
 
     def kernel(self):
         from fgattn_cute.kernels.top_p_sm90 import TopPSelectSm90
 
-        return TopPSelectSm90(self.from_probs, self.row_in_smem, self.short_rows)
+        return TopPSelectSm90(self.from_probs, self.row_in_smem, self.short_rows,
+                              self.max_ctas)
 
     def fake_args(self):
         """rows, keep words, indices, counts, scale, p, stream."""
@@ -340,7 +355,7 @@ def all_tile_means_configs():
 
 def all_top_p_configs():
     """Every top-p selection configuration the package ships (CI compiles each one)."""
-    return [TopPConfig(fp, sm, short) for fp in (False, True)
+    return [TopPConfig(fp, sm, short, 0 if sm else DEFAULT_NUM_SMS) for fp in (False, True)
             for sm, short in ((True, True), (True, False), (False, False))]
 
 
@@ -369,8 +384,6 @@ AnyConfig = (KernelConfig | CalibrateConfig | TopPConfig | TileMeansConfig
              | PooledScoresConfig | KeyListsConfig)
 
 
-# SMs of an H100 SXM or H200; the launcher passes the device's own count.
-DEFAULT_NUM_SMS = 132
 
 
 def default_config(

@@ -119,7 +119,7 @@ def run_top_p_select_sm90(
     [R, capacity], counts int32 [R]). keep_words as in run_calibrate_sm90; p in (0, 1).
     indices / counts: optional preallocated outputs (every element is written). Rows longer
     than 40,960 are overwritten (the kernel works on them in place)."""
-    fn = compile_fwd(TopPConfig.for_rows(rows.shape[1], from_probs))
+    fn = compile_fwd(TopPConfig.for_rows(rows.shape[1], from_probs, _num_sms(rows.device)))
     n_rows = rows.shape[0]
     if indices is None:
         indices = torch.empty(n_rows, capacity, dtype=torch.int32, device=rows.device)

@@ -109,8 +109,13 @@ class TopPSelectSm90:
     """Static configuration of one compiled selection kernel; launch through `__call__`."""
 
     def __init__(self, from_probs: bool = False, row_in_smem: bool = True,
-                 short_rows: bool = False):
+                 short_rows: bool = False, max_ctas: int = 0):
         self.from_probs = from_probs
+        # > 0: at most this many CTAs (as many as fit on the GPU at once), each selecting rows
+        # r, r + grid, ... and loading its next row under the current one's list writing.
+        if max_ctas < 0:
+            raise ValueError(f"max_ctas must be >= 0, got {max_ctas}")
+        self.max_ctas = max_ctas
         # False: rows longer than shared memory holds. Their first PREFIX_KEYS keys are loaded
         # into shared memory as short rows are, and the rest is overwritten in place in global
         # memory (the caller's scratch) and read back by every pass, mostly from L2 (the
@@ -172,8 +177,11 @@ class TopPSelectSm90:
         # carveout (given, so that compiling needs no device to ask for it). The other
         # configurations keep the driver's choice.
         two_per_sm = dict(min_blocks_per_mp=2, preferred_smem_carveout=100)
+        grid = cute.size(mX.shape[0])
+        if const_expr(self.max_ctas > 0):
+            grid = cutlass.min(grid, self.max_ctas)
         self.kernel(mX, mKeepWords, mIndices, mCounts, scale, p_top, SharedStorage).launch(
-            grid=[cute.size(mX.shape[0]), 1, 1],
+            grid=[grid, 1, 1],
             block=[self.num_threads, 1, 1],
             smem=SharedStorage.size_in_bytes(),
             stream=stream,
@@ -194,10 +202,9 @@ class TopPSelectSm90:
         tidx = cute.arch.thread_idx()[0]
         warp = cute.arch.make_warp_uniform(tidx // 32)
         lane = tidx % 32
-        row_idx = cute.arch.block_idx()[0]
         smem = cutlass.memory.SmemAllocator()
         storage = smem.allocate(SharedStorage)
-        x_row = mX[row_idx, None]
+        n_rows = cute.size(mX.shape[0])
         n = cute.size(mX.shape[1])
         # The keys [0, n_smem) in shared memory (the whole row, or the first PREFIX_KEYS keys
         # of a row in global memory), the rest in place in global memory; n_smem is a multiple
@@ -205,14 +212,51 @@ class TopPSelectSm90:
         n_smem = n
         if const_expr(not self.row_in_smem):
             n_smem = cutlass.min(n, PREFIX_KEYS)
-        # Element j of the row at sP[j], with sP shifted so that the row's 16-byte aligned part
-        # sits 16-byte aligned in shared memory: bulk copies then move it.
-        shift, head, body = _aligned_span(x_row, n_smem)
-        sP = cute.make_tensor(storage.row.data_ptr() + shift, cute.make_layout(self.smem_row))
-        load_bar = storage.load_bar.data_ptr()
-        chunk = self.load_row(x_row, sP, load_bar, n_smem, head, body, tidx)
+        shared = (
+            storage.row.data_ptr(),
+            storage.load_bar.data_ptr(),
+            storage.words.get_tensor(cute.make_layout(self.max_n // 32)),
+            storage.in_bin.get_tensor(
+                cute.make_layout(self.max_n // 32 if self.mark_in_round2 else 1)),
+            storage.hist.get_tensor(cute.make_layout((HIST_BINS, 2))),
+            storage.red_i.get_tensor(cute.make_layout(self.num_warps)),
+            storage.red_f.get_tensor(cute.make_layout((self.num_warps, 2))),
+            storage.bcast.get_tensor(cute.make_layout(6)),
+        )
+        load_bar = shared[1]
+        if tidx == 0:
+            for c in cutlass.range_constexpr(LOAD_CHUNKS):
+                cute.arch.mbarrier_init(load_bar + c, 1)
+        cute.arch.mbarrier_init_fence()
+        cute.arch.barrier()
+        row_first = cute.arch.block_idx()[0]
+        self.load_row(mX, row_first, shared[0], load_bar, n_smem, tidx)
+        if const_expr(self.max_ctas > 0):
+            # Persistent: row r's successor on this CTA is r + (the grid), whose load starts as
+            # soon as row r's last pass over its probabilities is done, under r's list writing.
+            stride = cute.arch.grid_dim()[0]
+            phase = Int32(0)
+            for row_idx in cutlass.range(row_first, n_rows, stride, unroll=1):
+                self.select_row(mX, mKeepWords, mIndices, mCounts, scale, p_top, shared,
+                                row_idx, row_idx + stride, phase, n, n_smem, tidx, warp, lane)
+                phase = phase ^ 1
+        else:
+            self.select_row(mX, mKeepWords, mIndices, mCounts, scale, p_top, shared,
+                            row_first, n_rows, Int32(0), n, n_smem, tidx, warp, lane)
+
+    @cute.jit
+    def select_row(self, mX: cute.Tensor, mKeepWords: cute.Tensor, mIndices: cute.Tensor,
+                   mCounts: cute.Tensor, scale: Float32, p_top: Float64, shared,
+                   row_idx: Int32, next_row: Int32, phase: Int32, n: Int32, n_smem: Int32,
+                   tidx: Int32, warp: Int32, lane: Int32):
+        """Selects row row_idx, whose load (`load_row`, barrier phase `phase`) has been issued;
+        issues next_row's once this row's probabilities are no longer read (none when
+        next_row is past the rows)."""
+        sRow, load_bar, sWords, sInBin, sHist, red_i, red_f, bcast = shared
+        x_row, sP, head, body = self.row_view(mX, row_idx, sRow, n_smem)
+        chunk = self.load_chunk(body)
         if const_expr(self.from_probs):
-            self.wait_row(load_bar)
+            self.wait_row(load_bar, phase)
         # The same bytes as int32: non-negative floats order like their bit patterns.
         sBitsP = cute.make_tensor(cute.recast_ptr(sP.iterator, dtype=Int32), sP.layout)
         # (probabilities, their bits, first key, end) of each part of the row
@@ -221,13 +265,6 @@ class TopPSelectSm90:
             gBitsP = cute.make_tensor(cute.recast_ptr(x_row.iterator, dtype=Int32),
                                       x_row.layout)
             segments.append((x_row, gBitsP, n_smem, n))
-        sWords = storage.words.get_tensor(cute.make_layout(self.max_n // 32))
-        sInBin = storage.in_bin.get_tensor(
-            cute.make_layout(self.max_n // 32 if self.mark_in_round2 else 1))
-        sHist = storage.hist.get_tensor(cute.make_layout((HIST_BINS, 2)))
-        red_i = storage.red_i.get_tensor(cute.make_layout(self.num_warps))
-        red_f = storage.red_f.get_tensor(cute.make_layout((self.num_warps, 2)))
-        bcast = storage.bcast.get_tensor(cute.make_layout(6))
         n_chunks = cute.ceil_div(n, 32)
         T = self.num_threads
 
@@ -266,7 +303,7 @@ class TopPSelectSm90:
             # Each copy's part as soon as it has landed (the few elements outside the copies
             # are in shared memory already: `load_row`, then the barrier above).
             for c in cutlass.range_constexpr(LOAD_CHUNKS):
-                cute.arch.mbarrier_wait(load_bar + c, 0)
+                cute.arch.mbarrier_wait(load_bar + c, phase)
                 start = head + c * chunk
                 stop = cutlass.min(start + chunk, head + body)
                 for j in cutlass.range(start + tidx, stop, T, unroll=8):
@@ -338,7 +375,10 @@ class TopPSelectSm90:
             # Not for rows in global memory: their passes already fill L2 with the rows in
             # flight, and another wave of rows would push those out.
             if tidx == 0:
-                self.prefetch_next_row(mX, row_idx)
+                future = next_row
+                if const_expr(self.max_ctas == 0):
+                    future = row_idx + Int32(nvvm.read_ptx_sreg_nsmid(Int32.mlir_type))
+                self.prefetch_row(mX, future)
 
         # A weighted key outside the planned range left the first histogram incomplete: build
         # it again with the fixed first digit. Valid probabilities never do this (the plan
@@ -397,6 +437,11 @@ class TopPSelectSm90:
                                   c_end, red_i, warp, lane, lower_lanes)
         slot_base, kept_total = self.exclusive_warp_prefix(Int64(kept), red_i, warp, lane)
         count = Int32(kept_total)
+        # Past that prefix's barriers no thread reads this row's keys again: the next row's
+        # load overwrites them while this one's list is written.
+        if const_expr(self.max_ctas > 0):
+            if next_row < cute.size(mX.shape[0]):
+                self.load_row(mX, next_row, sRow, load_bar, n_smem, tidx)
 
         indices = mIndices[row_idx, None]
         capacity = cute.size(indices)
@@ -412,6 +457,8 @@ class TopPSelectSm90:
             indices[s] = 0
         if tidx == 0:
             mCounts[row_idx] = count
+        if const_expr(self.max_ctas > 0):
+            cute.arch.barrier()  # the list is written from sWords before the next row resets it
 
     @cute.jit
     def keep_bits(self, sWords, sBitsP, n: Int32, tau: Int32, take: Int64, rank_ties: Boolean,
@@ -508,14 +555,13 @@ class TopPSelectSm90:
         return tie & (rank <= take), tie_rank + Int64(cute.arch.popc(tie_ballot))
 
     @cute.jit
-    def prefetch_next_row(self, mX: cute.Tensor, row_idx: Int32):
-        """Start an L2 prefetch of row row_idx + (number of SMs): CTAs are dispatched in row
-        order, one per SM, so that is about the row the next CTA on this SM will load. Issued
-        after the pass over the probabilities, when this CTA's own load is long done (issued
-        at the start it competed with that load and was 2% slower; here 2% faster). With
-        short rows (two CTAs per SM) that row has usually started already, so the prefetch
-        rarely helps there; twice the distance was not tried."""
-        future = row_idx + Int32(nvvm.read_ptx_sreg_nsmid(Int32.mlir_type))
+    def prefetch_row(self, mX: cute.Tensor, future: Int32):
+        """Starts an L2 prefetch of row `future` (none past the rows): the row this CTA's
+        successor on the SM (one CTA per row: CTAs are dispatched in row order, one per SM, so
+        row + the number of SMs) or this persistent CTA will load next. Issued after the pass
+        over the probabilities, when this CTA's own load is long done (issued at the start it
+        competed with that load and was 2% slower; here 2% faster). With short rows (two CTAs
+        per SM) that row has usually started already, so the prefetch rarely helps there."""
         if future < cute.size(mX.shape[0]):
             x_next = mX[future, None]
             _, head, body = _aligned_span(x_next, cute.size(mX.shape[1]))
@@ -524,21 +570,32 @@ class TopPSelectSm90:
 
     # ------------------------------------------------------------------ helpers
     @cute.jit
-    def load_row(self, x_row: cute.Tensor, sP: cute.Tensor, bar: cute.Pointer, n: Int32,
-                 head: Int32, body: Int32, tidx: Int32) -> Int32:
-        """Starts loading the row into sP: its 16-byte aligned middle by LOAD_CHUNKS bulk copies
-        (the TMA unit streams them at full rate, with no loads in flight to keep up per thread),
-        chunk c complete when barrier bar + c has flipped (`wait_row`); the at most 3 + 3
-        elements before and after it by plain loads, which only the storing threads may read
-        before the next CTA barrier. head, body: `_aligned_span` of the row; sP is shifted so
-        that element `head` is at a 16-byte boundary in both memories. Returns the chunk length
-        in elements (a multiple of 4; the last chunk may be shorter, or empty)."""
-        chunk = cute.ceil_div(cute.ceil_div(body, LOAD_CHUNKS), 4) * 4
-        if tidx == 0:
-            for c in cutlass.range_constexpr(LOAD_CHUNKS):
-                cute.arch.mbarrier_init(bar + c, 1)
-        cute.arch.mbarrier_init_fence()
-        cute.arch.barrier()
+    def row_view(self, mX: cute.Tensor, row_idx: Int32, sRow: cute.Pointer, n_smem: Int32):
+        """(row row_idx of mX, its shared-memory copy sP, head, body): element j of the row at
+        sP[j], sP shifted so that the row's 16-byte aligned part (from element `head`, `body`
+        elements; `_aligned_span`) sits 16-byte aligned in shared memory, where bulk copies
+        move it."""
+        x_row = mX[row_idx, None]
+        shift, head, body = _aligned_span(x_row, n_smem)
+        sP = cute.make_tensor(sRow + shift, cute.make_layout(self.smem_row))
+        return x_row, sP, head, body
+
+    @cute.jit
+    def load_chunk(self, body: Int32) -> Int32:
+        """Elements per bulk copy of `load_row` (a multiple of 4; the last copy may be shorter,
+        or empty)."""
+        return cute.ceil_div(cute.ceil_div(body, LOAD_CHUNKS), 4) * 4
+
+    @cute.jit
+    def load_row(self, mX: cute.Tensor, row_idx: Int32, sRow: cute.Pointer, bar: cute.Pointer,
+                 n: Int32, tidx: Int32):
+        """Starts loading the first n keys of row row_idx into shared memory (`row_view`): its
+        16-byte aligned middle by LOAD_CHUNKS bulk copies (the TMA unit streams them at full
+        rate, with no loads in flight to keep up per thread), copy c complete when barrier
+        bar + c completes its next phase; the at most 3 + 3 elements before and after it by
+        plain loads, which only the storing threads may read before the next CTA barrier."""
+        x_row, sP, head, body = self.row_view(mX, row_idx, sRow, n)
+        chunk = self.load_chunk(body)
         if tidx == 0:
             for c in cutlass.range_constexpr(LOAD_CHUNKS):
                 start = head + c * chunk
@@ -557,13 +614,13 @@ class TopPSelectSm90:
         tail = head + body + tidx
         if tidx < 4 and tail < n:
             sP[tail] = x_row[tail]
-        return chunk
 
     @cute.jit
-    def wait_row(self, bar: cute.Pointer):
-        """Waits for every chunk of `load_row`, and for the plain stores of every thread."""
+    def wait_row(self, bar: cute.Pointer, phase: Int32):
+        """Waits for every copy of `load_row` (barrier phase `phase`), and for the plain stores
+        of every thread."""
         for c in cutlass.range_constexpr(LOAD_CHUNKS):
-            cute.arch.mbarrier_wait(bar + c, 0)
+            cute.arch.mbarrier_wait(bar + c, phase)
         cute.arch.barrier()
 
     @cute.jit
