@@ -37,16 +37,21 @@ def main(argv=None):
 
             q, k = (torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16)
                     for _ in range(2))
-            logits = run_pooled_scores_sm90(run_tile_means_split_sm90(q, 128), k).view(-1, S)
+            logits, stats = run_pooled_scores_sm90(run_tile_means_split_sm90(q, 128), k,
+                                                   D**-0.5)
+            logits, stats = logits.view(-1, S), stats.flatten(0, 2)
             args.rows = logits.shape[0]
         else:
-            logits = torch.randn(args.rows, S, device="cuda") * 3
+            from fgattn_cute.host.launch import logit_stats
+
+            logits = torch.randn(args.rows, S, device="cuda") * 3 * D**-0.5
+            stats = logit_stats(logits)
         words = torch.zeros(math.ceil(S / 32), dtype=torch.int32, device="cuda")
         indices = torch.empty(args.rows, math.ceil(S / 128) * 128, dtype=torch.int32,
                               device="cuda")
         counts = torch.empty(args.rows, dtype=torch.int32, device="cuda")
         fn = compile_fwd(TopPConfig.for_rows(S))  # the configuration pooled_top_p uses
-        fn(logits, words, indices, counts, D**-0.5, 0.9)
+        fn(logits, stats, words, indices, counts, 0.9)
         torch.cuda.synchronize()
         return
     q, k = (torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))

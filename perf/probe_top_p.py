@@ -19,8 +19,10 @@ alone is subtracted.
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -65,31 +67,43 @@ def main(argv=None):
         "tile_means (torch)": lambda: pooled.tile_means(q, 128),
         "split_in_three (torch)": lambda: pooled._split_in_three(means[0], torch.bfloat16),
         "means + split kernel": lambda: run_tile_means_split_sm90(q, 128),
-        "scores kernel": lambda: run_pooled_scores_sm90(split, k),
+        "scores kernel": lambda: run_pooled_scores_sm90(split, k, 128**-0.5),
         "k3 copy": lambda: torch.cat([k[0]] * 3, dim=-1),
     }
     for name, fn in steps.items():
         ms = median_ms(fn, args.reps)
         print(f"  {name:21s} {ms:8.3f} ms")
+    from fgattn_cute.host.launch import logit_stats
+
+    scale = 128**-0.5
     if args.logits == "pooled":
-        logits = run_pooled_scores_sm90(split, k).view(rows, S)
-    elif args.logits == "flat":
-        logits = torch.full((rows, S), 0.25, device="cuda")
+        # raw logits (scale 1: the scores exactly) for kernels that scale them themselves, and
+        # the scaled logits with their per-part statistics, as pooled_top_p hands them over
+        logits = run_pooled_scores_sm90(split, k)[0].view(rows, S)
+        scaled, stats = run_pooled_scores_sm90(split, k, scale)
+        scaled, stats = scaled.view(rows, S), stats.flatten(0, 2)
     else:
-        logits = torch.randn(rows, S, generator=gen, device="cuda") * 3
-    words = torch.zeros(math.ceil(S / 32), dtype=torch.int32, device="cuda")
-    indices = torch.empty(rows, math.ceil(S / 128) * 128, dtype=torch.int32, device="cuda")
-    counts = torch.empty(rows, dtype=torch.int32, device="cuda")
+        if args.logits == "flat":
+            logits = torch.full((rows, S), 0.25, device="cuda")
+        else:
+            logits = torch.randn(rows, S, generator=gen, device="cuda") * 3
+        scaled = logits * scale
+        stats = logit_stats(scaled)
+    inputs = Inputs(logits, scaled, stats, scale,
+                    torch.zeros(math.ceil(S / 32), dtype=torch.int32, device="cuda"),
+                    torch.empty(rows, math.ceil(S / 128) * 128, dtype=torch.int32,
+                                device="cuda"),
+                    torch.empty(rows, dtype=torch.int32, device="cuda"))
     config = TopPConfig.for_rows(S)
     fn = compile_fwd(config)
-    ms = select_ms(fn, logits, words, indices, counts, args.reps)
+    ms = select_ms(fn, True, inputs, args.reps)
     where = "global memory, in place"
     if config.row_in_smem:
         where = "shared memory, two CTAs per SM" if config.short_rows else "shared memory"
     print(f"select kernel alone     {ms:8.3f} ms  {ms / dense:6.3f} x dense "
           f"({rows} rows, in {where})")
     if args.variant:
-        compare_variants(args.variant, fn, logits, words, indices, counts, args.reps, dense)
+        compare_variants(args.variant, fn, inputs, args.reps, dense)
     # The GEMM that makes the scores: tile means split in three bf16 parts against [k; k; k].
     a = torch.randn(H, rows // H, 384, generator=gen, device="cuda").bfloat16()
     kt = k[0].permute(1, 2, 0)
@@ -98,27 +112,50 @@ def main(argv=None):
     print(f"scores GEMM (3 x bf16)  {ms:8.3f} ms  {ms / dense:6.3f} x dense")
 
 
-def select_ms(fn, logits, words, indices, counts, reps):
-    """Median time of one selection on `logits` (left unchanged: rows worked on in place are
+@dataclass
+class Inputs:
+    """The same rows for both calling conventions: raw logits (kernels that take a scale) and
+    scaled logits with their statistics (kernels that take `stats`)."""
+
+    logits: torch.Tensor
+    scaled: torch.Tensor
+    stats: torch.Tensor
+    scale: float
+    words: torch.Tensor
+    indices: torch.Tensor
+    counts: torch.Tensor
+
+
+def select_call(fn, takes_stats: bool, inputs: Inputs):
+    """(the rows the kernel reads, f(rows) running it on them)."""
+    i = inputs
+    if takes_stats:
+        return i.scaled, lambda x: fn(x, i.stats, i.words, i.indices, i.counts, 0.9)
+    return i.logits, lambda x: fn(x, i.words, i.indices, i.counts, i.scale, 0.9)
+
+
+def select_ms(fn, takes_stats: bool, inputs: Inputs, reps):
+    """Median time of one selection (its rows left unchanged: rows worked on in place are
     restored from a copy before each call, and the copy's own time is subtracted)."""
-    if TopPConfig.for_rows(logits.shape[1]).row_in_smem:
-        return median_ms(lambda: fn(logits, words, indices, counts, 128**-0.5, 0.9), reps)
-    work = logits.clone()
+    rows, run = select_call(fn, takes_stats, inputs)
+    if TopPConfig.for_rows(rows.shape[1]).row_in_smem:
+        return median_ms(lambda: run(rows), reps)
+    work = rows.clone()
 
     def restore_and_select():
-        work.copy_(logits)
-        fn(work, words, indices, counts, 128**-0.5, 0.9)
+        work.copy_(rows)
+        run(work)
 
     total = median_ms(restore_and_select, reps)
-    return total - median_ms(lambda: work.copy_(logits), reps)
+    return total - median_ms(lambda: work.copy_(rows), reps)
 
 
-def compare_variants(specs, fn, logits, words, indices, counts, reps, dense, rounds=5):
+def compare_variants(specs, fn, inputs: Inputs, reps, dense, rounds=5):
     import cutlass.cute as cute
     from ab_kernel import load_variant, variant_options
 
-    config = TopPConfig.for_rows(logits.shape[1])
-    fns = {"current": fn}
+    config = TopPConfig.for_rows(inputs.logits.shape[1])
+    fns = {"current": (fn, True)}
     for spec in specs:
         name, path = spec.split("=", 1)
         path, _, extra = path.partition(":")
@@ -129,21 +166,30 @@ def compare_variants(specs, fn, logits, words, indices, counts, reps, dense, rou
         selector = cls(False, config.row_in_smem,
                        **variant_options(cls, short_rows=config.short_rows),
                        **{key: int(value) for key, value in options.items()})
-        fns[name] = cute.compile(selector, *config.fake_args(), options="--enable-tvm-ffi")
-    fn(logits.clone(), words, indices, counts, 128**-0.5, 0.9)
-    want = (indices.clone(), counts.clone())
+        # kernels before session 15 take raw logits and a scale, not statistics
+        takes_stats = "mStats" in inspect.signature(cls.__call__).parameters
+        args = list(config.fake_args())
+        if not takes_stats:
+            from cutlass import Float32
+
+            args = [args[0], *args[2:5], Float32(1.0), *args[5:]]
+        fns[name] = (cute.compile(selector, *args, options="--enable-tvm-ffi"), takes_stats)
+    rows, run = select_call(fn, True, inputs)
+    run(rows.clone())
+    want = (inputs.indices.clone(), inputs.counts.clone())
     times = {name: [] for name in fns}
     for r in range(rounds):
         order = list(fns)[r % len(fns):] + list(fns)[:r % len(fns)]
         for name in order:
-            times[name].append(select_ms(fns[name], logits, words, indices, counts, reps))
-    for name, f in fns.items():
-        indices.fill_(-7)
-        counts.fill_(-7)
-        f(logits.clone(), words, indices, counts, 128**-0.5, 0.9)
+            times[name].append(select_ms(*fns[name], inputs, reps))
+    for name, (f, takes_stats) in fns.items():
+        inputs.indices.fill_(-7)
+        inputs.counts.fill_(-7)
+        rows, run = select_call(f, takes_stats, inputs)
+        run(rows.clone())
         # Rows whose lists differ (kernels that sum a row in another order may round a boundary
         # probability the other way).
-        differ = ((indices != want[0]).any(-1) | (counts != want[1])).sum().item()
+        differ = ((inputs.indices != want[0]).any(-1) | (inputs.counts != want[1])).sum().item()
         same = "same keys" if differ == 0 else f"DIFFERENT keys in {differ} rows"
         ms = sorted(times[name])[rounds // 2]
         print(f"  select {name:12s} {ms:8.3f} ms  {ms / dense:6.3f} x dense  {same}  rounds "

@@ -15,7 +15,7 @@ import torch
 from predict_brute import top_p_sorted
 
 import fgattn_cute as fg
-from fgattn_cute.host.launch import run_top_p_select_sm90
+from fgattn_cute.host.launch import logit_stats, run_top_p_select_sm90
 from fgattn_cute.predict import pooled
 from fgattn_cute.predict._args import keep_words
 
@@ -36,7 +36,8 @@ def _select(rows, p, keep=None, from_probs=True, scale=1.0):
     indices = torch.full((n_rows, cap), -5, dtype=torch.int32, device="cuda")
     counts = torch.full((n_rows,), -5, dtype=torch.int32, device="cuda")
     words = keep_words(None if keep is None else keep.cuda(), n, torch.device("cuda"))
-    run_top_p_select_sm90(rows.cuda(), words, p, scale, cap, from_probs=from_probs,
+    run_top_p_select_sm90(rows.cuda(), words, p, None if from_probs else scale, cap,
+                          from_probs=from_probs,
                           indices=indices, counts=counts)
     return _to_mask(indices.cpu(), counts.cpu(), n)
 
@@ -119,7 +120,9 @@ def test_persistent_ctas_select_what_one_cta_per_row_selects(n, from_probs):
         indices = torch.full((rows, cap), -5, dtype=torch.int32, device="cuda")
         counts = torch.full((rows,), -5, dtype=torch.int32, device="cuda")
         # (rows in global memory are overwritten in place: each run gets a fresh copy)
-        compile_fwd(config)(x.cuda(), words, indices, counts, 0.7, 0.9)
+        rows_in = x.cuda() if from_probs else x.cuda() * 0.7
+        stats = logit_stats(rows_in)  # (read only from logits)
+        compile_fwd(config)(rows_in, stats, words, indices, counts, 0.9)
         results.append(_to_mask(indices.cpu(), counts.cpu(), n))
     assert torch.equal(results[0], results[1])
     if from_probs:
@@ -234,7 +237,9 @@ def test_pooled_scores_kernel(dtype, head_dim, seqlen_k):
     """Scores = sum over the three parts of part . k, float32-accurate: against float64 on the
     same parts, for a partial last block of tiles and of keys, several key ranges per tile
     block (Sk > 2,048), two batches and a strided k, with 8-byte stores (even Sk) and 4-byte
-    ones (odd Sk); the output is poisoned first."""
+    ones (odd Sk); the output is poisoned first. Scaled by 0.3 (each score rounded once), with
+    each 2,048-key part's max and min exactly those of the stored scores and its sum of
+    exp(x - max) to float32 accuracy."""
     from fgattn_cute.host.launch import run_pooled_scores_sm90, run_tile_means_split_sm90
 
     g = torch.Generator().manual_seed(head_dim)
@@ -243,14 +248,24 @@ def test_pooled_scores_kernel(dtype, head_dim, seqlen_k):
     wide = (torch.randn(batch, seqlen_k, heads + 1, head_dim, generator=g)).to(dtype).cuda()
     k = wide[:, :, 1:]  # strided
     split = run_tile_means_split_sm90(q, 64)  # 151 tiles: two blocks of 128, the second partial
+    n_parts = -(-seqlen_k // 2048)
     out = torch.full((batch, heads, split.shape[2], seqlen_k), float("nan"), device="cuda")
-    run_pooled_scores_sm90(split, k, out=out)
-    assert not out.isnan().any()
+    stats = torch.full((batch, heads, split.shape[2], n_parts, 3), float("nan"), device="cuda")
+    got, got_stats = run_pooled_scores_sm90(split, k, 0.3, out=out, stats=stats)
+    assert got is out and got_stats is stats
+    assert not out.isnan().any() and not stats.isnan().any()
     means = split.double().unflatten(-1, (3, head_dim)).sum(-2)  # [B, H, T, D]
-    want = torch.einsum("bhtd,bshd->bhts", means, k.double())
-    scale = torch.einsum("bhtd,bshd->bhts", means.abs(), k.double().abs())
-    err = ((out.double() - want).abs() / scale.clamp_min(1e-30)).max().item()
+    want = torch.einsum("bhtd,bshd->bhts", means, k.double()) * 0.3
+    size = torch.einsum("bhtd,bshd->bhts", means.abs(), k.double().abs()) * 0.3
+    err = ((out.double() - want).abs() / size.clamp_min(1e-30)).max().item()
     assert err < 3e-5, err  # float32 sums of exact products (hi alone would give ~4e-3)
+    for part in range(n_parts):
+        x = out[..., part * 2048:(part + 1) * 2048]
+        part_max = x.amax(-1)
+        assert torch.equal(stats[..., part, 0], part_max)
+        assert torch.equal(stats[..., part, 1], x.amin(-1))
+        total = torch.exp(x.double() - part_max.double().unsqueeze(-1)).sum(-1)
+        assert torch.allclose(stats[..., part, 2].double(), total, rtol=1e-5), part
 
 
 def test_pooled_top_p_head_dim_without_query_kernels():

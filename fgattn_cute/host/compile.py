@@ -244,16 +244,16 @@ class TopPConfig:
                               self.max_ctas)
 
     def fake_args(self):
-        """rows, keep words, indices, counts, scale, p, stream."""
+        """rows, their statistics [R, parts, 3], keep words, indices, counts, p, stream."""
         from cutlass import Float32, Float64, Int32
 
-        rows, seqlen_k, capacity, n_words = _sym(4)
+        rows, seqlen_k, capacity, n_words, n_parts = _sym(5)
         return (
             _fake_compact(Float32, (rows, seqlen_k), 16),
+            _fake_compact(Float32, (rows, n_parts, 3), 4),
             _fake_compact(Int32, (n_words,), 4),
             _fake_compact(Int32, (rows, capacity), 16),
             _fake_compact(Int32, (rows,), 4),
-            Float32(1.0),
             Float64(0.5),
             _fake_stream(),
         )
@@ -302,15 +302,18 @@ class PooledScoresConfig:
         return PooledScoresSm90(_dsl_dtype(self.dtype), self.head_dim)
 
     def fake_args(self):
-        """split means [B, H, n_q_tiles, 3 D], k, scores [B, H, n_q_tiles, Sk], stream."""
+        """split means [B, H, n_q_tiles, 3 D], k, scaled logits [B, H, n_q_tiles, Sk], their
+        statistics [B, H, n_q_tiles, n_splits, 3], scale, stream."""
         from cutlass import Float32
 
         dtype = _dsl_dtype(self.dtype)
-        b, h, seqlen_k, n_q_tiles = _sym(4)
+        b, h, seqlen_k, n_q_tiles, n_splits = _sym(5)
         return (
             _fake_compact(dtype, (b, h, n_q_tiles, 3 * self.head_dim), 16),
             _fake_tokens(dtype, b, seqlen_k, h, self.head_dim),
             _fake_compact(Float32, (b, h, n_q_tiles, seqlen_k), 16),
+            _fake_compact(Float32, (b, h, n_q_tiles, n_splits, 3), 4),
+            Float32(1.0),
             _fake_stream(),
         )
 

@@ -108,17 +108,34 @@ def run_top_p_select_sm90(
     rows: torch.Tensor,
     keep_words: torch.Tensor,
     p: float,
-    scale: float,
+    scale: float | None,
     capacity: int,
     from_probs: bool = False,
     indices: torch.Tensor | None = None,
     counts: torch.Tensor | None = None,
+    stats: torch.Tensor | None = None,
 ):
     """The pooled top-p selection kernel on float32 rows [R, N] (logits, softmaxed in the
     kernel after multiplying by scale; or probabilities with from_probs): (indices int32
     [R, capacity], counts int32 [R]). keep_words as in run_calibrate_sm90; p in (0, 1).
-    indices / counts: optional preallocated outputs (every element is written). Rows longer
-    than 40,960 are overwritten (the kernel works on them in place)."""
+    stats: float32 [R, parts, 3], each part's max, min and sum of exp(x - max) as
+    run_pooled_scores_sm90 writes them; the rows are then scaled logits already and scale must
+    be None. Without stats, the rows are multiplied by scale and their statistics computed by
+    torch first (into new tensors). indices / counts: optional preallocated outputs (every
+    element is written). Rows longer than 40,960 are overwritten (the kernel works on them in
+    place): the rows given with stats, or the scaled copy."""
+    if from_probs:
+        if stats is not None or scale is not None:
+            raise ValueError("from_probs: stats and scale must be None (the rows are "
+                             "probabilities)")
+        stats = torch.empty(rows.shape[0], 1, 3, dtype=torch.float32, device=rows.device)
+    elif stats is None:
+        if scale is None:
+            raise ValueError("scale: expected a float for logits without stats, got None")
+        rows = rows * scale
+        stats = logit_stats(rows)
+    elif scale is not None:
+        raise ValueError(f"scale: expected None with stats (scaled logits), got {scale}")
     fn = compile_fwd(TopPConfig.for_rows(rows.shape[1], from_probs, _num_sms(rows.device)))
     n_rows = rows.shape[0]
     if indices is None:
@@ -126,8 +143,16 @@ def run_top_p_select_sm90(
     if counts is None:
         counts = torch.empty(n_rows, dtype=torch.int32, device=rows.device)
     with torch.cuda.device(rows.device):
-        fn(rows, keep_words, indices, counts, float(scale), float(p))
+        fn(rows, stats, keep_words, indices, counts, float(p))
     return indices, counts
+
+
+def logit_stats(x: torch.Tensor) -> torch.Tensor:
+    """float32 [R, 1, 3]: each row's max, min and sum of exp(x - max), the statistics that
+    run_top_p_select_sm90 takes (one part per row)."""
+    row_max = x.amax(-1, keepdim=True)
+    total = torch.exp(x - row_max).sum(-1, keepdim=True)
+    return torch.stack([row_max, x.amin(-1, keepdim=True), total], dim=-1).float()
 
 
 def run_tile_means_split_sm90(
@@ -148,21 +173,34 @@ def run_tile_means_split_sm90(
 
 
 def run_pooled_scores_sm90(
-    split_means: torch.Tensor, k: torch.Tensor, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """float32 [B, H, n_q_tiles, Sk]: each tile's mean . every key, float32-accurate, from
-    split_means [B, H, n_q_tiles, 3 D] (contiguous; hi | mid | lo as made by
-    run_tile_means_split_sm90) and k [B, Sk, H, D] (16-byte aligned pointer and strides, last
-    dim contiguous). out: optional preallocated output (every element is written)."""
+    split_means: torch.Tensor,
+    k: torch.Tensor,
+    scale: float = 1.0,
+    out: torch.Tensor | None = None,
+    stats: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores float32 [B, H, n_q_tiles, Sk], stats float32 [B, H, n_q_tiles, parts, 3]): each
+    tile's mean . every key, float32-accurate, times scale (rounded once), from split_means
+    [B, H, n_q_tiles, 3 D] (contiguous; hi | mid | lo as made by run_tile_means_split_sm90)
+    and k [B, Sk, H, D] (16-byte aligned pointer and strides, last dim contiguous); and per
+    row and part of 2,048 keys (parts = ceil(Sk / 2048)) the max, min and sum of exp(x - max)
+    of its scaled scores x (what run_top_p_select_sm90 takes). out, stats: optional
+    preallocated outputs (every element is written)."""
     batch, heads, n_tiles, _ = split_means.shape
     head_dim = k.shape[-1]
     fn = compile_fwd(PooledScoresConfig(head_dim, _DTYPE_NAMES[k.dtype]))
     if out is None:
         out = torch.empty(batch, heads, n_tiles, k.shape[1], dtype=torch.float32,
                           device=k.device)
+    if stats is None:
+        from fgattn_cute.kernels.pooled_scores_sm90 import BLOCKS_PER_CTA, TILE_N
+
+        parts = -(-k.shape[1] // (BLOCKS_PER_CTA * TILE_N))
+        stats = torch.empty(batch, heads, n_tiles, parts, 3, dtype=torch.float32,
+                            device=k.device)
     with torch.cuda.device(k.device):
-        fn(split_means, k, out)
-    return out
+        fn(split_means, k, out, stats, float(scale))
+    return out, stats
 
 
 def run_keep_bits_to_lists_sm90(

@@ -12,13 +12,20 @@ stages; two consumer warpgroups (64 query tiles each) run the wgmmas and store t
 accumulators straight to the [B, H, n_q_tiles, Sk] scores, a thread's two adjacent columns
 with one 8-byte store when the rows allow it (a warp's store then fills one 32-byte sector in
 each of 8 rows; 4-byte stores, half sectors, took twice as long: perf/NOTES.md).
+
+Each stored score is the scaled logit RN(score x scale), and each CTA also writes, per row,
+the max, the min and sum(exp(v - max)) of the values v it stored (its BLOCKS_PER_CTA x 128
+keys), so that the selection (``kernels/top_p_sm90.py``) starts from the row's softmax
+statistics instead of two passes over the row.
 """
+
+import math
 
 import cuda.bindings.driver as cuda
 import cutlass
 import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils
-from cutlass import Float32, Int32, Int64
+from cutlass import Float32, Int32, Int64, const_expr
 from cutlass.cute.nvgpu import cpasync, warpgroup
 
 from fgattn_cute.kernels.layout import (
@@ -34,6 +41,8 @@ PARTS = 3  # hi, mid, lo
 TILE_M = 128  # query tiles (rows of A) per CTA: 64 per consumer warpgroup
 TILE_N = 128  # keys per stage
 BLOCKS_PER_CTA = 16  # key blocks per CTA: A is loaded once for this many
+STATS = 3  # per row and CTA: max, min, sum of exp(v - max) of the scaled logits v it stored
+LOG2_E = math.log2(math.e)
 
 
 class PooledScoresSm90:
@@ -58,7 +67,9 @@ class PooledScoresSm90:
         self,
         mA: cute.Tensor,  # [B, H, n_q_tiles, 3 D] 16-bit: hi | mid | lo of each tile's mean
         mK: cute.Tensor,  # [B, Sk, H, D] 16-bit
-        mOut: cute.Tensor,  # [B, H, n_q_tiles, Sk] float32
+        mOut: cute.Tensor,  # [B, H, n_q_tiles, Sk] float32: scaled logits
+        mStats: cute.Tensor,  # [B, H, n_q_tiles, ceil(Sk / 2048), STATS] float32
+        scale: Float32,  # multiplies every score (rounded once) before it is stored
         stream: cuda.CUstream,
     ):
         # A as (tile, D, part, H, B); K as (S, D, H, B).
@@ -103,8 +114,8 @@ class PooledScoresSm90:
         n_splits = cute.ceil_div(n_blocks, BLOCKS_PER_CTA)
         grid = (cute.ceil_div(cute.size(t), TILE_M), cute.size(h), cute.size(b) * n_splits)
         self.kernel(
-            tma_A, tma_K, mOut, tma_atom_A, tma_atom_K, n_blocks, n_splits, sA_layout,
-            sK_layout, mma, SharedStorage,
+            tma_A, tma_K, mOut, mStats, scale, tma_atom_A, tma_atom_K, n_blocks, n_splits,
+            sA_layout, sK_layout, mma, SharedStorage,
         ).launch(
             grid=grid,
             block=[self.num_threads, 1, 1],
@@ -119,6 +130,8 @@ class PooledScoresSm90:
         mA: cute.Tensor,
         mK: cute.Tensor,
         mOut: cute.Tensor,
+        mStats: cute.Tensor,
+        scale: Float32,
         tma_atom_A: cute.CopyAtom,
         tma_atom_K: cute.CopyAtom,
         n_blocks: Int32,
@@ -157,8 +170,8 @@ class PooledScoresSm90:
                              num_local, m_block, head, batch)
         else:
             cute.arch.setmaxregister_increase(self.mma_regs)
-            self.consume(mOut, sA, sK, mma, bar_a, ring, first_block, num_local, m_block,
-                         head, batch)
+            self.consume(mOut, mStats, scale, sA, sK, mma, bar_a, ring, first_block,
+                         num_local, m_block, head, batch, z % n_splits)
 
     @cute.jit
     def produce(self, mA: cute.Tensor, mK: cute.Tensor, sA: cute.Tensor, sK: cute.Tensor,
@@ -186,9 +199,10 @@ class PooledScoresSm90:
                       tma_bar_ptr=ring.full + stage)
 
     @cute.jit
-    def consume(self, mOut: cute.Tensor, sA: cute.Tensor, sK: cute.Tensor,
-                mma: cute.TiledMma, bar_a: cute.Pointer, ring: StageRing, first_block: Int32,
-                num_local: Int32, m_block: Int32, head: Int32, batch: Int32):
+    def consume(self, mOut: cute.Tensor, mStats: cute.Tensor, scale: Float32, sA: cute.Tensor,
+                sK: cute.Tensor, mma: cute.TiledMma, bar_a: cute.Pointer, ring: StageRing,
+                first_block: Int32, num_local: Int32, m_block: Int32, head: Int32,
+                batch: Int32, split: Int32):
         tidx = cute.arch.thread_idx()[0] - WARPGROUP
         wg = cute.arch.make_warp_uniform(tidx // WARPGROUP)
         lane = tidx % 32
@@ -207,6 +221,14 @@ class PooledScoresSm90:
         row_stride = Int64(out.layout.stride[0])
         pairs = (seqlen_k % 2 == 0) & (out.iterator.toint() % 8 == 0)
         pair = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+        n_rows = cute.size(tScS, mode=[0])
+        # Per row of this thread: max, min and sum of exp(v - max) over its stored columns.
+        row_max = cute.make_rmem_tensor(cute.make_layout(n_rows), Float32)
+        row_min = cute.make_rmem_tensor(cute.make_layout(n_rows), Float32)
+        row_sum = cute.make_rmem_tensor(cute.make_layout(n_rows), Float32)
+        row_max.fill(-Float32.inf)
+        row_min.fill(Float32.inf)
+        row_sum.fill(0.0)
         cute.arch.mbarrier_wait(bar_a, 0)
         atom = cute.make_mma_atom(mma.op)
         for i in cutlass.range(num_local, unroll=1):
@@ -224,7 +246,15 @@ class PooledScoresSm90:
             if lane == 0:
                 ring.release(stage)
             key0 = (first_block + i) * TILE_N
-            for r in cutlass.range_constexpr(cute.size(tScS, mode=[0])):
+            # Scaled in place, so that the statistics are of exactly the stored values; only
+            # the last block has keys past the row (their K rows are zero-filled).
+            if key0 + TILE_N <= seqlen_k:
+                self.add_block_stats(acc_rc, tScS, scale, key0, seqlen_k, row_max, row_min,
+                                     row_sum, False)
+            else:
+                self.add_block_stats(acc_rc, tScS, scale, key0, seqlen_k, row_max, row_min,
+                                     row_sum, True)
+            for r in cutlass.range_constexpr(n_rows):
                 tile = m_block * TILE_M + tScS[r, 0][0]
                 if tile < n_tiles:
                     if pairs:
@@ -245,3 +275,63 @@ class PooledScoresSm90:
                             key = key0 + tScS[r, c][1]
                             if key < seqlen_k:
                                 out[tile, key] = acc_rc[r, c]
+        # The 4 lanes that share a row combine their statistics; the first writes them.
+        stats = mStats[batch, head, None, split, None]  # (n_q_tiles, STATS)
+        for r in cutlass.range_constexpr(n_rows):
+            for offset in (1, 2):
+                other_max = cute.arch.shuffle_sync_bfly(row_max[r], offset)
+                other_sum = cute.arch.shuffle_sync_bfly(row_sum[r], offset)
+                row_min[r] = cute.arch.fmin(row_min[r],
+                                            cute.arch.shuffle_sync_bfly(row_min[r], offset))
+                new_max = cute.arch.fmax(row_max[r], other_max)
+                row_sum[r] = (row_sum[r] * self.exp_below(row_max[r], new_max)
+                              + other_sum * self.exp_below(other_max, new_max))
+                row_max[r] = new_max
+            tile = m_block * TILE_M + tScS[r, 0][0]
+            if lane % 4 == 0 and tile < n_tiles:
+                stats[tile, 0] = row_max[r]
+                stats[tile, 1] = row_min[r]
+                stats[tile, 2] = row_sum[r]
+
+    @cute.jit
+    def exp_below(self, x: Float32, row_max: Float32) -> Float32:
+        """exp(x - row_max) for x <= row_max (approximate: the sums only divide), and 0 when
+        x is -inf (also when row_max is: no value seen yet)."""
+        base = row_max
+        if row_max == -Float32.inf:
+            base = Float32(0.0)
+        return cute.math.exp2((x - base) * LOG2_E, fastmath=True)
+
+    @cute.jit
+    def add_block_stats(self, acc_rc: cute.Tensor, tScS: cute.Tensor, scale: Float32,
+                        key0: Int32, seqlen_k: Int32, row_max: cute.Tensor, row_min: cute.Tensor,
+                        row_sum: cute.Tensor, partial: cutlass.Constexpr[bool]):
+        """Scales this thread's accumulator of the block at key0 (each value rounded once)
+        and adds its values to the rows' running max, min and sum of exp(v - max); with
+        `partial`, only the columns before seqlen_k."""
+        for r in cutlass.range_constexpr(cute.size(tScS, mode=[0])):
+            block_max = row_max[r]
+            block_min = row_min[r]
+            for c in cutlass.range_constexpr(cute.size(tScS, mode=[1])):
+                v = acc_rc[r, c] * scale
+                acc_rc[r, c] = v
+                if const_expr(partial):
+                    if key0 + tScS[r, c][1] < seqlen_k:
+                        block_max = cute.arch.fmax(block_max, v)
+                        block_min = cute.arch.fmin(block_min, v)
+                else:
+                    block_max = cute.arch.fmax(block_max, v)
+                    block_min = cute.arch.fmin(block_min, v)
+            total = row_sum[r] * self.exp_below(row_max[r], block_max)
+            base = block_max
+            if block_max == -Float32.inf:
+                base = Float32(0.0)
+            for c in cutlass.range_constexpr(cute.size(tScS, mode=[1])):
+                e = cute.math.exp2(acc_rc[r, c] * LOG2_E - base * LOG2_E, fastmath=True)
+                if const_expr(partial):
+                    if key0 + tScS[r, c][1] >= seqlen_k:
+                        e = Float32(0.0)
+                total += e
+            row_sum[r] = total
+            row_max[r] = block_max
+            row_min[r] = block_min

@@ -9,10 +9,11 @@ Once its own row is in, a CTA prefetches into L2 the row that the CTA after it o
 will most likely load (one row per SM further on), so that load comes from L2 (with short rows
 that row has usually started already; see ``prefetch_next_row``):
 
-1. softmax: x = scale * logit, p = exp(x - max) / sum (float32, accurate exp, the division
-   correctly rounded), in place; or, in ``from_probs`` mode, the row is already probabilities
-   (the selection alone, for tests that compare it bit for bit with ``top_p_select`` on the
-   same input).
+1. softmax: p = exp(x - max) / sum of the scaled logits x (float32, accurate exp, the division
+   correctly rounded), in place, in one pass: the row's max, min and sum come with it (the
+   scores kernel's per-part statistics, combined by one warp while the row lands); or, in
+   ``from_probs`` mode, the row is already probabilities (the selection alone, for tests that
+   compare it bit for bit with ``top_p_select`` on the same input).
 2. the exact rule of ``fgattn_cute.predict.pooled`` (its module docstring): key j weighs
    floor(p_j * 2**52) (an integer, read off the float's exponent and significand), the target
    is ceil(p * total) in float64, and up to three radix rounds over the probabilities' float32
@@ -147,11 +148,13 @@ class TopPSelectSm90:
     @cute.jit
     def __call__(
         self,
-        mX: cute.Tensor,  # [R, N] float32: logits (or probabilities in from_probs mode)
+        mX: cute.Tensor,  # [R, N] float32: scaled logits (or probabilities in from_probs mode)
+        # [R, parts, 3] float32: max, min and sum of exp(x - max) of each part of a row
+        # (ignored in from_probs mode)
+        mStats: cute.Tensor,
         mKeepWords: cute.Tensor,  # [ceil(N / 32)] int32: always-keep bits, key j at bit j % 32
         mIndices: cute.Tensor,  # [R, capacity] int32
         mCounts: cute.Tensor,  # [R] int32
-        scale: Float32,  # multiplies the logits before the softmax (ignored for probabilities)
         p_top: Float64,  # mass to keep, in (0, 1)
         stream: cuda.CUstream,
     ):
@@ -172,6 +175,7 @@ class TopPSelectSm90:
             red_i: cute.struct.MemRange[Int64, num_warps]
             red_f: cute.struct.MemRange[Float32, 2 * num_warps]
             bcast: cute.struct.MemRange[Int64, 6]
+            stats: cute.struct.MemRange[Float32, 3]  # the row's max, sum and min (`combine_stats`)
 
         # Short rows: registers capped for two CTAs per SM, and the largest shared-memory
         # carveout (given, so that compiling needs no device to ask for it). The other
@@ -180,7 +184,7 @@ class TopPSelectSm90:
         grid = cute.size(mX.shape[0])
         if const_expr(self.max_ctas > 0):
             grid = cutlass.min(grid, self.max_ctas)
-        self.kernel(mX, mKeepWords, mIndices, mCounts, scale, p_top, SharedStorage).launch(
+        self.kernel(mX, mStats, mKeepWords, mIndices, mCounts, p_top, SharedStorage).launch(
             grid=[grid, 1, 1],
             block=[self.num_threads, 1, 1],
             smem=SharedStorage.size_in_bytes(),
@@ -192,10 +196,10 @@ class TopPSelectSm90:
     def kernel(
         self,
         mX: cute.Tensor,
+        mStats: cute.Tensor,
         mKeepWords: cute.Tensor,
         mIndices: cute.Tensor,
         mCounts: cute.Tensor,
-        scale: Float32,
         p_top: Float64,
         SharedStorage: cutlass.Constexpr,
     ):
@@ -222,6 +226,7 @@ class TopPSelectSm90:
             storage.red_i.get_tensor(cute.make_layout(self.num_warps)),
             storage.red_f.get_tensor(cute.make_layout((self.num_warps, 2))),
             storage.bcast.get_tensor(cute.make_layout(6)),
+            storage.stats.get_tensor(cute.make_layout(3)),
         )
         load_bar = shared[1]
         if tidx == 0:
@@ -237,22 +242,22 @@ class TopPSelectSm90:
             stride = cute.arch.grid_dim()[0]
             phase = Int32(0)
             for row_idx in cutlass.range(row_first, n_rows, stride, unroll=1):
-                self.select_row(mX, mKeepWords, mIndices, mCounts, scale, p_top, shared,
+                self.select_row(mX, mStats, mKeepWords, mIndices, mCounts, p_top, shared,
                                 row_idx, row_idx + stride, phase, n, n_smem, tidx, warp, lane)
                 phase = phase ^ 1
         else:
-            self.select_row(mX, mKeepWords, mIndices, mCounts, scale, p_top, shared,
+            self.select_row(mX, mStats, mKeepWords, mIndices, mCounts, p_top, shared,
                             row_first, n_rows, Int32(0), n, n_smem, tidx, warp, lane)
 
     @cute.jit
-    def select_row(self, mX: cute.Tensor, mKeepWords: cute.Tensor, mIndices: cute.Tensor,
-                   mCounts: cute.Tensor, scale: Float32, p_top: Float64, shared,
+    def select_row(self, mX: cute.Tensor, mStats: cute.Tensor, mKeepWords: cute.Tensor,
+                   mIndices: cute.Tensor, mCounts: cute.Tensor, p_top: Float64, shared,
                    row_idx: Int32, next_row: Int32, phase: Int32, n: Int32, n_smem: Int32,
                    tidx: Int32, warp: Int32, lane: Int32):
         """Selects row row_idx, whose load (`load_row`, barrier phase `phase`) has been issued;
         issues next_row's once this row's probabilities are no longer read (none when
         next_row is past the rows)."""
-        sRow, load_bar, sWords, sInBin, sHist, red_i, red_f, bcast = shared
+        sRow, load_bar, sWords, sInBin, sHist, red_i, red_f, bcast, sStats = shared
         x_row, sP, head, body = self.row_view(mX, row_idx, sRow, n_smem)
         chunk = self.load_chunk(body)
         if const_expr(self.from_probs):
@@ -277,6 +282,9 @@ class TopPSelectSm90:
         self.clear_hist(sHist, HIST_BINS, tidx)
         if tidx == 0:
             bcast[5] = Int64(0)  # set when a key falls outside the first digit's planned range
+        if const_expr(not self.from_probs):
+            if warp == 0:
+                self.combine_stats(mStats[row_idx, None, None], sStats, lane)
         cute.arch.barrier()
 
         # 1. Probabilities in shared memory and the first round's histogram of their weights
@@ -297,79 +305,34 @@ class TopPSelectSm90:
                 for j in cutlass.range(lo + tidx, hi, T, unroll=8):
                     self.weigh_first_digit(sHist, xP[j], shift1, base1, bcast)
         else:
-            # The scaled logit is stored and read back, so that it is rounded before the
-            # subtraction (as torch does) rather than fused into it.
-            local_max = -Float32.inf
-            # Each copy's part as soon as it has landed (the few elements outside the copies
-            # are in shared memory already: `load_row`, then the barrier above).
+            # One pass: p = exp(x - max) / sum (correctly rounded: the compiler's own division
+            # sequence with the reciprocal refined once per row rather than once per key),
+            # stored in place, and the first histogram; each bulk copy's part as soon as it has
+            # landed (the few elements outside the copies are in shared memory already).
+            row_max = sStats[0]
+            row_sum = sStats[1]
+            rcp = cute.arch.rcp_approx(row_sum)
+            rcp = _fma(rcp, _fma(-row_sum, rcp, Float32(1.0)), rcp)
+            # The extreme keys' probabilities, by the very operations their keys go through.
+            p_hi = self.probability(row_max, row_max, row_sum, rcp)
+            p_lo = self.probability(sStats[2], row_max, row_sum, rcp)
+            shift1, base1 = self.digit_plan(p_lo, p_hi)
             for c in cutlass.range_constexpr(LOAD_CHUNKS):
                 cute.arch.mbarrier_wait(load_bar + c, phase)
                 start = head + c * chunk
                 stop = cutlass.min(start + chunk, head + body)
-                for j in cutlass.range(start + tidx, stop, T, unroll=8):
-                    v = sP[j] * scale
-                    sP[j] = v
-                    local_max = cute.arch.fmax(local_max, v)
+                self.probability_pass(sP, start, stop, LOADS, row_max, row_sum, rcp, sHist,
+                                      shift1, base1, bcast, tidx)
             edge = tidx
             if tidx >= head:  # threads head.. take the elements after the copies
                 edge = head + body + (tidx - head)
             if edge < n_smem and tidx < head + 4:
-                v = sP[edge] * scale
-                sP[edge] = v
-                local_max = cute.arch.fmax(local_max, v)
+                prob = self.probability(sP[edge], row_max, row_sum, rcp)
+                sP[edge] = prob
+                self.weigh_first_digit(sHist, prob, shift1, base1, bcast)
             if const_expr(not self.row_in_smem):
-                for j in cutlass.range(n_smem + tidx, n, GLOBAL_LOADS * T, unroll=1):
-                    xs = [self.load_or(x_row, j + k * T, n, Float32(0.0))
-                          for k in range(GLOBAL_LOADS)]
-                    for k in cutlass.range_constexpr(GLOBAL_LOADS):
-                        if j + k * T < n:
-                            v = xs[k] * scale
-                            x_row[j + k * T] = v
-                            local_max = cute.arch.fmax(local_max, v)
-            (row_max,) = self.block_reduce(((local_max, cute.arch.fmax),), red_f, warp, lane)
-            # The smallest exponential, which the lowest probability is computed from, taken
-            # here rather than as the min logit in the pass above: held across this pass, that
-            # spilled with 1,024 threads, and keeping it in shared memory instead cost 2%.
-            local_sum = Float32(0.0)
-            local_min = Float32.inf
-            for part, (xP, _, lo, hi) in enumerate(segments):
-                if const_expr(part == 0):
-                    for j in cutlass.range(lo + tidx, hi, T, unroll=1):
-                        e = cute.math.exp(xP[j] - row_max)
-                        xP[j] = e
-                        local_sum += e
-                        local_min = cute.arch.fmin(local_min, e)
-                else:
-                    for j in cutlass.range(lo + tidx, hi, GLOBAL_LOADS * T, unroll=1):
-                        xs = [self.load_or(xP, j + k * T, hi, Float32(0.0))
-                              for k in range(GLOBAL_LOADS)]
-                        for k in cutlass.range_constexpr(GLOBAL_LOADS):
-                            if j + k * T < hi:
-                                e = cute.math.exp(xs[k] - row_max)
-                                xP[j + k * T] = e
-                                local_sum += e
-                                local_min = cute.arch.fmin(local_min, e)
-            row_sum, e_min = self.block_reduce(((local_sum, _add), (local_min, cute.arch.fmin)),
-                                               red_f, warp, lane)
-            # prob = e / row_sum, correctly rounded: the compiler's own division sequence with
-            # the reciprocal refined once per row rather than once per key.
-            rcp = cute.arch.rcp_approx(row_sum)
-            rcp = _fma(rcp, _fma(-row_sum, rcp, Float32(1.0)), rcp)
-            # The extreme keys' probabilities, by the very operations their keys go through.
-            p_hi = self.divide(cute.math.exp(row_max - row_max), row_sum, rcp)
-            p_lo = self.divide(e_min, row_sum, rcp)
-            shift1, base1 = self.digit_plan(p_lo, p_hi)
-            # LOADS keys per step, all loaded before any is worked on (a key's work branches, so
-            # the compiler would not hoist the next load above it).
-            for part, (xP, _, lo, hi) in enumerate(segments):
-                ahead = LOADS if part == 0 else GLOBAL_LOADS
-                for j in cutlass.range(lo + tidx, hi, ahead * T, unroll=1):
-                    e = [self.load_or(xP, j + k * T, hi, Float32(0.0)) for k in range(ahead)]
-                    for k in cutlass.range_constexpr(ahead):
-                        prob = self.divide(e[k], row_sum, rcp)
-                        if j + k * T < hi:
-                            xP[j + k * T] = prob
-                        self.weigh_first_digit(sHist, prob, shift1, base1, bcast)
+                self.probability_pass(x_row, n_smem, n, GLOBAL_LOADS, row_max, row_sum, rcp,
+                                      sHist, shift1, base1, bcast, tidx)
 
         if const_expr(self.row_in_smem):
             # Not for rows in global memory: their passes already fill L2 with the rows in
@@ -459,6 +422,52 @@ class TopPSelectSm90:
             mCounts[row_idx] = count
         if const_expr(self.max_ctas > 0):
             cute.arch.barrier()  # the list is written from sWords before the next row resets it
+
+    @cute.jit
+    def combine_stats(self, stats: cute.Tensor, sStats: cute.Tensor, lane: Int32):
+        """One warp: the row's max M, sum S = sum over its parts of sum_b * exp(max_b - M),
+        and min, from its parts' (max_b, min_b, sum_b) (the scores kernel's, one per 2,048
+        keys), into sStats as (M, S, min). Lanes take parts lane, lane + 32, ...; a part
+        without keys (max -inf, sum 0) adds nothing."""
+        n_parts = cute.size(stats.shape[0])
+        local_max = -Float32.inf
+        local_min = Float32.inf
+        for b in cutlass.range(lane, n_parts, 32, unroll=1):
+            local_max = cute.arch.fmax(local_max, stats[b, 0])
+            local_min = cute.arch.fmin(local_min, stats[b, 1])
+        row_max = warp_allreduce(local_max, cute.arch.fmax)
+        local_sum = Float32(0.0)
+        for b in cutlass.range(lane, n_parts, 32, unroll=1):
+            local_sum += stats[b, 2] * cute.math.exp(stats[b, 0] - row_max)
+        row_sum = warp_allreduce(local_sum, _add)
+        row_min = warp_allreduce(local_min, cute.arch.fmin)
+        if lane == 0:
+            sStats[0] = row_max
+            sStats[1] = row_sum
+            sStats[2] = row_min
+
+    @cute.jit
+    def probability(self, x: Float32, row_max: Float32, row_sum: Float32,
+                    rcp: Float32) -> Float32:
+        """exp(x - row_max) / row_sum, each step rounded (0 for x = -inf)."""
+        return self.divide(cute.math.exp(x - row_max), row_sum, rcp)
+
+    @cute.jit
+    def probability_pass(self, xP: cute.Tensor, lo: Int32, hi: Int32,
+                         ahead: cutlass.Constexpr[int], row_max: Float32, row_sum: Float32,
+                         rcp: Float32, sHist, shift1: Int32, base1: Int32, bcast,
+                         tidx: Int32):
+        """Keys [lo, hi) of xP: scaled logits replaced by their probabilities, each added to
+        the first histogram; `ahead` keys loaded per thread before any is worked on (a key's
+        work branches, so the compiler would not hoist the next load above it)."""
+        T = self.num_threads
+        for j in cutlass.range(lo + tidx, hi, ahead * T, unroll=1):
+            xs = [self.load_or(xP, j + k * T, hi, -Float32.inf) for k in range(ahead)]
+            for k in cutlass.range_constexpr(ahead):
+                prob = self.probability(xs[k], row_max, row_sum, rcp)
+                if j + k * T < hi:
+                    xP[j + k * T] = prob
+                self.weigh_first_digit(sHist, prob, shift1, base1, bcast)
 
     @cute.jit
     def keep_bits(self, sWords, sBitsP, n: Int32, tau: Int32, take: Int64, rank_ties: Boolean,

@@ -248,7 +248,9 @@ def _pooled_top_p_cute(q, k, q_tile, p, scale, keep, capacity):
             h1 = min(H, h0 + nh)
             if kernels:
                 a = split_means[b:b + 1, h0:h1].contiguous()  # [1, nh, T, 3D], no copy if nh = H
-                logits = run_pooled_scores_sm90(a, k[b:b + 1, :, h0:h1])  # [1, nh, T, Sk]
+                # scaled logits [1, nh, T, Sk] and their softmax statistics per 2,048 keys
+                logits, stats = run_pooled_scores_sm90(a, k[b:b + 1, :, h0:h1], scale)
+                stats, logits_scale = stats.flatten(0, 2), None
             else:
                 kh = k[b, :, h0:h1]  # [Sk, nh, D]
                 # [Sk, nh, 3D]: one coalesced copy in k's own order; the GEMM reads it as
@@ -256,8 +258,9 @@ def _pooled_top_p_cute(q, k, q_tile, p, scale, keep, capacity):
                 k3 = torch.cat([kh, kh, kh], dim=-1)
                 logits = torch.bmm(split_means[b, h0:h1], k3.permute(1, 2, 0),
                                    out_dtype=torch.float32)
+                stats, logits_scale = None, scale  # (scaled and their statistics by torch)
             run_top_p_select_sm90(
-                logits.view(-1, sk), words, p, scale, cap,
+                logits.view(-1, sk), words, p, logits_scale, cap, stats=stats,
                 indices=indices[b, h0:h1].view(-1, cap), counts=counts[b, h0:h1].view(-1),
             )
     _check_capacity(counts, cap, sk)
