@@ -2,7 +2,7 @@
 
 Each row (one query tile's pooled scores against every key) is loaded into shared memory once,
 by four bulk copies (the TMA unit; the first pass starts on the first), and everything after
-that runs on chip (a row longer than 40,960 keys has its first 40,960 there too, and the rest
+that runs on chip (a row longer than 40,960 keys has its first ~41-44K there too, and the rest
 is worked on in place in global memory, where the 132 rows in flight stay in L2; rows of at
 most 18,432 keys get a smaller buffer and half the threads, so that two CTAs share an SM).
 Once its own row is in, a CTA prefetches into L2 the row that the CTA after it on the same SM
@@ -77,9 +77,11 @@ MAX_SEQLEN_K_SMEM = 40960  # rows up to this long live in shared memory (160 KiB
 # H100; perf/NOTES.md, top-p session 10).
 MAX_SEQLEN_K_SHORT = 18432
 MAX_SEQLEN_K = 1 << 17  # longer rows stay in global memory (L2), in place; bound of the bitmap
-# A row in global memory keeps its first this many keys in shared memory (what the bitmaps and
-# histograms leave of 227 KiB), and only the rest in place in global memory.
-PREFIX_KEYS = 40960
+# A row in global memory keeps its first keys in shared memory, and only the rest in place in
+# global memory: this many 4-byte words hold that prefix and the row's two bitmaps (keep words
+# and in-bin marks, ceil(N / 32) words each), so the shorter the row, the longer its prefix
+# (44,416 keys of Wan 720p's 75,600; at least 40,928 for the longest rows).
+LONG_ROW_AREA = 40960 + 8 + 2 * (MAX_SEQLEN_K // 32)
 
 
 def _add(a, b):
@@ -117,9 +119,9 @@ class TopPSelectSm90:
         if max_ctas < 0:
             raise ValueError(f"max_ctas must be >= 0, got {max_ctas}")
         self.max_ctas = max_ctas
-        # False: rows longer than shared memory holds. Their first PREFIX_KEYS keys are loaded
-        # into shared memory as short rows are, and the rest is overwritten in place in global
-        # memory (the caller's scratch) and read back by every pass, mostly from L2 (the
+        # False: rows longer than shared memory holds. Their first keys (`LONG_ROW_AREA`) are
+        # loaded into shared memory as short rows are, and the rest is overwritten in place in
+        # global memory (the caller's scratch) and read back by every pass, mostly from L2 (the
         # prefix made these rows 45% faster at Wan 720p's 75,600 keys, H100; perf/NOTES.md,
         # top-p session 14).
         self.row_in_smem = row_in_smem
@@ -138,7 +140,8 @@ class TopPSelectSm90:
             self.max_n = MAX_SEQLEN_K_SMEM if row_in_smem else MAX_SEQLEN_K
         # The scan of a round's histogram gives each thread a whole number of bins.
         assert HIST_BINS % num_threads == 0 or num_threads % HIST_BINS == 0
-        self.smem_row = self.max_n if row_in_smem else PREFIX_KEYS
+        # (rows in global memory: the whole LONG_ROW_AREA, bitmaps included)
+        self.smem_row = self.max_n if row_in_smem else LONG_ROW_AREA
         # Rows in global memory: round 2's pass also settles the keep bits of every key outside
         # the first round's chosen bin (`mark_keys`), which saves a pass over the row in L2
         # (-7% at Wan 720p on an H200). Rows in shared memory keep the pass: there the marking
@@ -164,10 +167,9 @@ class TopPSelectSm90:
         class SharedStorage:
             row: cute.struct.Align[cute.struct.MemRange[Float32, self.smem_row + 4], 16]
             load_bar: cute.struct.MemRange[Int64, LOAD_CHUNKS]
-            words: cute.struct.Align[cute.struct.MemRange[Uint32, self.max_n // 32], 16]
-            # per 32-key chunk, the keys in the first round's chosen bin (`mark_keys`)
-            in_bin: cute.struct.Align[
-                cute.struct.MemRange[Uint32, self.max_n // 32 if self.mark_in_round2 else 1], 16
+            # (rows in global memory keep their bitmaps after the prefix, in `row`)
+            words: cute.struct.Align[
+                cute.struct.MemRange[Uint32, self.max_n // 32 if self.row_in_smem else 4], 16
             ]
             hist: cute.struct.Align[
                 cute.struct.MemRange[Uint32, 2 * HIST_BINS], 16
@@ -210,18 +212,25 @@ class TopPSelectSm90:
         storage = smem.allocate(SharedStorage)
         n_rows = cute.size(mX.shape[0])
         n = cute.size(mX.shape[1])
-        # The keys [0, n_smem) in shared memory (the whole row, or the first PREFIX_KEYS keys
-        # of a row in global memory), the rest in place in global memory; n_smem is a multiple
-        # of 32 whenever keys follow it, so no 32-key chunk straddles the two.
+        # The keys [0, n_smem) in shared memory (the whole row, or a prefix of a row in global
+        # memory), the rest in place in global memory; n_smem is a multiple of 32 whenever
+        # keys follow it, so no 32-key chunk straddles the two.
         n_smem = n
-        if const_expr(not self.row_in_smem):
-            n_smem = cutlass.min(n, PREFIX_KEYS)
+        if const_expr(self.row_in_smem):
+            sWords = storage.words.get_tensor(cute.make_layout(self.max_n // 32))
+            sInBin = sWords  # (only rows in global memory mark keys in round 2)
+        else:
+            # [prefix (+ up to 8 words of alignment) | keep words | in-bin marks]
+            words_len = cute.ceil_div(cute.ceil_div(n, 32), 4) * 4
+            n_smem = cutlass.min(n, (LONG_ROW_AREA - 2 * words_len - 8) // 32 * 32)
+            words_ptr = cute.recast_ptr(storage.row.data_ptr() + (n_smem + 8), dtype=Uint32)
+            sWords = cute.make_tensor(words_ptr, cute.make_layout(self.max_n // 32))
+            sInBin = cute.make_tensor(words_ptr + words_len, cute.make_layout(self.max_n // 32))
         shared = (
             storage.row.data_ptr(),
             storage.load_bar.data_ptr(),
-            storage.words.get_tensor(cute.make_layout(self.max_n // 32)),
-            storage.in_bin.get_tensor(
-                cute.make_layout(self.max_n // 32 if self.mark_in_round2 else 1)),
+            sWords,
+            sInBin,
             storage.hist.get_tensor(cute.make_layout((HIST_BINS, 2))),
             storage.red_i.get_tensor(cute.make_layout(self.num_warps)),
             storage.red_f.get_tensor(cute.make_layout((self.num_warps, 2))),
