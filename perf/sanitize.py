@@ -10,7 +10,7 @@ every code path (gather, contiguous tile, padding, empty tile, partial last tile
 Persistent CTAs (two to four for six tiles) with O in its own buffer and over Q. The
 predictors: calibrate (two query tiles per CTA, the second absent for the last pair),
 pooled top-p from short rows (two CTAs per SM), longer shared-memory rows and rows kept in
-global memory.
+global memory (one CTA per row, and two persistent CTAs for six rows).
 """
 
 import math
@@ -73,14 +73,32 @@ for threshold in (1.0, 8.0):
     torch.cuda.synchronize()
     differ = (got.to_mask() != want.to_mask()).float().mean().item()
     report(f"calibrate threshold {threshold}: {differ:.1e} of keys differ", differ < 1e-3)
+# 50,000 keys: a row in global memory with ~46K keys of it in shared memory and the rest in L2
 k_mid, k_long = (torch.randn(1, n, H, D, generator=gen, device="cuda", dtype=torch.bfloat16)
-                 for n in (20000, 41000))
+                 for n in (20000, 50000))
 for keys in (k, k_mid, k_long):
     got = fg.predict.pooled_top_p(q, keys, 128, 0.9, always_keep=[1], backend="cute")
     want = fg.predict.pooled_top_p(q, keys, 128, 0.9, always_keep=[1], backend="torch")
     torch.cuda.synchronize()
     differ = (got.to_mask() != want.to_mask()).float().mean().item()
     report(f"pooled_top_p Sk={keys.shape[1]}: {differ:.1e} of keys differ", differ < 1e-3)
+# Persistent selection CTAs: 2 CTAs for 6 rows in global memory, each loading its next row
+# under the previous one's list writing, against one CTA per row.
+from fgattn_cute.host.compile import TopPConfig, compile_fwd  # noqa: E402
+from fgattn_cute.host.launch import logit_stats  # noqa: E402
+
+rows = torch.randn(6, 75600, generator=gen, device="cuda") * 0.3
+words = torch.zeros(math.ceil(75600 / 32), dtype=torch.int32, device="cuda")
+lists = []
+for max_ctas in (0, 2):
+    config = TopPConfig(False, row_in_smem=False, max_ctas=max_ctas)
+    out = (torch.full((6, 75648), -1, dtype=torch.int32, device="cuda"),
+           torch.full((6,), -1, dtype=torch.int32, device="cuda"))
+    compile_fwd(config)(rows.clone(), logit_stats(rows), words, *out, 0.9)
+    lists.append(out)
+torch.cuda.synchronize()
+same = all(torch.equal(a, b) for a, b in zip(*lists, strict=True))
+report("pooled top-p selection, 2 persistent CTAs for 6 rows: same lists as one per row", same)
 # The KeyIndex conversion kernels (from_mask and to_mask above ran them too): a round trip
 # through the bitmap, with a row length that leaves the last byte partly past the row.
 sk = 301

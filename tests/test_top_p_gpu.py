@@ -55,7 +55,8 @@ def _to_mask(indices, counts, n):
 
 # Each side of the two row-length limits: 18,432 (two CTAs per SM, up to it) and 40,960 (the
 # row in shared memory).
-@pytest.mark.parametrize("n", [1, 33, 1000, 4097, 18432, 18433, 32760, 40960, 40961, 75600])
+@pytest.mark.parametrize("n", [1, 33, 1000, 4097, 18432, 18433, 32760, 40960, 40961, 50001,
+                               75600])
 @pytest.mark.parametrize("p", [0.05, 0.5, 0.9, 0.999])
 @pytest.mark.parametrize("ties", [False, True])
 def test_selection_equals_full_sort(n, p, ties):
@@ -64,7 +65,7 @@ def test_selection_equals_full_sort(n, p, ties):
     assert torch.equal(got, top_p_sorted(probs, p))
 
 
-@pytest.mark.parametrize("n", [5000, 32760, 40961])
+@pytest.mark.parametrize("n", [5000, 32760, 40961, 75600])
 def test_selection_when_a_key_falls_outside_the_planned_first_digit(n):
     """A -0.0 entry (bits 0x80000000; less LOW_BITS, an int32 pattern far above every
     probability's) lies outside the first round's bins, so the kernel builds the first
@@ -80,9 +81,9 @@ def test_selection_when_a_key_falls_outside_the_planned_first_digit(n):
         assert torch.equal(_select(probs, p), want), f"p={p}"
 
 
-# 41,000 keys: the row stays in global memory, where round 2's pass settles the keep bits of
-# every key outside tau's first-round bin (a uniform row has all of them in it).
-@pytest.mark.parametrize("n", [3000, 41000])
+# 50,000 keys: the row's last ~4,000 stay in global memory, and round 2's pass settles the keep
+# bits of every key outside tau's first-round bin (a uniform row has all of them in it).
+@pytest.mark.parametrize("n", [3000, 50000])
 def test_uniform_rows_zero_rows_and_always_keep(n):
     probs = torch.full((3, n), 1.0 / n)
     probs[2] = 0.0  # no mass: nothing but the always-keep keys
@@ -100,7 +101,7 @@ def test_uniform_rows_zero_rows_and_always_keep(n):
 # Persistent CTAs: with 3 of them every CTA selects several rows, each loaded under the list
 # writing of the one before. Odd lengths give consecutive rows different 16-byte alignments,
 # so each row lands at its own offset in shared memory.
-@pytest.mark.parametrize("n", [1001, 4096, 32759, 32760, 41003])
+@pytest.mark.parametrize("n", [1001, 4096, 32759, 32760, 41003, 50003])
 @pytest.mark.parametrize("from_probs", [True, False])
 def test_persistent_ctas_select_what_one_cta_per_row_selects(n, from_probs):
     from fgattn_cute.host.compile import TopPConfig, compile_fwd

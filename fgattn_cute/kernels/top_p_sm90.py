@@ -389,7 +389,6 @@ class TopPSelectSm90:
                 segments, sHist, red_i, bcast, base, above, tau_bin_weight, target, total,
                 p_top, shift, bits, i == 0, tidx, warp, lane,
                 self.mark_in_round2 and i == 1, sWords, sInBin, value1, shift1, total > 0,
-                n_chunks,
             )
         tau = value
         take, rank_ties = self.take_at_tau(bcast, tau, target, above, tau_bin_weight, tidx)
@@ -646,7 +645,7 @@ class TopPSelectSm90:
                     tau_bin_weight: Int64, target: Int64, total: Int64, p_top: Float64,
                     shift: Int32, bits: Int32, first: cutlass.Constexpr[bool], tidx: Int32,
                     warp: Int32, lane: Int32, mark: cutlass.Constexpr[bool], sWords, sInBin,
-                    value1: Int32, shift1: Int32, any_mass: Boolean, n_chunks: Int32):
+                    value1: Int32, shift1: Int32, any_mass: Boolean):
         """One digit (`bits` wide at `shift`, at most DIGIT_BITS; none left when bits is 0): the
         weight histogram of the keys with base <= rb >> shift < base + 2**bits (the first
         round's is built by the probability pass), then `find_digit`. Returns the chosen bin's
@@ -672,8 +671,10 @@ class TopPSelectSm90:
                     if bits > 0:
                         for k in cutlass.range_constexpr(ahead):
                             self.weigh_digit(sHist, key_bits[k], base, shift, bits)
+                    # (only this part's chunks: a step past its end must not write the
+                    # next part's words, which another warp owns)
                     self.mark_keys(sWords, sInBin, value1, shift1, any_mass, key_bits,
-                                   jw // 32, n_chunks, lane)
+                                   jw // 32, cute.ceil_div(hi, 32), lane)
             cute.arch.barrier()
             if bits > 0:
                 out = self.find_digit(sHist, red_i, bcast, base, above, target, total, p_top,
@@ -697,12 +698,13 @@ class TopPSelectSm90:
 
     @cute.jit
     def mark_keys(self, sWords, sInBin, value1: Int32, shift1: Int32, any_mass: Boolean,
-                  key_bits: list, c0: Int32, n_chunks: Int32, lane: Int32):
-        """Sorts the warp's keys of chunks c0 + k * (T / 32), k < len(key_bits) (key_bits[k]:
-        this lane's) against the first round's chosen bin (rb >> shift1 = value1, which holds
-        tau): keys above it join the chunk's keep word (kept whatever tau is; none when the row
-        weighs nothing), keys in it are marked in sInBin for the pass after tau. Lane k stores
-        chunk k's words, so that a step has one short branch, not one per chunk."""
+                  key_bits: list, c0: Int32, end_chunk: Int32, lane: Int32):
+        """Sorts the warp's keys of chunks c0 + k * (T / 32) before end_chunk, k <
+        len(key_bits) (key_bits[k]: this lane's) against the first round's chosen bin
+        (rb >> shift1 = value1, which holds tau): keys above it join the chunk's keep word
+        (kept whatever tau is; none when the row weighs nothing), keys in it are marked in
+        sInBin for the pass after tau. Lane k stores chunk k's words, so that a step has one
+        short branch, not one per chunk."""
         keep_word = Uint32(0)
         in_word = Uint32(0)
         for k in cutlass.range_constexpr(len(key_bits)):
@@ -713,7 +715,7 @@ class TopPSelectSm90:
                 keep_word = keep
                 in_word = in_bin
         c = c0 + lane * (self.num_threads // 32)
-        if lane < len(key_bits) and c < n_chunks:
+        if lane < len(key_bits) and c < end_chunk:
             sWords[c] = sWords[c] | keep_word
             sInBin[c] = in_word
 
