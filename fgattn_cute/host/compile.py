@@ -210,7 +210,7 @@ class TopPConfig:
     kernel) or, for tests, from probabilities."""
 
     from_probs: bool = False
-    # False: rows longer than 40,960 keys (their first 40,960 in shared memory, the rest in place)
+    # False: rows longer than 40,960 keys (their first ~41-44K in shared memory, the rest in place)
     row_in_smem: bool = True
     short_rows: bool = False  # rows of at most 18,432 keys: two CTAs per SM
     # > 0: at most this many persistent CTAs, each selecting every grid-th row; 0: one per row
