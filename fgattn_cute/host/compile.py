@@ -387,8 +387,6 @@ AnyConfig = (KernelConfig | CalibrateConfig | TopPConfig | TileMeansConfig
              | PooledScoresConfig | KeyListsConfig)
 
 
-
-
 def default_config(
     head_dim: int,
     dtype: str,

@@ -35,6 +35,7 @@ from fgattn_cute.kernels.layout import (
     tma_tile_partition,
 )
 from fgattn_cute.kernels.pipeline import StageRing
+from fgattn_cute.kernels.softmax import finite_max
 
 WARPGROUP = 128
 PARTS = 3  # hi, mid, lo
@@ -297,10 +298,7 @@ class PooledScoresSm90:
     def exp_below(self, x: Float32, row_max: Float32) -> Float32:
         """exp(x - row_max) for x <= row_max (approximate: the sums only divide), and 0 when
         x is -inf (also when row_max is: no value seen yet)."""
-        base = row_max
-        if row_max == -Float32.inf:
-            base = Float32(0.0)
-        return cute.math.exp2((x - base) * LOG2_E, fastmath=True)
+        return cute.math.exp2((x - finite_max(row_max)) * LOG2_E, fastmath=True)
 
     @cute.jit
     def add_block_stats(self, acc_rc: cute.Tensor, tScS: cute.Tensor, scale: Float32,
@@ -323,9 +321,7 @@ class PooledScoresSm90:
                     block_max = cute.arch.fmax(block_max, v)
                     block_min = cute.arch.fmin(block_min, v)
             total = row_sum[r] * self.exp_below(row_max[r], block_max)
-            base = block_max
-            if block_max == -Float32.inf:
-                base = Float32(0.0)
+            base = finite_max(block_max)
             for c in cutlass.range_constexpr(cute.size(tScS, mode=[1])):
                 e = cute.math.exp2(acc_rc[r, c] * LOG2_E - base * LOG2_E, fastmath=True)
                 if const_expr(partial):

@@ -44,6 +44,13 @@ def exp2_fma(x: Float32, clamp_high: bool = False) -> Float32:
     return bits.bitcast(Float32)
 
 
+@cute.jit
+def finite_max(row_max: Float32) -> Float32:
+    """row_max, or 0 for a row that has seen only -inf (masked or no) scores, so that
+    exp2(s - it) is 0 for those scores rather than exp2(nan)."""
+    return row_max if row_max != -Float32.inf else Float32(0.0)
+
+
 class OnlineSoftmax(DslCarried):
     """Running row max and row sum of exp2(scale_log2 * s - scale_log2 * max)."""
 
@@ -66,9 +73,7 @@ class OnlineSoftmax(DslCarried):
             row = s_rc[r, None].load()
             new_max = row.reduce(cute.ReductionOp.MAX, self.row_max[r], 0)
             new_max = cute.arch.warp_reduction_max(new_max, threads_in_group=4)
-            # A row that has seen only masked (-inf) scores keeps max -inf: subtract 0 instead,
-            # so exp2(-inf) = 0 rather than exp2(nan).
-            safe_max = new_max if new_max != -Float32.inf else Float32(0.0)
+            safe_max = finite_max(new_max)
             max_scaled = safe_max * self.scale_log2
             probs = cute.math.exp2(row * self.scale_log2 - max_scaled, fastmath=True)
             rescale[r] = cute.math.exp2(

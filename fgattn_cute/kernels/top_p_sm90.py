@@ -7,7 +7,7 @@ is worked on in place in global memory, where the 132 rows in flight stay in L2;
 most 18,432 keys get a smaller buffer and half the threads, so that two CTAs share an SM).
 Once its own row is in, a CTA prefetches into L2 the row that the CTA after it on the same SM
 will most likely load (one row per SM further on), so that load comes from L2 (with short rows
-that row has usually started already; see ``prefetch_next_row``):
+that row has usually started already; see ``prefetch_row``):
 
 1. softmax: p = exp(x - max) / sum of the scaled logits x (float32, accurate exp, the division
    correctly rounded), in place, in one pass: the row's max, min and sum come with it (the
