@@ -8,8 +8,9 @@ inputs) instead of 3 x standard normal logits; --logits flat from rows of equal 
 
 --variant name=path (repeatable) also times the selection kernel of a module file that defines
 `TopPSelectSm90` (a copy before or after a change) on the same rows, in interleaved rounds with
-the package's kernel, and checks that it selects the same keys. name=path:option=int,... also
-passes those constructor options (e.g. max_ctas=132).
+the package's kernel, and checks that it selects the same keys; it gets the configuration of
+"current" (row placement, short rows, persistent CTAs) where its constructor takes it.
+name=path:option=int,... sets constructor options (e.g. max_ctas=0).
 
 Rows longer than 40,960 keys (--seqlen 75600, Wan 720p) are worked on in place in global memory,
 so every timed call first restores them from a pristine copy, and the median time of that copy
@@ -163,9 +164,11 @@ def compare_variants(specs, fn, inputs: Inputs, reps, dense, rounds=5):
         cls = load_variant(path).TopPSelectSm90
         # the same configuration as "current" where the variant has it (older ones lack
         # short_rows and run their one configuration for rows in shared memory)
-        selector = cls(False, config.row_in_smem,
-                       **variant_options(cls, short_rows=config.short_rows),
-                       **{key: int(value) for key, value in options.items()})
+        # (max_ctas too, unless the spec sets it: the persistent launch of rows in global
+        # memory is part of "current")
+        kwargs = variant_options(cls, short_rows=config.short_rows, max_ctas=config.max_ctas)
+        kwargs.update({key: int(value) for key, value in options.items()})
+        selector = cls(False, config.row_in_smem, **kwargs)
         # kernels before session 15 take raw logits and a scale, not statistics
         takes_stats = "mStats" in inspect.signature(cls.__call__).parameters
         args = list(config.fake_args())

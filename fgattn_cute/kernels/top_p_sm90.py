@@ -326,12 +326,13 @@ class TopPSelectSm90:
             p_hi = self.probability(row_max, row_max, row_sum, rcp)
             p_lo = self.probability(sStats[2], row_max, row_sum, rcp)
             shift1, base1 = self.digit_plan(p_lo, p_hi)
+            outside = Int32(0)  # set where a weighted key missed the planned bins
             for c in cutlass.range_constexpr(LOAD_CHUNKS):
                 cute.arch.mbarrier_wait(load_bar + c, phase)
                 start = head + c * chunk
                 stop = cutlass.min(start + chunk, head + body)
-                self.probability_pass(sP, start, stop, LOADS, row_max, row_sum, rcp, sHist,
-                                      shift1, base1, bcast, tidx)
+                outside |= self.probability_pass(sP, start, stop, LOADS, row_max, row_sum,
+                                                 rcp, sHist, shift1, base1, tidx)
             edge = tidx
             if tidx >= head:  # threads head.. take the elements after the copies
                 edge = head + body + (tidx - head)
@@ -339,9 +340,20 @@ class TopPSelectSm90:
                 prob = self.probability(sP[edge], row_max, row_sum, rcp)
                 sP[edge] = prob
                 self.weigh_first_digit(sHist, prob, shift1, base1, bcast)
+            if outside != 0:
+                bcast[5] = Int64(1)
             if const_expr(not self.row_in_smem):
-                self.probability_pass(x_row, n_smem, n, GLOBAL_LOADS, row_max, row_sum, rcp,
-                                      sHist, shift1, base1, bcast, tidx)
+                # (the branch per key here: with the flag in a register this pass, whose 16
+                # loads ahead wait on L2, was 20% slower; H200, perf/NOTES.md)
+                T = self.num_threads
+                for j in cutlass.range(n_smem + tidx, n, GLOBAL_LOADS * T, unroll=1):
+                    xs = [self.load_or(x_row, j + k * T, n, -Float32.inf)
+                          for k in range(GLOBAL_LOADS)]
+                    for k in cutlass.range_constexpr(GLOBAL_LOADS):
+                        prob = self.probability(xs[k], row_max, row_sum, rcp)
+                        if j + k * T < n:
+                            x_row[j + k * T] = prob
+                        self.weigh_first_digit(sHist, prob, shift1, base1, bcast)
 
         if const_expr(self.row_in_smem):
             # Not for rows in global memory: their passes already fill L2 with the rows in
@@ -419,10 +431,10 @@ class TopPSelectSm90:
         slot = Int32(slot_base)
         for c in cutlass.range(c_begin, c_end, unroll=4):
             word = sWords[c]
-            if ((word >> Uint32(lane)) & Uint32(1)) != Uint32(0):
-                mine = slot + Int32(cute.arch.popc(word & lower_lanes))
-                if mine < capacity:
-                    indices[mine] = c * 32 + lane
+            # (one condition around the store alone, so that it is predicated, not branched)
+            mine = slot + Int32(cute.arch.popc(word & lower_lanes))
+            if (((word >> Uint32(lane)) & Uint32(1)) != Uint32(0)) & (mine < capacity):
+                indices[mine] = c * 32 + lane
             slot += Int32(cute.arch.popc(word))
         for s in cutlass.range(count + tidx, capacity, T, unroll=1):
             indices[s] = 0
@@ -463,19 +475,37 @@ class TopPSelectSm90:
     @cute.jit
     def probability_pass(self, xP: cute.Tensor, lo: Int32, hi: Int32,
                          ahead: cutlass.Constexpr[int], row_max: Float32, row_sum: Float32,
-                         rcp: Float32, sHist, shift1: Int32, base1: Int32, bcast,
-                         tidx: Int32):
+                         rcp: Float32, sHist, shift1: Int32, base1: Int32,
+                         tidx: Int32) -> Int32:
         """Keys [lo, hi) of xP: scaled logits replaced by their probabilities, each added to
-        the first histogram; `ahead` keys loaded per thread before any is worked on (a key's
-        work branches, so the compiler would not hoist the next load above it)."""
+        the first histogram; `ahead` keys loaded per thread before any is worked on. Returns
+        non-zero when a weighted key fell outside the first round's bins (a flag kept in a
+        register: a branch per key to record it cost more than the key's other tests)."""
         T = self.num_threads
+        outside = Int32(0)
         for j in cutlass.range(lo + tidx, hi, ahead * T, unroll=1):
             xs = [self.load_or(xP, j + k * T, hi, -Float32.inf) for k in range(ahead)]
             for k in cutlass.range_constexpr(ahead):
                 prob = self.probability(xs[k], row_max, row_sum, rcp)
                 if j + k * T < hi:
                     xP[j + k * T] = prob
-                self.weigh_first_digit(sHist, prob, shift1, base1, bcast)
+                outside |= self.weigh_first_digit_flat(sHist, prob, shift1, base1)
+        return outside
+
+    @cute.jit
+    def weigh_first_digit_flat(self, sHist, prob: Float32, shift1: Int32,
+                               base1: Int32) -> Int32:
+        """`weigh_first_digit` with one short branch (the two atomics): the key's bin and
+        units are computed whether or not it has a bin. Returns 1 for a weighted key outside
+        the 4,096 bins, else 0."""
+        bits = prob.bitcast(Int32)
+        rb = bits - LOW_BITS  # < 0: weighs nothing, and its digit is out of range too
+        digit = (rb >> shift1) - base1
+        in_range = Uint32(digit) < Uint32(HIST_BINS)
+        units = self.bin_units(bits)
+        if in_range:
+            self.hist_add(sHist, digit, units)
+        return Int32((rb >= 0) & (~in_range))
 
     @cute.jit
     def keep_bits(self, sWords, sBitsP, n: Int32, tau: Int32, take: Int64, rank_ties: Boolean,
@@ -508,13 +538,18 @@ class TopPSelectSm90:
                 taken, tie_rank = self.take_ties(tie, tie_rank, take, lower_lanes)
                 kept += self.merge_keep_word(sWords, c, any_mass & (greater | taken), lane)
         else:
-            # Every key equal to tau is taken: keep exactly the keys at or above it.
-            for c in cutlass.range(c_begin, c_end, unroll=4):
-                j = c * 32 + lane
-                keep = Boolean(False)
-                if j < n:
-                    keep = any_mass & (sBitsP[j] - LOW_BITS >= tau)
-                kept += self.merge_keep_word(sWords, c, keep, lane)
+            # Every key equal to tau is taken: keep exactly the keys at or above it. (The
+            # row-uniform any_mass outside the loop: inside, its 64-bit test ran per key.)
+            if any_mass:
+                for c in cutlass.range(c_begin, c_end, unroll=4):
+                    j = c * 32 + lane
+                    keep = Boolean(False)
+                    if j < n:
+                        keep = sBitsP[j] - LOW_BITS >= tau
+                    kept += self.merge_keep_word(sWords, c, keep, lane)
+            else:
+                for c in cutlass.range(c_begin, c_end, unroll=1):
+                    kept += self.merge_keep_word(sWords, c, Boolean(False), lane)
         return kept
 
     @cute.jit
@@ -669,8 +704,7 @@ class TopPSelectSm90:
                     # ulps), the pass only marks: every key equal to the value would otherwise
                     # add to bin 0, one address, of a histogram no one reads.
                     if bits > 0:
-                        for k in cutlass.range_constexpr(ahead):
-                            self.weigh_digit(sHist, key_bits[k], base, shift, bits)
+                        self.weigh_digits(sHist, key_bits, base, shift, bits)
                     # (only this part's chunks: a step past its end must not write the
                     # next part's words, which another warp owns)
                     self.mark_keys(sWords, sInBin, value1, shift1, any_mass, key_bits,
@@ -689,8 +723,7 @@ class TopPSelectSm90:
                         # nothing)
                         key_bits = [self.load_or(xBits, j + k * T, hi, Int32(0))
                                     for k in range(LOADS)]
-                        for k in cutlass.range_constexpr(LOADS):
-                            self.weigh_digit(sHist, key_bits[k], base, shift, bits)
+                        self.weigh_digits(sHist, key_bits, base, shift, bits)
             cute.arch.barrier()
             out = self.find_digit(sHist, red_i, bcast, base, above, target, total, p_top,
                                   shift, bits, first, tidx, warp, lane)
@@ -720,13 +753,23 @@ class TopPSelectSm90:
             sInBin[c] = in_word
 
     @cute.jit
-    def weigh_digit(self, sHist, key_bits: Int32, base: Int32, shift: Int32, bits: Int32):
-        """Adds a key (float32 bits of its probability) to bin (rb >> shift) - base of a round
-        `bits` wide, if it has one."""
-        rb = key_bits - LOW_BITS  # < 0 exactly where the weight is 0
-        digit = (rb >> shift) - base  # (< 0, so out of range as unsigned, when rb < 0)
-        if Uint32(digit) < (Uint32(1) << Uint32(bits)):
-            self.hist_add(sHist, digit, self.bin_units(key_bits))
+    def weigh_digits(self, sHist, key_bits: list, base: Int32, shift: Int32, bits: Int32):
+        """Adds each key of key_bits (float32 bits of its probability) to bin
+        (rb >> shift) - base of a round `bits` wide, if it has one. Few keys have (those in
+        the previous round's bin), so one branch covers the group, and a key's test is one
+        unsigned compare: its rb lies in [base << shift, (base + 2**bits) << shift)."""
+        lowest = (base << shift) + LOW_BITS  # float bits of the round's lowest value
+        span = Uint32((Int32(1) << bits) << shift)
+        offsets = [Uint32(b - lowest) for b in key_bits]
+        inside = [o < span for o in offsets]
+        any_inside = inside[0]
+        for k in cutlass.range_constexpr(1, len(key_bits)):
+            any_inside = any_inside | inside[k]
+        if any_inside:
+            for k in cutlass.range_constexpr(len(key_bits)):
+                if inside[k]:
+                    self.hist_add(sHist, Int32(offsets[k] >> Uint32(shift)),
+                                  self.bin_units(key_bits[k]))
 
     @cute.jit
     def find_digit(self, sHist, red_i, bcast, base: Int32, above: Int64, target: Int64,
