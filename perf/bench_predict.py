@@ -7,6 +7,11 @@ optionally the torch path with the kernel's LSE) and fg.predict.pooled_top_p, on
 bf16 inputs and on video-like ones (fgattn_cute.testing.video_like_qkv, where keeps are
 realistic), and prints each as a fraction of FA4 dense: the issue's bounds are calibrate <= 1x
 and pooled top-p <= 5%. Writes bench-predict-<card>-<date>.json. Timings are never asserted.
+
+Two figures per predictor: `ms`, one call timed alone after a sync (so it includes the host
+time before the call's first launch, while the GPU idles), and `ms_back_to_back`, the time per
+call of 10 consecutive calls, the cost in a denoising loop where the host enqueues ahead of the
+GPU. They differ by the host latency (~0.1 ms for pooled_top_p, perf/NOTES.md, session 16).
 """
 
 from __future__ import annotations
@@ -26,6 +31,23 @@ from sweep import SHAPES, median_ms, run_meta, write_records  # noqa: E402
 import fgattn_cute as fg  # noqa: E402
 
 SHAPES = dict(SHAPES, **{"wan480-h24": (32760, 24, 128)})
+
+
+def back_to_back_ms(fn, calls=10, reps=3):
+    """Median over reps of (CUDA-event time of `calls` consecutive calls of fn) / calls."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    times.sort()
+    return times[len(times) // 2]
 
 
 def video_like(seqlen, heads, head_dim):
@@ -72,13 +94,16 @@ def main(argv=None):
                     qq, kk, 128, 0.9, backend="torch")))
             for system, fn in systems:
                 ms = median_ms(fn, args.reps, warmup=1)
+                ms_b2b = back_to_back_ms(fn)
                 keep = fn().density().item()
                 rec = dict(meta, shape=shape, seqlen=qq.shape[1], heads=heads, head_dim=head_dim,
                            inputs=label, system=system, ms=ms, fa4_dense_ms=dense,
-                           of_dense=ms / dense, keep=keep)
+                           of_dense=ms / dense, ms_back_to_back=ms_b2b,
+                           of_dense_back_to_back=ms_b2b / dense, keep=keep)
                 records.append(rec)
                 print(f"{shape:11s} {label:10s} {system:16s} {ms:9.3f} ms = {ms / dense:6.3f} x "
-                      f"FA4 dense ({dense:.3f} ms), keep {keep:.3f}", flush=True)
+                      f"FA4 dense ({dense:.3f} ms), back to back {ms_b2b:.3f} ms = "
+                      f"{ms_b2b / dense:.3f} x, keep {keep:.3f}", flush=True)
             del systems
         del q, k, v, inputs
         torch.cuda.empty_cache()
