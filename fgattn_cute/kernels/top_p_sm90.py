@@ -332,7 +332,7 @@ class TopPSelectSm90:
                 start = head + c * chunk
                 stop = cutlass.min(start + chunk, head + body)
                 outside |= self.probability_pass(sP, start, stop, LOADS, row_max, row_sum,
-                                                 rcp, sHist, shift1, base1, tidx)
+                                                 rcp, sHist, shift1, base1, bcast, tidx, True)
             edge = tidx
             if tidx >= head:  # threads head.. take the elements after the copies
                 edge = head + body + (tidx - head)
@@ -343,17 +343,10 @@ class TopPSelectSm90:
             if outside != 0:
                 bcast[5] = Int64(1)
             if const_expr(not self.row_in_smem):
-                # (the branch per key here: with the flag in a register this pass, whose 16
-                # loads ahead wait on L2, was 20% slower; H200, perf/NOTES.md)
-                T = self.num_threads
-                for j in cutlass.range(n_smem + tidx, n, GLOBAL_LOADS * T, unroll=1):
-                    xs = [self.load_or(x_row, j + k * T, n, -Float32.inf)
-                          for k in range(GLOBAL_LOADS)]
-                    for k in cutlass.range_constexpr(GLOBAL_LOADS):
-                        prob = self.probability(xs[k], row_max, row_sum, rcp)
-                        if j + k * T < n:
-                            x_row[j + k * T] = prob
-                        self.weigh_first_digit(sHist, prob, shift1, base1, bcast)
+                # (the flag stored per key here: in a register this pass, whose 16 loads ahead
+                # wait on L2, was 20% slower; H200, perf/NOTES.md)
+                self.probability_pass(x_row, n_smem, n, GLOBAL_LOADS, row_max, row_sum, rcp,
+                                      sHist, shift1, base1, bcast, tidx, False)
 
         if const_expr(self.row_in_smem):
             # Not for rows in global memory: their passes already fill L2 with the rows in
@@ -475,12 +468,14 @@ class TopPSelectSm90:
     @cute.jit
     def probability_pass(self, xP: cute.Tensor, lo: Int32, hi: Int32,
                          ahead: cutlass.Constexpr[int], row_max: Float32, row_sum: Float32,
-                         rcp: Float32, sHist, shift1: Int32, base1: Int32,
-                         tidx: Int32) -> Int32:
+                         rcp: Float32, sHist, shift1: Int32, base1: Int32, bcast, tidx: Int32,
+                         flag_in_register: cutlass.Constexpr[bool]) -> Int32:
         """Keys [lo, hi) of xP: scaled logits replaced by their probabilities, each added to
-        the first histogram; `ahead` keys loaded per thread before any is worked on. Returns
-        non-zero when a weighted key fell outside the first round's bins (a flag kept in a
-        register: a branch per key to record it cost more than the key's other tests)."""
+        the first histogram; `ahead` keys loaded per thread before any is worked on. A
+        weighted key outside the first round's bins is flagged: with flag_in_register, in the
+        returned value (non-zero), for the caller to store once (on keys in shared memory a
+        branch per key to store it cost more than the key's other tests); else in bcast[5]
+        directly (0 returned)."""
         T = self.num_threads
         outside = Int32(0)
         for j in cutlass.range(lo + tidx, hi, ahead * T, unroll=1):
@@ -489,7 +484,10 @@ class TopPSelectSm90:
                 prob = self.probability(xs[k], row_max, row_sum, rcp)
                 if j + k * T < hi:
                     xP[j + k * T] = prob
-                outside |= self.weigh_first_digit_flat(sHist, prob, shift1, base1)
+                if const_expr(flag_in_register):
+                    outside |= self.weigh_first_digit_flat(sHist, prob, shift1, base1)
+                else:
+                    self.weigh_first_digit(sHist, prob, shift1, base1, bcast)
         return outside
 
     @cute.jit
