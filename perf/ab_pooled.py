@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import baselines  # noqa: E402
-from ab_kernel import load_variant  # noqa: E402
+from ab_kernel import load_variant, variant_options  # noqa: E402
 from sweep import card_info, median_ms  # noqa: E402
 
 import fgattn_cute as fg  # noqa: E402
@@ -54,7 +54,8 @@ def compile_before(scores_path: str, select_path: str, head_dim: int, seqlen_k: 
     config = TopPConfig.for_rows(seqlen_k)
     t = config.fake_args()  # (rows, stats, words, indices, counts, p, stream)
     select = cute.compile(
-        select_cls(False, config.row_in_smem, config.short_rows, config.max_ctas),
+        select_cls(False, config.row_in_smem, **variant_options(
+            select_cls, short_rows=config.short_rows, max_ctas=config.max_ctas)),
         t[0], *t[2:5], cutlass.Float32(1.0), *t[5:], options="--enable-tvm-ffi")
     return scores, select
 
@@ -113,6 +114,7 @@ def compare(S: int, H: int, D: int, args):
     line = "  ".join(f"{name} {ms:.3f} ms ({ms / dense:.3f}x)" for name, ms in medians.items())
     print(f"S={S} H={H} D={D} FA4 dense {dense:.3f} ms | {line} | rows differing {differ}",
           flush=True)
+
 
 if __name__ == "__main__":
     main()
