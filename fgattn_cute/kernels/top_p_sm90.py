@@ -9,8 +9,8 @@ Once its own row is in, a CTA prefetches into L2 the row that the CTA after it o
 will most likely load (one row per SM further on), so that load comes from L2 (with short rows
 that row has usually started already; see ``prefetch_row``):
 
-1. softmax: p = exp(x - max) / sum of the scaled logits x (float32, accurate exp, the division
-   correctly rounded), in place, in one pass: the row's max, min and sum come with it (the
+1. softmax: p = exp(x - max) / sum of the scaled logits x (float32, as one FMA and one fast
+   exp2: `probability`), in place, in one pass: the row's max, min and sum come with it (the
    scores kernel's per-part statistics, combined by one warp while the row lands); or, in
    ``from_probs`` mode, the row is already probabilities (the selection alone, for tests that
    compare it bit for bit with ``top_p_select`` on the same input).
@@ -34,8 +34,9 @@ that row has usually started already; see ``prefetch_row``):
    in that bin are read again.
 
 Same integer arithmetic as the torch selection, so on the same probabilities the kept sets are
-identical; from logits, the probabilities themselves may differ from torch.softmax's in the last
-bits (summation order).
+identical; from logits, the probabilities themselves may differ from torch.softmax's in their
+last bits (at most ~2**-18 relative: `probability`; the row sum's summation order), so a key at
+the boundary may be chosen differently.
 """
 
 import cuda.bindings.driver as cuda
@@ -48,6 +49,7 @@ from fgattn_cute.kernels.warp_scan import warp_allreduce, warp_inclusive_sum
 
 MASS_BITS = 52
 MASS_SCALE = float(2**MASS_BITS)
+LOG2_E = 1.4426950408889634
 LOW_BITS = (127 - MASS_BITS) << 23  # float32 bits of 2**-52, the smallest weighted probability
 # A probability with biased exponent E and 24-bit significand m weighs m << (E - EXACT_EXP)
 # when E >= EXACT_EXP (P >= 2**-29, weight exact), else m >> (EXACT_EXP - E) (floored).
@@ -314,30 +316,26 @@ class TopPSelectSm90:
                 for j in cutlass.range(lo + tidx, hi, T, unroll=8):
                     self.weigh_first_digit(sHist, xP[j], shift1, base1, bcast)
         else:
-            # One pass: p = exp(x - max) / sum (correctly rounded: the compiler's own division
-            # sequence with the reciprocal refined once per row rather than once per key),
+            # One pass: p = exp(x - max) / sum as 2 ** (x log2(e) - offset) (`probability`),
             # stored in place, and the first histogram; each bulk copy's part as soon as it has
             # landed (the few elements outside the copies are in shared memory already).
-            row_max = sStats[0]
-            row_sum = sStats[1]
-            rcp = cute.arch.rcp_approx(row_sum)
-            rcp = _fma(rcp, _fma(-row_sum, rcp, Float32(1.0)), rcp)
+            offset = sStats[0] * LOG2_E + cute.math.log2(sStats[1], fastmath=True)
             # The extreme keys' probabilities, by the very operations their keys go through.
-            p_hi = self.probability(row_max, row_max, row_sum, rcp)
-            p_lo = self.probability(sStats[2], row_max, row_sum, rcp)
+            p_hi = self.probability(sStats[0], offset)
+            p_lo = self.probability(sStats[2], offset)
             shift1, base1 = self.digit_plan(p_lo, p_hi)
             outside = Int32(0)  # set where a weighted key missed the planned bins
             for c in cutlass.range_constexpr(LOAD_CHUNKS):
                 cute.arch.mbarrier_wait(load_bar + c, phase)
                 start = head + c * chunk
                 stop = cutlass.min(start + chunk, head + body)
-                outside |= self.probability_pass(sP, start, stop, LOADS, row_max, row_sum,
-                                                 rcp, sHist, shift1, base1, bcast, tidx, True)
+                outside |= self.probability_pass(sP, start, stop, LOADS, offset, sHist,
+                                                 shift1, base1, bcast, tidx, True)
             edge = tidx
             if tidx >= head:  # threads head.. take the elements after the copies
                 edge = head + body + (tidx - head)
             if edge < n_smem and tidx < head + 4:
-                prob = self.probability(sP[edge], row_max, row_sum, rcp)
+                prob = self.probability(sP[edge], offset)
                 sP[edge] = prob
                 self.weigh_first_digit(sHist, prob, shift1, base1, bcast)
             if outside != 0:
@@ -345,8 +343,8 @@ class TopPSelectSm90:
             if const_expr(not self.row_in_smem):
                 # (the flag stored per key here: in a register this pass, whose 16 loads ahead
                 # wait on L2, was 20% slower; H200, perf/NOTES.md)
-                self.probability_pass(x_row, n_smem, n, GLOBAL_LOADS, row_max, row_sum, rcp,
-                                      sHist, shift1, base1, bcast, tidx, False)
+                self.probability_pass(x_row, n_smem, n, GLOBAL_LOADS, offset, sHist, shift1,
+                                      base1, bcast, tidx, False)
 
         if const_expr(self.row_in_smem):
             # Not for rows in global memory: their passes already fill L2 with the rows in
@@ -460,15 +458,20 @@ class TopPSelectSm90:
             sStats[2] = row_min
 
     @cute.jit
-    def probability(self, x: Float32, row_max: Float32, row_sum: Float32,
-                    rcp: Float32) -> Float32:
-        """exp(x - row_max) / row_sum, each step rounded (0 for x = -inf)."""
-        return self.divide(cute.math.exp(x - row_max), row_sum, rcp)
+    def probability(self, x: Float32, offset: Float32) -> Float32:
+        """exp(x - row_max) / row_sum as 2 ** (x log2(e) - offset), offset = row_max log2(e) +
+        log2(row_sum): one FMA and one `ex2.approx` (0 for x = -inf). For every key that weighs
+        anything (p >= 2**-52, so the exponent lies in [-52, 0]) that is within ~2**-18 of the
+        exact quotient (the FMA's half ulp at magnitudes below 64, and the approximations' few
+        ulps); an accurate exp and a correctly rounded division took ~12 instructions a key
+        more (perf/NOTES.md, top-p session 17). The exact rule then runs on these
+        probabilities."""
+        return cute.math.exp2(_fma(x, Float32(LOG2_E), -offset), fastmath=True)
 
     @cute.jit
     def probability_pass(self, xP: cute.Tensor, lo: Int32, hi: Int32,
-                         ahead: cutlass.Constexpr[int], row_max: Float32, row_sum: Float32,
-                         rcp: Float32, sHist, shift1: Int32, base1: Int32, bcast, tidx: Int32,
+                         ahead: cutlass.Constexpr[int], offset: Float32, sHist, shift1: Int32,
+                         base1: Int32, bcast, tidx: Int32,
                          flag_in_register: cutlass.Constexpr[bool]) -> Int32:
         """Keys [lo, hi) of xP: scaled logits replaced by their probabilities, each added to
         the first histogram; `ahead` keys loaded per thread before any is worked on. A
@@ -481,7 +484,7 @@ class TopPSelectSm90:
         for j in cutlass.range(lo + tidx, hi, ahead * T, unroll=1):
             xs = [self.load_or(xP, j + k * T, hi, -Float32.inf) for k in range(ahead)]
             for k in cutlass.range_constexpr(ahead):
-                prob = self.probability(xs[k], row_max, row_sum, rcp)
+                prob = self.probability(xs[k], offset)
                 if j + k * T < hi:
                     xP[j + k * T] = prob
                 if const_expr(flag_in_register):
@@ -923,14 +926,6 @@ class TopPSelectSm90:
         if j < n:
             value = sX[j]
         return value
-
-    @cute.jit
-    def divide(self, x: Float32, y: Float32, rcp: Float32) -> Float32:
-        """x / y rounded to nearest, for 0 <= x <= y and y >= 1, given rcp, y's reciprocal
-        refined by one Newton step: one multiply and two FMAs (the compiler's fast path; its
-        slow path only differs for quotients far below 2**-52, which weigh nothing)."""
-        q = x * rcp
-        return _fma(_fma(-y, q, x), rcp, q)
 
     @cute.jit
     def hist_add(self, sHist, b: Int32, units: Int32):
