@@ -284,6 +284,12 @@ class TopPSelectSm90:
         n_chunks = cute.ceil_div(n, 32)
         T = self.num_threads
 
+        # The row's statistics first: with the row prefetched, their loads and the warp's
+        # reductions are what the CTA waits for before its first pass (5% of the selection's
+        # stall samples at this barrier, when combined after warp 0's other setup below).
+        if const_expr(not self.from_probs):
+            if warp == 0:
+                self.combine_stats(mStats[row_idx, None, None], sStats, lane)
         for c in cutlass.range(tidx, n_chunks, T, unroll=1):
             sWords[c] = Uint32(mKeepWords[c])
 
@@ -293,9 +299,6 @@ class TopPSelectSm90:
         self.clear_hist(sHist, HIST_BINS, tidx)
         if tidx == 0:
             bcast[5] = Int64(0)  # set when a key falls outside the first digit's planned range
-        if const_expr(not self.from_probs):
-            if warp == 0:
-                self.combine_stats(mStats[row_idx, None, None], sStats, lane)
         cute.arch.barrier()
 
         # 1. Probabilities in shared memory and the first round's histogram of their weights
@@ -349,11 +352,14 @@ class TopPSelectSm90:
         if const_expr(self.row_in_smem):
             # Not for rows in global memory: their passes already fill L2 with the rows in
             # flight, and another wave of rows would push those out.
-            if tidx == 0:
+            if tidx < 32:
                 future = next_row
                 if const_expr(self.max_ctas == 0):
                     future = row_idx + Int32(nvvm.read_ptx_sreg_nsmid(Int32.mlir_type))
-                self.prefetch_row(mX, future)
+                if tidx == 0:
+                    self.prefetch_row(mX, future)
+                if const_expr(not self.from_probs):
+                    self.prefetch_stats(mStats, future, tidx)
 
         # A weighted key outside the planned range left the first histogram incomplete: build
         # it again with the fixed first digit. Valid probabilities never do this (the plan
@@ -441,14 +447,23 @@ class TopPSelectSm90:
         keys), into sStats as (M, S, min). Lanes take parts lane, lane + 32, ...; a part
         without keys (max -inf, sum 0) adds nothing."""
         n_parts = cute.size(stats.shape[0])
-        local_max = -Float32.inf
-        local_min = Float32.inf
-        for b in cutlass.range(lane, n_parts, 32, unroll=1):
+        # (a lane's first part loaded once, all three values together: rows of up to 65,536
+        # keys have at most 32 parts, so one round of loads)
+        first_max = -Float32.inf
+        first_min = Float32.inf
+        first_sum = Float32(0.0)
+        if lane < n_parts:
+            first_max = stats[lane, 0]
+            first_min = stats[lane, 1]
+            first_sum = stats[lane, 2]
+        local_max = first_max
+        local_min = first_min
+        for b in cutlass.range(lane + 32, n_parts, 32, unroll=1):
             local_max = cute.arch.fmax(local_max, stats[b, 0])
             local_min = cute.arch.fmin(local_min, stats[b, 1])
         row_max = warp_allreduce(local_max, cute.arch.fmax)
-        local_sum = Float32(0.0)
-        for b in cutlass.range(lane, n_parts, 32, unroll=1):
+        local_sum = first_sum * cute.math.exp(first_max - row_max)
+        for b in cutlass.range(lane + 32, n_parts, 32, unroll=1):
             local_sum += stats[b, 2] * cute.math.exp(stats[b, 0] - row_max)
         row_sum = warp_allreduce(local_sum, _add)
         row_min = warp_allreduce(local_min, cute.arch.fmin)
@@ -620,6 +635,19 @@ class TopPSelectSm90:
             _, head, body = _aligned_span(x_next, cute.size(mX.shape[1]))
             if body > 0:
                 nvvm.cp_async_bulk_prefetch(_global_ptr(x_next, head), Int32(body * 4).ir_value())
+
+    @cute.jit
+    def prefetch_stats(self, mStats: cute.Tensor, future: Int32, lane: Int32):
+        """Lanes 0-2: an L2 prefetch of the lines that hold row `future`'s statistics (at most
+        20 parts of 12 bytes for a row in shared memory), whose loads start that row (the
+        scores kernel wrote them long before, and 805 MB of scores since)."""
+        if future < cute.size(mStats.shape[0]):
+            stats = mStats[future, None, None]
+            span = cute.size(stats) * 4
+            if lane < 3:
+                byte = cutlass.min(lane * 128, span - 4)
+                nvvm.prefetch(_global_ptr(stats, byte // 4),
+                              cache_level=nvvm.PrefetchCacheLevel.L2)
 
     # ------------------------------------------------------------------ helpers
     @cute.jit
