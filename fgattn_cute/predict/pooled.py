@@ -222,7 +222,7 @@ def _split_in_three(x, dtype):
 
 def _pooled_top_p_cute(q, k, q_tile, p, scale, keep, capacity):
     from ..host.key_index import _check_capacity, _resolve_capacity
-    from ..host.launch import run_top_p_select_sm90
+    from ..host.launch import logit_stats, run_top_p_select_sm90
     from ..interface import CUTE_HEAD_DIMS, CUTE_Q_TILES
 
     B, sq, H, D = q.shape
@@ -258,7 +258,10 @@ def _pooled_top_p_cute(q, k, q_tile, p, scale, keep, capacity):
                 k3 = torch.cat([kh, kh, kh], dim=-1)
                 logits = torch.bmm(split_means[b, h0:h1], k3.permute(1, 2, 0),
                                    out_dtype=torch.float32)
-                stats, logits_scale = None, scale  # (scaled and their statistics by torch)
+                # scaled in place (these rows are ours: no second copy of them) and their
+                # statistics by torch
+                logits.mul_(scale)
+                stats, logits_scale = logit_stats(logits.view(-1, sk)), None
             run_top_p_select_sm90(
                 logits.view(-1, sk), words, p, logits_scale, cap, stats=stats,
                 indices=indices[b, h0:h1].view(-1, cap), counts=counts[b, h0:h1].view(-1),
@@ -306,7 +309,8 @@ def pooled_top_p(q, k, q_tile=128, p=0.9, softmax_scale=None, always_keep=None, 
     Cost (R = B * H * n_q_tiles rows of Sk keys, at S = 32,760, H = 24, q_tile 128: R * Sk =
     2.0e8). Kernel path: the tile means (one read of q), 3 x 2 * R * Sk * D tensor-core flops
     with a float32 output (0.8 GB), one read of it by the selection kernel, and the lists (0.8
-    GB); 1.7-1.8 ms on an H200 (0.088-0.094x FA4 dense, perf/bench_predict.py, session 12).
+    GB); 1.30 ms per call back to back on an H200 (0.066x FA4 dense, perf/bench_predict.py,
+    session 17; a single call after a sync adds the host's ~0.1-0.3 ms of launch latency).
     Torch path: a float32 [R, D] x [D, Sk] matmul, a softmax, ``top_p_mask`` (three histogram
     rounds) and ``KeyIndex.from_mask``, tens of bytes per (row, key) in eager torch: 48 ms
     there (session 2's measurement, before the ``from_mask`` kernel that ``backend="auto"`` now
