@@ -233,14 +233,14 @@ def test_pooled_top_p_unaligned_queries():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("seqlen_k", [4100, 4099])
+@pytest.mark.parametrize("seqlen_k", [4100, 4098, 4099])
 def test_pooled_scores_kernel(dtype, head_dim, seqlen_k):
     """Scores = sum over the three parts of part . k, float32-accurate: against float64 on the
     same parts, for a partial last block of tiles and of keys, several key ranges per tile
-    block (Sk > 2,048), two batches and a strided k, with 8-byte stores (even Sk) and 4-byte
-    ones (odd Sk); the output is poisoned first. Scaled by 0.3 (each score rounded once), with
-    each 2,048-key part's max and min exactly those of the stored scores and its sum of
-    exp(x - max) to float32 accuracy."""
+    block (Sk > 2,048), two batches and a strided k, with TMA stores (Sk a multiple of 4),
+    8-byte stores (other even Sk) and 4-byte ones (odd Sk); the output is poisoned first.
+    Scaled by 0.3 (each score rounded once), with each 2,048-key part's max and min exactly
+    those of the stored scores and its sum of exp(x - max) to float32 accuracy."""
     from fgattn_cute.host.launch import run_pooled_scores_sm90, run_tile_means_split_sm90
 
     g = torch.Generator().manual_seed(head_dim)

@@ -292,6 +292,8 @@ class PooledScoresConfig:
 
     head_dim: int
     dtype: str  # "bfloat16" or "float16"
+    # scores written by TMA stores from shared memory: rows of a multiple of 4 keys only
+    tma_store: bool = False
 
     def __post_init__(self):
         _check_head_dim_dtype(self.head_dim, self.dtype)
@@ -299,7 +301,7 @@ class PooledScoresConfig:
     def kernel(self):
         from fgattn_cute.kernels.pooled_scores_sm90 import PooledScoresSm90
 
-        return PooledScoresSm90(_dsl_dtype(self.dtype), self.head_dim)
+        return PooledScoresSm90(_dsl_dtype(self.dtype), self.head_dim, tma_store=self.tma_store)
 
     def fake_args(self):
         """split means [B, H, n_q_tiles, 3 D], k, scaled logits [B, H, n_q_tiles, Sk], their
@@ -374,7 +376,8 @@ def all_calibrate_configs():
 
 def all_pooled_scores_configs():
     """Every pooled-scores configuration the package ships (CI compiles each one)."""
-    return [PooledScoresConfig(d, dt) for d in (64, 128) for dt in ("bfloat16", "float16")]
+    return [PooledScoresConfig(d, dt, tma) for d in (64, 128) for dt in ("bfloat16", "float16")
+            for tma in (False, True)]
 
 
 def all_key_lists_configs():

@@ -172,6 +172,13 @@ def run_tile_means_split_sm90(
     return out
 
 
+# The pooled-scores kernel's TMA-store path (`PooledScoresSm90(tma_store=True)`): a dev copy of
+# it measured 5% faster with bitwise-equal outputs (H200, perf/NOTES.md, session 17), but this
+# form has only been compiled, not run on a GPU (the session's device time was spent). Off
+# until `tests/test_top_p_gpu.py -k scores` passes with it on.
+SCORES_TMA_STORE = False
+
+
 def run_pooled_scores_sm90(
     split_means: torch.Tensor,
     k: torch.Tensor,
@@ -188,10 +195,13 @@ def run_pooled_scores_sm90(
     preallocated outputs (every element is written)."""
     batch, heads, n_tiles, _ = split_means.shape
     head_dim = k.shape[-1]
-    fn = compile_fwd(PooledScoresConfig(head_dim, _DTYPE_NAMES[k.dtype]))
     if out is None:
         out = torch.empty(batch, heads, n_tiles, k.shape[1], dtype=torch.float32,
                           device=k.device)
+    # TMA stores where every row starts 16-byte aligned (the kernel's faster path), once
+    # enabled: see SCORES_TMA_STORE
+    tma_store = SCORES_TMA_STORE and k.shape[1] % 4 == 0 and out.data_ptr() % 16 == 0
+    fn = compile_fwd(PooledScoresConfig(head_dim, _DTYPE_NAMES[k.dtype], tma_store))
     if stats is None:
         from fgattn_cute.kernels.pooled_scores_sm90 import BLOCKS_PER_CTA, TILE_N
 

@@ -11,7 +11,8 @@ three 128 x D parts of A once and streams the K tiles by TMA through a ring of 1
 stages; two consumer warpgroups (64 query tiles each) run the wgmmas and store their float32
 accumulators straight to the [B, H, n_q_tiles, Sk] scores, a thread's two adjacent columns
 with one 8-byte store when the rows allow it (a warp's store then fills one 32-byte sector in
-each of 8 rows; 4-byte stores, half sectors, took twice as long: perf/NOTES.md).
+each of 8 rows; 4-byte stores, half sectors, took twice as long: perf/NOTES.md). With
+``tma_store``, each warpgroup's block goes through shared memory to one TMA store instead.
 
 Each stored score is the scaled logit RN(score x scale), and each CTA also writes, per row,
 the max, the min and sum(exp(v - max)) of the values v it stored (its BLOCKS_PER_CTA x 128
@@ -25,7 +26,7 @@ import cuda.bindings.driver as cuda
 import cutlass
 import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils
-from cutlass import Float32, Int32, Int64, const_expr
+from cutlass import Boolean, Float32, Int32, Int64, const_expr
 from cutlass.cute.nvgpu import cpasync, warpgroup
 
 from fgattn_cute.kernels.layout import (
@@ -49,14 +50,21 @@ LOG2_E = math.log2(math.e)
 class PooledScoresSm90:
     """Static configuration of one compiled kernel; launch through `__call__`."""
 
-    def __init__(self, dtype, head_dim: int, num_stages: int = 3):
+    def __init__(self, dtype, head_dim: int, num_stages: int | None = None,
+                 tma_store: bool = False):
         if dtype not in (cutlass.BFloat16, cutlass.Float16):
             raise TypeError(f"dtype must be BFloat16 or Float16, got {dtype}")
         if head_dim not in (64, 128):
             raise ValueError(f"head_dim must be 64 or 128, got {head_dim}")
         self.dtype = dtype
         self.head_dim = head_dim
-        self.num_stages = num_stages
+        # True: each warpgroup's 64 x 128 block goes registers -> shared memory -> one TMA
+        # store, so the warps never wait to issue their stores (a dev copy: 5% faster at Wan
+        # 480p H=24 on an H200, perf/NOTES.md, session 17; not yet the launch default, see
+        # host/launch.py's SCORES_TMA_STORE). Needs rows of a multiple of 4 keys (16-byte
+        # aligned row stride); its 64 KiB staging leaves room for 2 K stages, not 3.
+        self.tma_store = tma_store
+        self.num_stages = num_stages if num_stages is not None else (2 if tma_store else 3)
         self.num_mma_threads = 2 * WARPGROUP
         self.num_threads = self.num_mma_threads + WARPGROUP
         self.producer_regs, self.mma_regs = 24, 240
@@ -83,6 +91,18 @@ class PooledScoresSm90:
             ),
         )
         mK = permute_modes(mK, [1, 3, 2, 0])
+        # (the staging tile of both warpgroups, and the TMA store of one warpgroup's half;
+        # without tma_store the kernel takes mOut and K's atom in their places, unused)
+        sOut_layout = swizzled_tile_layout(Float32, TILE_N, TILE_M)
+        out_cosize = 1
+        tma_out = mOut
+        tma_atom_out = None
+        if const_expr(self.tma_store):
+            tma_atom_out, tma_out = cpasync.make_tiled_tma_atom(
+                cpasync.CopyBulkTensorTileS2GOp(), permute_modes(mOut, [2, 3, 1, 0]),
+                swizzled_tile_layout(Float32, TILE_N, TILE_M // 2), (TILE_M // 2, TILE_N),
+            )
+            out_cosize = cute.cosize(sOut_layout)
         sA_layout = swizzled_tile_layout(self.dtype, self.head_dim, TILE_M, PARTS)
         sK_layout = swizzled_tile_layout(self.dtype, self.head_dim, TILE_N, self.num_stages)
         tma_atom_A, tma_A = cpasync.make_tiled_tma_atom(
@@ -93,6 +113,8 @@ class PooledScoresSm90:
             cpasync.CopyBulkTensorTileG2SOp(), mK, cute.select(sK_layout, mode=[0, 1]),
             (TILE_N, self.head_dim),
         )
+        if const_expr(not self.tma_store):
+            tma_atom_out = tma_atom_K
         mma = sm90_utils.make_trivial_tiled_mma(
             self.dtype,
             self.dtype,
@@ -110,13 +132,14 @@ class PooledScoresSm90:
             bar_k: cute.struct.MemRange[cutlass.Int64, 2 * stages]
             sA: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sA_layout)], 1024]
             sK: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sK_layout)], 1024]
+            sOut: cute.struct.Align[cute.struct.MemRange[Float32, out_cosize], 1024]
 
         n_blocks = cute.ceil_div(cute.size(mK.shape[0]), TILE_N)
         n_splits = cute.ceil_div(n_blocks, BLOCKS_PER_CTA)
         grid = (cute.ceil_div(cute.size(t), TILE_M), cute.size(h), cute.size(b) * n_splits)
         self.kernel(
             tma_A, tma_K, mOut, mStats, scale, tma_atom_A, tma_atom_K, n_blocks, n_splits,
-            sA_layout, sK_layout, mma, SharedStorage,
+            sA_layout, sK_layout, mma, SharedStorage, tma_out, tma_atom_out, sOut_layout,
         ).launch(
             grid=grid,
             block=[self.num_threads, 1, 1],
@@ -141,6 +164,9 @@ class PooledScoresSm90:
         sK_layout: cute.ComposedLayout,
         mma: cute.TiledMma,
         SharedStorage: cutlass.Constexpr,
+        tma_out: cute.Tensor,
+        tma_atom_out: cute.CopyAtom,
+        sOut_layout: cute.ComposedLayout,
     ):
         warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         m_block, head, z = cute.arch.block_idx()
@@ -164,6 +190,9 @@ class PooledScoresSm90:
 
         sA = storage.sA.get_tensor(sA_layout.outer, swizzle=sA_layout.inner)
         sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
+        sOut = storage.sOut.get_tensor(cute.make_layout(1))
+        if const_expr(self.tma_store):
+            sOut = storage.sOut.get_tensor(sOut_layout.outer, swizzle=sOut_layout.inner)
         if warp_idx < 4:
             cute.arch.setmaxregister_decrease(self.producer_regs)
             if warp_idx == 0:
@@ -172,7 +201,8 @@ class PooledScoresSm90:
         else:
             cute.arch.setmaxregister_increase(self.mma_regs)
             self.consume(mOut, mStats, scale, sA, sK, mma, bar_a, ring, first_block,
-                         num_local, m_block, head, batch, z % n_splits)
+                         num_local, m_block, head, batch, z % n_splits, tma_out, tma_atom_out,
+                         sOut)
 
     @cute.jit
     def produce(self, mA: cute.Tensor, mK: cute.Tensor, sA: cute.Tensor, sK: cute.Tensor,
@@ -203,7 +233,8 @@ class PooledScoresSm90:
     def consume(self, mOut: cute.Tensor, mStats: cute.Tensor, scale: Float32, sA: cute.Tensor,
                 sK: cute.Tensor, mma: cute.TiledMma, bar_a: cute.Pointer, ring: StageRing,
                 first_block: Int32, num_local: Int32, m_block: Int32, head: Int32,
-                batch: Int32, split: Int32):
+                batch: Int32, split: Int32, tma_out: cute.Tensor, tma_atom_out: cute.CopyAtom,
+                sOut: cute.Tensor):
         tidx = cute.arch.thread_idx()[0] - WARPGROUP
         wg = cute.arch.make_warp_uniform(tidx // WARPGROUP)
         lane = tidx % 32
@@ -255,27 +286,15 @@ class PooledScoresSm90:
             else:
                 self.add_block_stats(acc_rc, tScS, scale, key0, seqlen_k, row_max, row_min,
                                      row_sum, True)
-            for r in cutlass.range_constexpr(n_rows):
-                tile = m_block * TILE_M + tScS[r, 0][0]
-                if tile < n_tiles:
-                    if pairs:
-                        # Columns 2j, 2j + 1 of a thread are adjacent: one 8-byte store.
-                        for j in cutlass.range_constexpr(cute.size(tScS, mode=[1]) // 2):
-                            key = key0 + tScS[r, 2 * j][1]
-                            if key < seqlen_k:
-                                pair[0] = acc_rc[r, 2 * j]
-                                pair[1] = acc_rc[r, 2 * j + 1]
-                                dst = cute.make_tensor(
-                                    cute.make_ptr(Float32, (out.iterator + (
-                                        Int64(tile) * row_stride + key)).toint(),
-                                        cute.AddressSpace.gmem, assumed_align=8),
-                                    cute.make_layout(2))
-                                cute.autovec_copy(pair, dst)
-                    else:
-                        for c in cutlass.range_constexpr(cute.size(tScS, mode=[1])):
-                            key = key0 + tScS[r, c][1]
-                            if key < seqlen_k:
-                                out[tile, key] = acc_rc[r, c]
+            if const_expr(self.tma_store):
+                self.store_block_tma(acc, thr_mma, sOut, tma_out, tma_atom_out, tidx, wg,
+                                     m_block, first_block + i, head, batch)
+            else:
+                self.store_block(acc_rc, tScS, out, pairs, pair, row_stride, key0, n_tiles,
+                                 seqlen_k, m_block)
+        if const_expr(self.tma_store):
+            if tidx % WARPGROUP == 0:  # (the last store has read shared memory before exit)
+                cute.arch.cp_async_bulk_wait_group(0, read=True)
         # The 4 lanes that share a row combine their statistics; the first writes them.
         stats = mStats[batch, head, None, split, None]  # (n_q_tiles, STATS)
         for r in cutlass.range_constexpr(n_rows):
@@ -293,6 +312,58 @@ class PooledScoresSm90:
                 stats[tile, 0] = row_max[r]
                 stats[tile, 1] = row_min[r]
                 stats[tile, 2] = row_sum[r]
+
+    @cute.jit
+    def store_block(self, acc_rc: cute.Tensor, tScS: cute.Tensor, out: cute.Tensor,
+                    pairs: Boolean, pair: cute.Tensor, row_stride: Int64, key0: Int32,
+                    n_tiles: Int32, seqlen_k: Int32, m_block: Int32):
+        """Stores this thread's part of a block straight from registers (tiles past the last
+        and keys past the row skipped)."""
+        for r in cutlass.range_constexpr(cute.size(tScS, mode=[0])):
+            tile = m_block * TILE_M + tScS[r, 0][0]
+            if tile < n_tiles:
+                if pairs:
+                    # Columns 2j, 2j + 1 of a thread are adjacent: one 8-byte store.
+                    for j in cutlass.range_constexpr(cute.size(tScS, mode=[1]) // 2):
+                        key = key0 + tScS[r, 2 * j][1]
+                        if key < seqlen_k:
+                            pair[0] = acc_rc[r, 2 * j]
+                            pair[1] = acc_rc[r, 2 * j + 1]
+                            dst = cute.make_tensor(
+                                cute.make_ptr(Float32, (out.iterator + (
+                                    Int64(tile) * row_stride + key)).toint(),
+                                    cute.AddressSpace.gmem, assumed_align=8),
+                                cute.make_layout(2))
+                            cute.autovec_copy(pair, dst)
+                else:
+                    for c in cutlass.range_constexpr(cute.size(tScS, mode=[1])):
+                        key = key0 + tScS[r, c][1]
+                        if key < seqlen_k:
+                            out[tile, key] = acc_rc[r, c]
+
+    @cute.jit
+    def store_block_tma(self, acc: cute.Tensor, thr_mma: cute.ThrMma, sOut: cute.Tensor,
+                        tma_out: cute.Tensor, tma_atom_out: cute.CopyAtom, tidx: Int32,
+                        wg: Int32, m_block: Int32, n_block: Int32, head: Int32, batch: Int32):
+        """This warpgroup's 64 x 128 block: registers -> its half of sOut (once the previous
+        store has read it) -> one TMA store, issued by the warpgroup's first thread, which
+        clips tiles and keys past the ends."""
+        first = tidx % WARPGROUP == 0
+        barrier_id = 1 + wg  # (0 is the CTA's)
+        if first:
+            cute.arch.cp_async_bulk_wait_group(0, read=True)
+        cute.arch.barrier(barrier_id=barrier_id, number_of_threads=WARPGROUP)
+        cute.autovec_copy(acc, thr_mma.partition_C(sOut))
+        cute.arch.fence_view_async_shared()
+        cute.arch.barrier(barrier_id=barrier_id, number_of_threads=WARPGROUP)
+        if first:
+            box = (TILE_M // 2, TILE_N)
+            gOut = cute.local_tile(tma_out[None, None, head, batch], box,
+                                   (m_block * 2 + wg, n_block))
+            tOsO, tOgO = tma_tile_partition(tma_atom_out, cute.local_tile(sOut, box, (wg, 0)),
+                                            gOut)
+            cute.copy(tma_atom_out, tOsO, tOgO)
+            cute.arch.cp_async_bulk_commit_group()
 
     @cute.jit
     def exp_below(self, x: Float32, row_max: Float32) -> Float32:
