@@ -94,7 +94,7 @@ class PooledScoresSm90:
         # (the staging tile of both warpgroups, and the TMA store of one warpgroup's half;
         # without tma_store the kernel takes mOut and K's atom in their places, unused)
         sOut_layout = swizzled_tile_layout(Float32, TILE_N, TILE_M)
-        out_cosize = 1
+        out_cosize = 0
         tma_out = mOut
         tma_atom_out = None
         if const_expr(self.tma_store):
@@ -132,7 +132,17 @@ class PooledScoresSm90:
             bar_k: cute.struct.MemRange[cutlass.Int64, 2 * stages]
             sA: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sA_layout)], 1024]
             sK: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sK_layout)], 1024]
-            sOut: cute.struct.Align[cute.struct.MemRange[Float32, out_cosize], 1024]
+
+        if const_expr(self.tma_store):
+            @cute.struct
+            class SharedStorage:  # noqa: F811 (the same, with the staging tile)
+                bar_a: cute.struct.MemRange[cutlass.Int64, 1]
+                bar_k: cute.struct.MemRange[cutlass.Int64, 2 * stages]
+                sA: cute.struct.Align[
+                    cute.struct.MemRange[self.dtype, cute.cosize(sA_layout)], 1024]
+                sK: cute.struct.Align[
+                    cute.struct.MemRange[self.dtype, cute.cosize(sK_layout)], 1024]
+                sOut: cute.struct.Align[cute.struct.MemRange[Float32, out_cosize], 1024]
 
         n_blocks = cute.ceil_div(cute.size(mK.shape[0]), TILE_N)
         n_splits = cute.ceil_div(n_blocks, BLOCKS_PER_CTA)
@@ -190,7 +200,7 @@ class PooledScoresSm90:
 
         sA = storage.sA.get_tensor(sA_layout.outer, swizzle=sA_layout.inner)
         sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
-        sOut = storage.sOut.get_tensor(cute.make_layout(1))
+        sOut = sK  # (unused without tma_store)
         if const_expr(self.tma_store):
             sOut = storage.sOut.get_tensor(sOut_layout.outer, swizzle=sOut_layout.inner)
         if warp_idx < 4:
