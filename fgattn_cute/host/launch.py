@@ -151,7 +151,7 @@ def logit_stats(x: torch.Tensor) -> torch.Tensor:
     """float32 [R, 1, 3]: each row's max, min and sum of exp(x - max), the statistics that
     run_top_p_select_sm90 takes (one part per row)."""
     row_max = x.amax(-1, keepdim=True)
-    total = torch.exp(x - row_max).sum(-1, keepdim=True)
+    total = (x - row_max).exp_().sum(-1, keepdim=True)  # (one R x N temporary, not two)
     return torch.stack([row_max, x.amin(-1, keepdim=True), total], dim=-1).float()
 
 

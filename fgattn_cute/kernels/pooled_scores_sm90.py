@@ -45,6 +45,7 @@ TILE_N = 128  # keys per stage
 BLOCKS_PER_CTA = 16  # key blocks per CTA: A is loaded once for this many
 STATS = 3  # per row and CTA: max, min, sum of exp(v - max) of the scaled logits v it stored
 LOG2_E = math.log2(math.e)
+BARRIER_STAGING = 1  # named barriers 1 and 2: each consumer warpgroup's staging tile (0: CTA)
 
 
 class PooledScoresSm90:
@@ -62,9 +63,12 @@ class PooledScoresSm90:
         # store, so the warps never wait to issue their stores (a dev copy: 5% faster at Wan
         # 480p H=24 on an H200, perf/NOTES.md, session 17; not yet the launch default, see
         # host/launch.py's SCORES_TMA_STORE). Needs rows of a multiple of 4 keys (16-byte
-        # aligned row stride); its 64 KiB staging leaves room for 2 K stages, not 3.
+        # aligned row stride); at head dim 128 its 64 KiB staging leaves room for 2 K stages,
+        # not 3 (at 64, 3 stages still fit).
         self.tma_store = tma_store
-        self.num_stages = num_stages if num_stages is not None else (2 if tma_store else 3)
+        if num_stages is None:
+            num_stages = 2 if tma_store and head_dim == 128 else 3
+        self.num_stages = num_stages
         self.num_mma_threads = 2 * WARPGROUP
         self.num_threads = self.num_mma_threads + WARPGROUP
         self.producer_regs, self.mma_regs = 24, 240
@@ -186,6 +190,8 @@ class PooledScoresSm90:
         if warp_idx == 0:
             cpasync.prefetch_descriptor(tma_atom_A)
             cpasync.prefetch_descriptor(tma_atom_K)
+            if const_expr(self.tma_store):
+                cpasync.prefetch_descriptor(tma_atom_out)
 
         smem = cutlass.memory.SmemAllocator()
         storage = smem.allocate(SharedStorage)
@@ -359,7 +365,7 @@ class PooledScoresSm90:
         store has read it) -> one TMA store, issued by the warpgroup's first thread, which
         clips tiles and keys past the ends."""
         first = tidx % WARPGROUP == 0
-        barrier_id = 1 + wg  # (0 is the CTA's)
+        barrier_id = BARRIER_STAGING + wg
         if first:
             cute.arch.cp_async_bulk_wait_group(0, read=True)
         cute.arch.barrier(barrier_id=barrier_id, number_of_threads=WARPGROUP)

@@ -39,6 +39,8 @@ last bits (at most ~2**-18 relative: `probability`; the row sum's summation orde
 the boundary may be chosen differently.
 """
 
+import math
+
 import cuda.bindings.driver as cuda
 import cutlass
 import cutlass.cute as cute
@@ -49,7 +51,7 @@ from fgattn_cute.kernels.warp_scan import warp_allreduce, warp_inclusive_sum
 
 MASS_BITS = 52
 MASS_SCALE = float(2**MASS_BITS)
-LOG2_E = 1.4426950408889634
+LOG2_E = math.log2(math.e)
 LOW_BITS = (127 - MASS_BITS) << 23  # float32 bits of 2**-52, the smallest weighted probability
 # A probability with biased exponent E and 24-bit significand m weighs m << (E - EXACT_EXP)
 # when E >= EXACT_EXP (P >= 2**-29, weight exact), else m >> (EXACT_EXP - E) (floored).
@@ -62,8 +64,9 @@ FIRST_DIGIT = (17, 12)
 HIST_BINS = 1 << 12
 DIGIT_BITS = 12  # every round's histogram has 4,096 bins; a round uses at most this many digits
 # Ulps of slack around the row's extreme keys' probabilities when the first digit is placed per
-# row. Only a guard: those probabilities are the extreme keys' own (the same exponential and
-# division), so every key lies within them.
+# row. Only a guard: those probabilities are the extreme keys' own (the same FMA and
+# ex2.approx, monotone in x), so every key lies within them; a key that did not would be
+# caught by the fallback to the fixed first digit.
 PLAN_MARGIN = 64
 LOADS = 4  # keys loaded ahead per thread in the passes whose per-key work branches
 # A row in shared memory arrives in this many bulk copies, each with its own barrier, so that
@@ -476,10 +479,13 @@ class TopPSelectSm90:
     def probability(self, x: Float32, offset: Float32) -> Float32:
         """exp(x - row_max) / row_sum as 2 ** (x log2(e) - offset), offset = row_max log2(e) +
         log2(row_sum): one FMA and one `ex2.approx` (0 for x = -inf). For every key that weighs
-        anything (p >= 2**-52, so the exponent lies in [-52, 0]) that is within ~2**-18 of the
-        exact quotient (the FMA's half ulp at magnitudes below 64, and the approximations' few
-        ulps); an accurate exp and a correctly rounded division took ~12 instructions a key
-        more (perf/NOTES.md, top-p session 17). The exact rule then runs on these
+        anything (p >= 2**-52, so the exponent lies in about [-52, 0]) that is within ~2**-18
+        of the exact quotient (the FMA's half ulp at magnitudes below 64, and the
+        approximations' few ulps), times one factor common to the whole row: offset's own
+        rounding, ~|offset| * 2**-24 (2**-17 at |row_max| = 100), which scales every weight
+        and the target alike, so the rule hardly sees it (the top key's p may then exceed 1
+        by that much). An accurate exp and a correctly rounded division took ~12 instructions
+        a key more (perf/NOTES.md, top-p session 17). The exact rule then runs on these
         probabilities."""
         return cute.math.exp2(_fma(x, Float32(LOG2_E), -offset), fastmath=True)
 

@@ -298,7 +298,8 @@ def pooled_top_p(q, k, q_tile=128, p=0.9, softmax_scale=None, always_keep=None, 
             otherwise), "torch" (chunked torch, any device and dtype) or "auto" (the kernel
             where it runs the call, else torch). The rule is
             the same; the probabilities may differ in their last bits between the two (matmul
-            and softmax summation order), which can move a key at the boundary.
+            and softmax summation order, and the kernel's fast exp2: ~2**-18 relative), which
+            can move a key at the boundary.
         select_fn: ``select_fn(probs [R, Sk] float32, p 0-dim float64 tensor) -> bool [R, Sk]``,
             the selection of the torch path (default ``top_p_select``;
             ``compiled_top_p_select()`` is the same, compiled).
