@@ -35,8 +35,8 @@ that row has usually started already; see ``prefetch_row``):
 
 Same integer arithmetic as the torch selection, so on the same probabilities the kept sets are
 identical; from logits, the probabilities themselves may differ from torch.softmax's in their
-last bits (at most ~2**-18 relative: `probability`; the row sum's summation order), so a key at
-the boundary may be chosen differently.
+last bits (~2**-18 relative, up to a factor common to the row: `probability`; the row sum's
+summation order), so a key at the boundary may be chosen differently.
 """
 
 import math

@@ -250,7 +250,7 @@ def _pooled_top_p_cute(q, k, q_tile, p, scale, keep, capacity):
                 a = split_means[b:b + 1, h0:h1].contiguous()  # [1, nh, T, 3D], no copy if nh = H
                 # scaled logits [1, nh, T, Sk] and their softmax statistics per 2,048 keys
                 logits, stats = run_pooled_scores_sm90(a, k[b:b + 1, :, h0:h1], scale)
-                stats, logits_scale = stats.flatten(0, 2), None
+                stats = stats.flatten(0, 2)
             else:
                 kh = k[b, :, h0:h1]  # [Sk, nh, D]
                 # [Sk, nh, 3D]: one coalesced copy in k's own order; the GEMM reads it as
@@ -261,9 +261,9 @@ def _pooled_top_p_cute(q, k, q_tile, p, scale, keep, capacity):
                 # scaled in place (these rows are ours: no second copy of them) and their
                 # statistics by torch
                 logits.mul_(scale)
-                stats, logits_scale = logit_stats(logits.view(-1, sk)), None
+                stats = logit_stats(logits.view(-1, sk))
             run_top_p_select_sm90(
-                logits.view(-1, sk), words, p, logits_scale, cap, stats=stats,
+                logits.view(-1, sk), words, p, None, cap, stats=stats,
                 indices=indices[b, h0:h1].view(-1, cap), counts=counts[b, h0:h1].view(-1),
             )
     _check_capacity(counts, cap, sk)
