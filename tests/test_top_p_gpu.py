@@ -269,6 +269,28 @@ def test_pooled_scores_kernel(dtype, head_dim, seqlen_k):
         assert torch.allclose(stats[..., part, 2].double(), total, rtol=1e-5), part
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_pooled_scores_tma_store_matches_register_stores(monkeypatch, head_dim):
+    """The scores kernel's two store paths (TMA from shared memory, and the register stores it
+    falls back to for rows not 16-byte aligned) write the same bits, scores and statistics,
+    for a partial last block of tiles and of keys."""
+    from fgattn_cute.host import launch
+
+    g = torch.Generator().manual_seed(head_dim + 1)
+    q = (torch.randn(1, 70 * 64 + 5, 2, head_dim, generator=g) * 2).to(torch.bfloat16).cuda()
+    k = torch.randn(1, 6148, 2, head_dim, generator=g).to(torch.bfloat16).cuda()
+    split = launch.run_tile_means_split_sm90(q, 64)
+    results = []
+    for tma_store in (True, False):
+        monkeypatch.setattr(launch, "SCORES_TMA_STORE", tma_store)
+        out = torch.full((1, 2, split.shape[2], 6148), float("nan"), device="cuda")
+        stats = torch.full((1, 2, split.shape[2], 4, 3), float("nan"), device="cuda")
+        results.append(launch.run_pooled_scores_sm90(split, k, 0.7, out=out, stats=stats))
+    (tma_out, tma_stats), (reg_out, reg_stats) = results
+    assert not tma_out.isnan().any() and not tma_stats.isnan().any()
+    assert torch.equal(tma_out, reg_out) and torch.equal(tma_stats, reg_stats)
+
+
 def test_pooled_top_p_head_dim_without_query_kernels():
     """A head dim the query-side kernels lack (96): torch's tile means and a GEMM against
     [k; k; k] feed the selection kernel; only boundary keys may differ from the torch path."""

@@ -172,11 +172,11 @@ def run_tile_means_split_sm90(
     return out
 
 
-# The pooled-scores kernel's TMA-store path (`PooledScoresSm90(tma_store=True)`): a dev copy of
-# it measured 5% faster with bitwise-equal outputs (H200, perf/NOTES.md, session 17), but this
-# form has only been compiled, not run on a GPU (the session's device time was spent). Off
-# until `tests/test_top_p_gpu.py -k scores` passes with it on.
-SCORES_TMA_STORE = False
+# The pooled-scores kernel's TMA-store path (`PooledScoresSm90(tma_store=True)`, 5% faster than
+# its register stores with bitwise-equal outputs; perf/NOTES.md, sessions 17-18), used wherever
+# every row starts 16-byte aligned. False runs the register stores everywhere (the tests
+# compare the two).
+SCORES_TMA_STORE = True
 
 
 def run_pooled_scores_sm90(
@@ -198,8 +198,7 @@ def run_pooled_scores_sm90(
     if out is None:
         out = torch.empty(batch, heads, n_tiles, k.shape[1], dtype=torch.float32,
                           device=k.device)
-    # TMA stores where every row starts 16-byte aligned (the kernel's faster path), once
-    # enabled: see SCORES_TMA_STORE
+    # TMA stores where every row starts 16-byte aligned (the kernel's faster path)
     tma_store = SCORES_TMA_STORE and k.shape[1] % 4 == 0 and out.data_ptr() % 16 == 0
     fn = compile_fwd(PooledScoresConfig(head_dim, _DTYPE_NAMES[k.dtype], tma_store))
     if stats is None:
