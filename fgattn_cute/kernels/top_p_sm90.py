@@ -143,8 +143,9 @@ class TopPSelectSm90:
             self.max_n = MAX_SEQLEN_K_SHORT
         else:
             self.max_n = MAX_SEQLEN_K_SMEM if row_in_smem else MAX_SEQLEN_K
-        # The scan of a round's histogram gives each thread a whole number of bins.
-        assert HIST_BINS % num_threads == 0 or num_threads % HIST_BINS == 0
+        # The scan of a round's histogram gives each thread a whole number of 16-byte groups
+        # of bins.
+        assert HIST_BINS % (4 * num_threads) == 0
         # (rows in global memory: the whole LONG_ROW_AREA, bitmaps included)
         self.smem_row = self.max_n if row_in_smem else LONG_ROW_AREA
         # Rows in global memory: round 2's pass also settles the keep bits of every key outside
@@ -181,7 +182,7 @@ class TopPSelectSm90:
             ]
             red_i: cute.struct.MemRange[Int64, num_warps]
             red_f: cute.struct.MemRange[Float32, 2 * num_warps]
-            bcast: cute.struct.MemRange[Int64, 6]
+            bcast: cute.struct.MemRange[Int64, 8]
             stats: cute.struct.MemRange[Float32, 3]  # the row's max, sum and min (`combine_stats`)
 
         # Short rows: registers capped for two CTAs per SM, and the largest shared-memory
@@ -239,7 +240,7 @@ class TopPSelectSm90:
             storage.hist.get_tensor(cute.make_layout((HIST_BINS, 2))),
             storage.red_i.get_tensor(cute.make_layout(self.num_warps)),
             storage.red_f.get_tensor(cute.make_layout((self.num_warps, 2))),
-            storage.bcast.get_tensor(cute.make_layout(6)),
+            storage.bcast.get_tensor(cute.make_layout(8)),
             storage.stats.get_tensor(cute.make_layout(3)),
         )
         load_bar = shared[1]
@@ -247,6 +248,8 @@ class TopPSelectSm90:
             for c in cutlass.range_constexpr(LOAD_CHUNKS):
                 cute.arch.mbarrier_init(load_bar + c, 1)
         cute.arch.mbarrier_init_fence()
+        # Cleared once: every `find_digit` leaves the histogram clear behind it.
+        self.clear_hist(shared[4], HIST_BINS, tidx)
         cute.arch.barrier()
         row_first = cute.arch.block_idx()[0]
         self.load_row(mX, row_first, shared[0], load_bar, n_smem, tidx)
@@ -298,8 +301,7 @@ class TopPSelectSm90:
 
         # The first radix round's histogram (every key with a non-zero weight takes part) is
         # built in the pass that computes the probabilities, so that round needs no pass of its
-        # own.
-        self.clear_hist(sHist, HIST_BINS, tidx)
+        # own. (The histogram is clear: the previous row's scans cleared it.)
         if tidx == 0:
             bcast[5] = Int64(0)  # set when a key falls outside the first digit's planned range
         cute.arch.barrier()
@@ -376,6 +378,7 @@ class TopPSelectSm90:
             for xP, _, lo, hi in segments:
                 for j in cutlass.range(lo + tidx, hi, T, unroll=1):
                     self.weigh_first_digit(sHist, xP[j], shift1, base1, bcast)
+            cute.arch.barrier()  # (the first round's scan has no barrier of its own)
 
         # 2. The target, then the boundary value tau by radix rounds: 12 bits at shift1, then
         # at most 12 more, then what is left (up to 5 bits; none when shift1 <= 12).
@@ -403,8 +406,11 @@ class TopPSelectSm90:
                 self.mark_in_round2 and i == 1, sWords, sInBin, value1, shift1, total > 0,
             )
         tau = value
-        take, rank_ties = self.take_at_tau(bcast, tau, target, above, tau_bin_weight, tidx)
         any_mass = total > 0
+        if const_expr(not self.row_in_smem):
+            # (no barrier is needed here: without it, the list pass's walk over the warps'
+            # counts spills registers in the from_probs configuration)
+            cute.arch.barrier()
 
         # 3. Keep bits in index order, then the list.
         chunks_per_warp = cute.ceil_div(n_chunks, self.num_warps)
@@ -413,11 +419,11 @@ class TopPSelectSm90:
         lower_lanes = (Uint32(1) << Uint32(lane)) - Uint32(1)
 
         if const_expr(self.mark_in_round2):
-            kept = self.settle_bin_keys(sWords, sInBin, segments, tau, take, rank_ties,
-                                        any_mass, c_begin, c_end, red_i, warp, lane, lower_lanes)
+            kept = self.settle_bin_keys(sWords, sInBin, segments, tau, bcast, any_mass, c_begin,
+                                        c_end, red_i, warp, lane, lower_lanes)
         else:
-            kept = self.keep_bits(sWords, sBitsP, n, tau, take, rank_ties, any_mass, c_begin,
-                                  c_end, red_i, warp, lane, lower_lanes)
+            kept = self.keep_bits(sWords, sBitsP, n, tau, bcast, any_mass, c_begin, c_end,
+                                  red_i, warp, lane, lower_lanes)
         slot_base, kept_total = self.exclusive_warp_prefix(Int64(kept), red_i, warp, lane)
         count = Int32(kept_total)
         # Past that prefix's barriers no thread reads this row's keys again: the next row's
@@ -530,12 +536,14 @@ class TopPSelectSm90:
         return Int32((rb >= 0) & (~in_range))
 
     @cute.jit
-    def keep_bits(self, sWords, sBitsP, n: Int32, tau: Int32, take: Int64, rank_ties: Boolean,
-                  any_mass: Boolean, c_begin: Int32, c_end: Int32, red_i, warp: Int32,
-                  lane: Int32, lower_lanes: Uint32) -> Int32:
+    def keep_bits(self, sWords, sBitsP, n: Int32, tau: Int32, bcast, any_mass: Boolean,
+                  c_begin: Int32, c_end: Int32, red_i, warp: Int32, lane: Int32,
+                  lower_lanes: Uint32) -> Int32:
         """Adds to the keep words of this warp's chunks [c_begin, c_end) the keys above tau,
-        and those equal to it while among the first `take` in index order. Returns the number
-        of keys the warp's words keep."""
+        and those equal to it while among the first `take` in index order (`take_at_tau`'s
+        results, read from bcast where they are needed: held from the last scan on, they cost
+        registers). Returns the number of keys the warp's words keep."""
+        rank_ties = bcast[6] != 0
         tie_rank = Int64(0)
         if rank_ties:
             ties = Int32(0)
@@ -549,6 +557,7 @@ class TopPSelectSm90:
 
         kept = Int32(0)
         if rank_ties:
+            take = bcast[4]
             for c in cutlass.range(c_begin, c_end, unroll=1):
                 j = c * 32 + lane
                 greater = Boolean(False)
@@ -575,13 +584,14 @@ class TopPSelectSm90:
         return kept
 
     @cute.jit
-    def settle_bin_keys(self, sWords, sInBin, segments, tau: Int32, take: Int64,
-                        rank_ties: Boolean, any_mass: Boolean, c_begin: Int32, c_end: Int32,
-                        red_i, warp: Int32, lane: Int32, lower_lanes: Uint32) -> Int32:
+    def settle_bin_keys(self, sWords, sInBin, segments, tau: Int32, bcast, any_mass: Boolean,
+                        c_begin: Int32, c_end: Int32, red_i, warp: Int32, lane: Int32,
+                        lower_lanes: Uint32) -> Int32:
         """`keep_bits` after `mark_keys`: only the keys in the first round's bin (a few chunks
         of a row) are compared with tau, the other chunks' words are complete. A chunk at a
         time: a warp that gathered its chunks' marks 32 at a time and visited only the marked
         ones measured 6% slower on rows in global memory (perf/NOTES.md, top-p session 12)."""
+        rank_ties = bcast[6] != 0
         tie_rank = Int64(0)
         if rank_ties:
             ties = Int32(0)
@@ -602,7 +612,7 @@ class TopPSelectSm90:
                 greater = mine & (rb > tau)
                 tie = mine & (rb == tau)
                 if rank_ties:
-                    tie, tie_rank = self.take_ties(tie, tie_rank, take, lower_lanes)
+                    tie, tie_rank = self.take_ties(tie, tie_rank, bcast[4], lower_lanes)
                 kept += self.merge_keep_word(sWords, c, any_mass & (greater | tie), lane)
             else:
                 kept += Int32(cute.arch.popc(sWords[c]))
@@ -721,12 +731,12 @@ class TopPSelectSm90:
         round's is built by the probability pass), then `find_digit`. Returns the chosen bin's
         rb >> shift (base itself when bits is 0) and what `find_digit` returns. With `mark`,
         the pass also runs `mark_keys` on every key (the rest of the arguments are its), and
-        runs even when bits is 0."""
+        runs even when bits is 0. The histogram is clear on entry (the previous scan cleared
+        it, behind its closing barrier), and the first round's complete (the caller's
+        barrier)."""
         out = (base, above, tau_bin_weight, target, total)
         T = self.num_threads
         if const_expr(mark):
-            self.clear_hist(sHist, Int32(1) << bits, tidx)  # (hist_get reads no others)
-            cute.arch.barrier()
             # Warp-uniform steps (a ballot per chunk): lane l of warp w takes keys
             # jw + l + k * T; keys past the row read as bits 0, probability 0, which weighs
             # nothing and is in no bin.
@@ -750,8 +760,6 @@ class TopPSelectSm90:
                                       shift, bits, first, tidx, warp, lane)
         elif bits > 0:
             if const_expr(not first):
-                self.clear_hist(sHist, Int32(1) << bits, tidx)  # (hist_get reads no others)
-                cute.arch.barrier()
                 for _, xBits, lo, hi in segments:
                     for j in cutlass.range(lo + tidx, hi, LOADS * T, unroll=1):
                         # (bits 0, probability 0, stand for keys past the row: they weigh
@@ -759,7 +767,7 @@ class TopPSelectSm90:
                         key_bits = [self.load_or(xBits, j + k * T, hi, Int32(0))
                                     for k in range(LOADS)]
                         self.weigh_digits(sHist, key_bits, base, shift, bits)
-            cute.arch.barrier()
+                cute.arch.barrier()
             out = self.find_digit(sHist, red_i, bcast, base, above, target, total, p_top,
                                   shift, bits, first, tidx, warp, lane)
         return out
@@ -815,19 +823,28 @@ class TopPSelectSm90:
         code does). Returns its bin's rb >> shift (base + digit), the weight of the keys above
         it, the weight of the keys in its bin, and (set by the first round, whose histogram
         holds every key with a weight) the target ceil(p_top * total) and the row's total
-        weight."""
+        weight. The last round's scan (shift 0: its bin is tau itself) also leaves
+        `take_at_tau`'s results in bcast[4] and bcast[6]. Each thread clears the bins it
+        scanned (no other thread reads them), so the histogram is clear behind the closing
+        barrier, the scan's only one after its prefix (the next write to red_i follows it)."""
         nb = HIST_BINS  # (digits past 1 << bits are empty bins)
         # Scan from the top digit down, every thread at once: thread t holds the `per`
-        # descending positions t * per .. t * per + per - 1 (position d is digit nb - 1 - d).
-        per = max(nb // self.num_threads, 1)
+        # descending positions t * per .. t * per + per - 1 (position d is digit nb - 1 - d),
+        # i.e. the bins lowest .. lowest + per - 1, read (and cleared) 16 bytes at a time: one
+        # bin at a time, a warp's reads hit each bank per / 4 times over.
+        per = nb // self.num_threads
         d0 = tidx * per
+        lowest = nb - d0 - per
+        units_lo, units_hi = self.take_bins(sHist, lowest, per)
+        weights = [self.bin_weight(units_lo[per - 1 - i], units_hi[per - 1 - i],
+                                   lowest + (per - 1 - i), base, shift, bits)
+                   for i in range(per)]
         own = Int64(0)
-        if d0 < nb:  # (threads past the last bin hold none)
-            for i in cutlass.range_constexpr(per):
-                own += self.hist_get(sHist, nb - 1 - (d0 + i), base, shift, bits)
+        for i in cutlass.range_constexpr(per):
+            own += weights[i]
         incl = warp_inclusive_sum(own, lane)
         warp_total = cute.arch.shuffle_sync(incl, 31)
-        before, all_bins = self.exclusive_warp_prefix(warp_total, red_i, warp, lane)
+        before, all_bins = self.exclusive_warp_prefix(warp_total, red_i, warp, lane, False)
         incl += before
         if const_expr(first):
             total = all_bins
@@ -844,47 +861,48 @@ class TopPSelectSm90:
         if crosses | clamped:
             running = excl
             pos = Int32(nb - 1)
+            bin_weight = Int64(0)
             found = Boolean(False)
             for i in cutlass.range_constexpr(per):
                 if not found:
-                    b = self.hist_get(sHist, nb - 1 - (d0 + i), base, shift, bits)
-                    if running + b >= need or d0 + i == nb - 1:
+                    if running + weights[i] >= need or d0 + i == nb - 1:
                         pos = d0 + i
+                        bin_weight = weights[i]
                         found = Boolean(True)
                     else:
-                        running += b
+                        running += weights[i]
             # (pos >= nb - (1 << bits) whenever the row has mass; without it, the value lands
             # past the round's bins, and any_mass keeps nothing anyway)
-            bcast[0] = Int64(base + (nb - 1 - pos))
+            value = base + (nb - 1 - pos)
+            bcast[0] = Int64(value)
             bcast[1] = above + running
-            bcast[3] = self.hist_get(sHist, nb - 1 - pos, base, shift, bits)
+            bcast[3] = bin_weight
+            if shift == 0:
+                self.take_at_tau(bcast, value, target, above + running, bin_weight)
         cute.arch.barrier()
         return Int32(bcast[0]), bcast[1], bcast[3], target, total
 
     @cute.jit
-    def take_at_tau(self, bcast, tau: Int32, target: Int64, above: Int64, tau_bin_weight: Int64,
-                    tidx: Int32):
-        """(how many keys equal to tau to take, whether the keys equal to tau need ranking), by
-        one thread and broadcast: a 64-bit division is a long subroutine, and every thread
+    def take_at_tau(self, bcast, tau: Int32, target: Int64, above: Int64, tau_bin_weight: Int64):
+        """How many keys equal to tau to take (into bcast[4]) and whether the keys equal to
+        tau need ranking (bcast[6]), by the one thread of the last scan that found tau, before
+        that scan's closing barrier: a 64-bit division is a long subroutine, and every thread
         computing it cost 3% of the selection's instructions."""
-        if tidx == 0:
-            # Weight of one key equal to tau: float32 bits tau + LOW_BITS, read back as a float.
-            bcast[2] = Int64(tau + LOW_BITS)
-            tau_bits = cute.make_tensor(cute.recast_ptr(bcast.iterator + 2, dtype=Int32),
-                                        cute.make_layout(1))
-            tau_float = cute.make_tensor(cute.recast_ptr(tau_bits.iterator, dtype=Float32),
-                                         cute.make_layout(1))
-            tau_weight = Int64(tau_float[0] * MASS_SCALE)
-            if tau_weight < 1:
-                tau_weight = Int64(1)
-            take = (target - above + tau_weight - 1) // tau_weight
-            # The last round's bin is the single value tau, so it weighs (keys equal to tau) x
-            # tau_weight. When all of them are taken (the usual case: one key), no tie needs a
-            # rank: take < ties, i.e. (take + 1) x tau_weight <= the bin's weight.
-            bcast[4] = take
-            bcast[5] = Int64((take + 1) * tau_weight <= tau_bin_weight)
-        cute.arch.barrier()
-        return bcast[4], bcast[5] != 0
+        # Weight of one key equal to tau: float32 bits tau + LOW_BITS, read back as a float.
+        bcast[2] = Int64(tau + LOW_BITS)
+        tau_bits = cute.make_tensor(cute.recast_ptr(bcast.iterator + 2, dtype=Int32),
+                                    cute.make_layout(1))
+        tau_float = cute.make_tensor(cute.recast_ptr(tau_bits.iterator, dtype=Float32),
+                                     cute.make_layout(1))
+        tau_weight = Int64(tau_float[0] * MASS_SCALE)
+        if tau_weight < 1:
+            tau_weight = Int64(1)
+        take = (target - above + tau_weight - 1) // tau_weight
+        # The last round's bin is the single value tau, so it weighs (keys equal to tau) x
+        # tau_weight. When all of them are taken (the usual case: one key), no tie needs a
+        # rank: take < ties, i.e. (take + 1) x tau_weight <= the bin's weight.
+        bcast[4] = take
+        bcast[6] = Int64((take + 1) * tau_weight <= tau_bin_weight)
 
     @cute.jit
     def merge_keep_word(self, sWords, c: Int32, keep: Boolean, lane: Int32) -> Int32:
@@ -967,12 +985,30 @@ class TopPSelectSm90:
         cute.arch.atomic_add(sHist.iterator + HIST_BINS + b, Uint32(units >> SLICE_BITS))
 
     @cute.jit
-    def hist_get(self, sHist, b: Int32, base: Int32, shift: Int32, bits: Int32) -> Int64:
-        """The weight of bin b of the round whose keys have rb >> shift = base + b (0 for bins
-        past 1 << bits, which no key reaches)."""
+    def take_bins(self, sHist, lowest: Int32, count: int):
+        """The two slices of bins lowest .. lowest + count - 1 (lowest and count multiples of
+        4), as register fragments, by 16-byte loads; the bins are left clear."""
+        zeros = cute.make_rmem_tensor(count, Uint32)
+        zeros.fill(Uint32(0))
+        out = []
+        for half in cutlass.range_constexpr(2):
+            addr = (sHist.iterator + (half * HIST_BINS + lowest)).toint()
+            src = cute.make_tensor(cute.make_ptr(Uint32, addr, cute.AddressSpace.smem,
+                                                 assumed_align=16), cute.make_layout(count))
+            units = cute.make_rmem_tensor(count, Uint32)
+            cute.autovec_copy(src, units)
+            cute.autovec_copy(zeros, src)
+            out.append(units)
+        return out[0], out[1]
+
+    @cute.jit
+    def bin_weight(self, lo: Uint32, hi: Uint32, b: Int32, base: Int32, shift: Int32,
+                   bits: Int32) -> Int64:
+        """The weight of bin b (slices lo, hi) of the round whose keys have rb >> shift =
+        base + b (0 for bins past 1 << bits, which no key reaches)."""
         units = Int64(0)
         if b < (Int32(1) << bits):
-            units = Int64(sHist[b, 0]) + (Int64(sHist[b, 1]) << SLICE_BITS)
+            units = Int64(lo) + (Int64(hi) << SLICE_BITS)
             digits = base + b  # (bits - LOW_BITS) >> shift of the bin's keys
             exponent = (digits >> (23 - shift)) + (LOW_BITS >> 23)
             if exponent > EXACT_EXP:
@@ -980,8 +1016,11 @@ class TopPSelectSm90:
         return units
 
     @cute.jit
-    def exclusive_warp_prefix(self, value: Int64, red_i, warp: Int32, lane: Int32):
+    def exclusive_warp_prefix(self, value: Int64, red_i, warp: Int32, lane: Int32,
+                              closing_barrier: cutlass.Constexpr[bool] = True):
         """(sum of the warp-uniform `value` over the warps before this one, sum over all).
+        Without `closing_barrier`, the caller places a CTA barrier between this and the next
+        write to red_i.
 
         For rows in shared memory, lane l of every warp takes warp l's value and the warp scans
         them: a few shuffles, where a walk over all the warps' values costs each thread ~130
@@ -1005,7 +1044,8 @@ class TopPSelectSm90:
                 total += t
                 if w < warp:
                     before += t
-        cute.arch.barrier()
+        if const_expr(closing_barrier):
+            cute.arch.barrier()
         return before, total
 
     @cute.jit
