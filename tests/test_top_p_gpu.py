@@ -142,10 +142,13 @@ def test_from_logits_matches_softmax_rule():
     assert bool((kept >= 0.9 - 1e-5).all())
 
 
-def test_pooled_top_p_kernel_against_torch_path():
+@pytest.mark.parametrize("text_tokens", [16, 17])
+def test_pooled_top_p_kernel_against_torch_path(text_tokens):
+    """(17 text tokens: Sk = 1,553, whose scores rows the launcher pads to 16 bytes.)"""
     from fgattn_cute.testing import video_like_qkv
 
-    q, k, _ = video_like_qkv(4, 16, 24, 4, 128, seed=3, dtype=torch.bfloat16, text_tokens=16)
+    q, k, _ = video_like_qkv(4, 16, 24, 4, 128, seed=3, dtype=torch.bfloat16,
+                             text_tokens=text_tokens)
     qg, kg = q.cuda(), k.cuda()
     for p in (0.5, 0.9):
         cute = fg.predict.pooled_top_p(qg, kg, 128, p, always_keep=[0, 1], backend="cute")
@@ -233,12 +236,14 @@ def test_pooled_top_p_unaligned_queries():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("seqlen_k", [4100, 4098, 4099])
-def test_pooled_scores_kernel(dtype, head_dim, seqlen_k):
+@pytest.mark.parametrize("seqlen_k, row_pad", [(4100, 0), (4098, 0), (4099, 0), (4099, 1)])
+def test_pooled_scores_kernel(dtype, head_dim, seqlen_k, row_pad):
     """Scores = sum over the three parts of part . k, float32-accurate: against float64 on the
     same parts, for a partial last block of tiles and of keys, several key ranges per tile
-    block (Sk > 2,048), two batches and a strided k, with TMA stores (Sk a multiple of 4),
-    8-byte stores (other even Sk) and 4-byte ones (odd Sk); the output is poisoned first.
+    block (Sk > 2,048), two batches and a strided k, with TMA stores (rows starting 16-byte
+    aligned: Sk a multiple of 4, or odd Sk in rows padded by row_pad to 4,100), 8-byte stores
+    (other even Sk) and 4-byte ones (odd Sk); the output (padding included) is poisoned first
+    and the padding must stay so.
     Scaled by 0.3 (each score rounded once), with each 2,048-key part's max and min exactly
     those of the stored scores and its sum of exp(x - max) to float32 accuracy."""
     from fgattn_cute.host.launch import run_pooled_scores_sm90, run_tile_means_split_sm90
@@ -250,11 +255,14 @@ def test_pooled_scores_kernel(dtype, head_dim, seqlen_k):
     k = wide[:, :, 1:]  # strided
     split = run_tile_means_split_sm90(q, 64)  # 151 tiles: two blocks of 128, the second partial
     n_parts = -(-seqlen_k // 2048)
-    out = torch.full((batch, heads, split.shape[2], seqlen_k), float("nan"), device="cuda")
+    rows = torch.full((batch, heads, split.shape[2], seqlen_k + row_pad), float("nan"),
+                      device="cuda")
+    out = rows[..., :seqlen_k]
     stats = torch.full((batch, heads, split.shape[2], n_parts, 3), float("nan"), device="cuda")
     got, got_stats = run_pooled_scores_sm90(split, k, 0.3, out=out, stats=stats)
     assert got is out and got_stats is stats
     assert not out.isnan().any() and not stats.isnan().any()
+    assert rows[..., seqlen_k:].isnan().all()
     means = split.double().unflatten(-1, (3, head_dim)).sum(-2)  # [B, H, T, D]
     want = torch.einsum("bhtd,bshd->bhts", means, k.double()) * 0.3
     size = torch.einsum("bhtd,bshd->bhts", means.abs(), k.double().abs()) * 0.3
@@ -270,25 +278,34 @@ def test_pooled_scores_kernel(dtype, head_dim, seqlen_k):
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_pooled_scores_tma_store_matches_register_stores(monkeypatch, head_dim):
+@pytest.mark.parametrize("seqlen_k", [6148, 6147])
+def test_pooled_scores_tma_store_matches_register_stores(monkeypatch, head_dim, seqlen_k):
     """The scores kernel's two store paths (TMA from shared memory, and the register stores it
     falls back to for rows not 16-byte aligned) write the same bits, scores and statistics,
-    for a partial last block of tiles and of keys."""
+    for a partial last block of tiles and of keys; the launcher's own outputs, whose rows it
+    pads to 16 bytes for TMA (Sk = 6,147)."""
     from fgattn_cute.host import launch
 
-    g = torch.Generator().manual_seed(head_dim + 1)
+    g = torch.Generator().manual_seed(head_dim + seqlen_k)
     q = (torch.randn(1, 70 * 64 + 5, 2, head_dim, generator=g) * 2).to(torch.bfloat16).cuda()
-    k = torch.randn(1, 6148, 2, head_dim, generator=g).to(torch.bfloat16).cuda()
+    k = torch.randn(1, seqlen_k, 2, head_dim, generator=g).to(torch.bfloat16).cuda()
     split = launch.run_tile_means_split_sm90(q, 64)
     results = []
     for tma_store in (True, False):
         monkeypatch.setattr(launch, "SCORES_TMA_STORE", tma_store)
-        out = torch.full((1, 2, split.shape[2], 6148), float("nan"), device="cuda")
-        stats = torch.full((1, 2, split.shape[2], 4, 3), float("nan"), device="cuda")
-        results.append(launch.run_pooled_scores_sm90(split, k, 0.7, out=out, stats=stats))
+        out, stats = launch.run_pooled_scores_sm90(split, k, 0.7)
+        assert out.shape == (1, 2, split.shape[2], seqlen_k)
+        assert out.stride(-2) == (-(-seqlen_k // 4) * 4 if tma_store else seqlen_k)
+        results.append((out, stats))
     (tma_out, tma_stats), (reg_out, reg_stats) = results
-    assert not tma_out.isnan().any() and not tma_stats.isnan().any()
     assert torch.equal(tma_out, reg_out) and torch.equal(tma_stats, reg_stats)
+    # (poisoned outputs: the kernel writes every element of them, padding aside)
+    for tma_store in (True, False):
+        monkeypatch.setattr(launch, "SCORES_TMA_STORE", tma_store)
+        out = torch.full_like(reg_out, float("nan"))
+        stats = torch.full_like(reg_stats, float("nan"))
+        launch.run_pooled_scores_sm90(split, k, 0.7, out=out, stats=stats)
+        assert torch.equal(out, reg_out) and torch.equal(stats, reg_stats)
 
 
 def test_pooled_top_p_head_dim_without_query_kernels():

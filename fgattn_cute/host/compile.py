@@ -71,6 +71,15 @@ def _fake_tokens(dtype, batch, seqlen, heads, head_dim):
     return cute.runtime.make_fake_tensor(dtype, shape, stride=stride, assumed_align=16)
 
 
+def _fake_rows(dtype, shape, divisibility, align):
+    """shape with the last dim contiguous and every other stride any multiple of divisibility
+    (rows padded past their length, or slices of longer rows)."""
+    import cutlass.cute as cute
+
+    stride = tuple(cute.sym_int64(divisibility=divisibility) for _ in shape[1:]) + (1,)
+    return cute.runtime.make_fake_tensor(dtype, shape, stride=stride, assumed_align=align)
+
+
 def _fake_compact(dtype, shape, align):
     import cutlass.cute as cute
 
@@ -249,7 +258,7 @@ class TopPConfig:
 
         rows, seqlen_k, capacity, n_words, n_parts = _sym(5)
         return (
-            _fake_compact(Float32, (rows, seqlen_k), 16),
+            _fake_rows(Float32, (rows, seqlen_k), 1, 16),
             _fake_compact(Float32, (rows, n_parts, 3), 4),
             _fake_compact(Int32, (n_words,), 4),
             _fake_compact(Int32, (rows, capacity), 16),
@@ -292,7 +301,8 @@ class PooledScoresConfig:
 
     head_dim: int
     dtype: str  # "bfloat16" or "float16"
-    # scores written by TMA stores from shared memory: rows of a multiple of 4 keys only
+    # scores written by TMA stores from shared memory: every row starting 16-byte aligned (a
+    # row stride of a multiple of 4; the launcher pads the rows when Sk is not one)
     tma_store: bool = False
 
     def __post_init__(self):
@@ -304,8 +314,8 @@ class PooledScoresConfig:
         return PooledScoresSm90(_dsl_dtype(self.dtype), self.head_dim, tma_store=self.tma_store)
 
     def fake_args(self):
-        """split means [B, H, n_q_tiles, 3 D], k, scaled logits [B, H, n_q_tiles, Sk], their
-        statistics [B, H, n_q_tiles, n_splits, 3], scale, stream."""
+        """split means [B, H, n_q_tiles, 3 D], k, scaled logits [B, H, n_q_tiles, Sk] (rows
+        contiguous, strided), their statistics [B, H, n_q_tiles, n_splits, 3], scale, stream."""
         from cutlass import Float32
 
         dtype = _dsl_dtype(self.dtype)
@@ -313,7 +323,9 @@ class PooledScoresConfig:
         return (
             _fake_compact(dtype, (b, h, n_q_tiles, 3 * self.head_dim), 16),
             _fake_tokens(dtype, b, seqlen_k, h, self.head_dim),
-            _fake_compact(Float32, (b, h, n_q_tiles, seqlen_k), 16),
+            # (TMA stores: every row 16-byte aligned, the rows padded when Sk is not a multiple
+            # of 4)
+            _fake_rows(Float32, (b, h, n_q_tiles, seqlen_k), 4 if self.tma_store else 1, 16),
             _fake_compact(Float32, (b, h, n_q_tiles, n_splits, 3), 4),
             Float32(1.0),
             _fake_stream(),

@@ -115,15 +115,15 @@ def run_top_p_select_sm90(
     counts: torch.Tensor | None = None,
     stats: torch.Tensor | None = None,
 ):
-    """The pooled top-p selection kernel on float32 rows [R, N] (logits, softmaxed in the
-    kernel after multiplying by scale; or probabilities with from_probs): (indices int32
-    [R, capacity], counts int32 [R]). keep_words as in run_calibrate_sm90; p in (0, 1).
-    stats: float32 [R, parts, 3], each part's max, min and sum of exp(x - max) as
-    run_pooled_scores_sm90 writes them; the rows are then scaled logits already and scale must
-    be None. Without stats, the rows are multiplied by scale and their statistics computed by
-    torch first (into new tensors). indices / counts: optional preallocated outputs (every
-    element is written). Rows longer than 40,960 are overwritten (the kernel works on them in
-    place): the rows given with stats, or the scaled copy."""
+    """The pooled top-p selection kernel on float32 rows [R, N] (each row contiguous, any row
+    stride; logits, softmaxed in the kernel after multiplying by scale; or probabilities with
+    from_probs): (indices int32 [R, capacity], counts int32 [R]). keep_words as in
+    run_calibrate_sm90; p in (0, 1). stats: float32 [R, parts, 3], each part's max, min and
+    sum of exp(x - max) as run_pooled_scores_sm90 writes them; the rows are then scaled logits
+    already and scale must be None. Without stats, the rows are multiplied by scale and their
+    statistics computed by torch first (into new tensors). indices / counts: optional
+    preallocated outputs (every element is written). Rows longer than 40,960 are overwritten
+    (the kernel works on them in place): the rows given with stats, or the scaled copy."""
     if from_probs:
         if stats is not None or scale is not None:
             raise ValueError("from_probs: stats and scale must be None (the rows are "
@@ -192,14 +192,22 @@ def run_pooled_scores_sm90(
     and k [B, Sk, H, D] (16-byte aligned pointer and strides, last dim contiguous); and per
     row and part of 2,048 keys (parts = ceil(Sk / 2048)) the max, min and sum of exp(x - max)
     of its scaled scores x (what run_top_p_select_sm90 takes). out, stats: optional
-    preallocated outputs (every element is written)."""
+    preallocated outputs (every element is written; out's rows contiguous, its other strides
+    any). The scores made here have rows padded to a multiple of 4 keys (a view of the first
+    Sk), so that every row starts 16-byte aligned and the kernel's TMA stores apply."""
     batch, heads, n_tiles, _ = split_means.shape
     head_dim = k.shape[-1]
+    seqlen_k = k.shape[1]
     if out is None:
-        out = torch.empty(batch, heads, n_tiles, k.shape[1], dtype=torch.float32,
-                          device=k.device)
+        padded = -(-seqlen_k // 4) * 4 if SCORES_TMA_STORE else seqlen_k
+        out = torch.empty(batch, heads, n_tiles, padded, dtype=torch.float32,
+                          device=k.device)[..., :seqlen_k]
+    elif out.shape != (batch, heads, n_tiles, seqlen_k) or out.stride(-1) != 1:
+        raise ValueError(f"out: expected [{batch}, {heads}, {n_tiles}, {seqlen_k}] with "
+                         f"contiguous rows, got {tuple(out.shape)} strides {out.stride()}")
     # TMA stores where every row starts 16-byte aligned (the kernel's faster path)
-    tma_store = SCORES_TMA_STORE and k.shape[1] % 4 == 0 and out.data_ptr() % 16 == 0
+    tma_store = (SCORES_TMA_STORE and out.data_ptr() % 16 == 0
+                 and all(st % 4 == 0 for st in out.stride()[:-1]))
     fn = compile_fwd(PooledScoresConfig(head_dim, _DTYPE_NAMES[k.dtype], tma_store))
     if stats is None:
         from fgattn_cute.kernels.pooled_scores_sm90 import BLOCKS_PER_CTA, TILE_N

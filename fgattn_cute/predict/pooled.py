@@ -242,13 +242,14 @@ def _pooled_top_p_cute(q, k, q_tile, p, scale, keep, capacity):
     words = _args.keep_words(keep, sk, q.device)
     indices = torch.empty(B, H, n_tiles, cap, dtype=torch.int32, device=q.device)
     counts = torch.empty(B, H, n_tiles, dtype=torch.int32, device=q.device)
-    nh = max(1, min(H, _CUTE_LOGIT_BYTES // (n_tiles * sk * 4)))
+    nh = max(1, min(H, _CUTE_LOGIT_BYTES // (n_tiles * _cdiv(sk, 4) * 16)))  # (padded rows)
     for b in range(B):
         for h0 in range(0, H, nh):
             h1 = min(H, h0 + nh)
             if kernels:
                 a = split_means[b:b + 1, h0:h1].contiguous()  # [1, nh, T, 3D], no copy if nh = H
-                # scaled logits [1, nh, T, Sk] and their softmax statistics per 2,048 keys
+                # scaled logits [1, nh, T, Sk] (rows padded to 16 bytes) and their softmax
+                # statistics per 2,048 keys
                 logits, stats = run_pooled_scores_sm90(a, k[b:b + 1, :, h0:h1], scale)
                 stats = stats.flatten(0, 2)
             else:
@@ -263,7 +264,7 @@ def _pooled_top_p_cute(q, k, q_tile, p, scale, keep, capacity):
                 logits.mul_(scale)
                 stats = logit_stats(logits.view(-1, sk))
             run_top_p_select_sm90(
-                logits.view(-1, sk), words, p, None, cap, stats=stats,
+                logits.flatten(0, 2), words, p, None, cap, stats=stats,
                 indices=indices[b, h0:h1].view(-1, cap), counts=counts[b, h0:h1].view(-1),
             )
     _check_capacity(counts, cap, sk)
