@@ -194,10 +194,13 @@ def run_pooled_scores_sm90(
     of its scaled scores x (what run_top_p_select_sm90 takes). out, stats: optional
     preallocated outputs (every element is written; out's rows contiguous, its other strides
     any). The scores made here have rows padded to a multiple of 4 keys (a view of the first
-    Sk), so that every row starts 16-byte aligned and the kernel's TMA stores apply."""
+    Sk), so that every row starts 16-byte aligned and the kernel's TMA stores apply; those
+    may write the padding (a row's last 16 bytes whole), so a given out gets them only when
+    Sk is a multiple of 4."""
     batch, heads, n_tiles, _ = split_means.shape
     head_dim = k.shape[-1]
     seqlen_k = k.shape[1]
+    own_padding = out is None
     if out is None:
         padded = -(-seqlen_k // 4) * 4 if SCORES_TMA_STORE else seqlen_k
         out = torch.empty(batch, heads, n_tiles, padded, dtype=torch.float32,
@@ -205,9 +208,11 @@ def run_pooled_scores_sm90(
     elif out.shape != (batch, heads, n_tiles, seqlen_k) or out.stride(-1) != 1:
         raise ValueError(f"out: expected [{batch}, {heads}, {n_tiles}, {seqlen_k}] with "
                          f"contiguous rows, got {tuple(out.shape)} strides {out.stride()}")
-    # TMA stores where every row starts 16-byte aligned (the kernel's faster path)
+    # TMA stores (the kernel's faster path) where every row starts 16-byte aligned and may be
+    # written up to its next 16-byte boundary
     tma_store = (SCORES_TMA_STORE and out.data_ptr() % 16 == 0
-                 and all(st % 4 == 0 for st in out.stride()[:-1]))
+                 and all(st % 4 == 0 for st in out.stride()[:-1])
+                 and (own_padding or seqlen_k % 4 == 0))
     fn = compile_fwd(PooledScoresConfig(head_dim, _DTYPE_NAMES[k.dtype], tma_store))
     if stats is None:
         from fgattn_cute.kernels.pooled_scores_sm90 import BLOCKS_PER_CTA, TILE_N

@@ -264,7 +264,7 @@ def _pooled_top_p_cute(q, k, q_tile, p, scale, keep, capacity):
                 logits.mul_(scale)
                 stats = logit_stats(logits.view(-1, sk))
             run_top_p_select_sm90(
-                logits.flatten(0, 2), words, p, None, cap, stats=stats,
+                logits.flatten(0, -2), words, p, None, cap, stats=stats,
                 indices=indices[b, h0:h1].view(-1, cap), counts=counts[b, h0:h1].view(-1),
             )
     _check_capacity(counts, cap, sk)
