@@ -236,14 +236,16 @@ def test_pooled_top_p_unaligned_queries():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("seqlen_k, row_pad", [(4100, 0), (4098, 0), (4099, 0), (4099, 1)])
+@pytest.mark.parametrize("seqlen_k, row_pad",
+                         [(4100, 0), (4098, 0), (4099, 0), (4099, 1), (4098, 2)])
 def test_pooled_scores_kernel(dtype, head_dim, seqlen_k, row_pad):
     """Scores = sum over the three parts of part . k, float32-accurate: against float64 on the
     same parts, for a partial last block of tiles and of keys, several key ranges per tile
     block (Sk > 2,048), two batches and a strided k, with TMA stores (Sk a multiple of 4),
-    8-byte stores (other even Sk) and 4-byte ones (odd Sk, also in rows padded by row_pad to
-    4,100: TMA stores could write a given output's padding); the output (padding included) is
-    poisoned first and the padding must stay so.
+    8-byte stores (other even Sk) and 4-byte ones (odd Sk), also in rows padded by row_pad
+    to 4,100 (TMA stores could write a given output's padding, and an 8-byte store past an
+    odd row's end); the output (padding included) is poisoned first and the padding must
+    stay so.
     Scaled by 0.3 (each score rounded once), with each 2,048-key part's max and min exactly
     those of the stored scores and its sum of exp(x - max) to float32 accuracy."""
     from fgattn_cute.host.launch import run_pooled_scores_sm90, run_tile_means_split_sm90

@@ -266,9 +266,10 @@ class PooledScoresSm90:
         n_tiles = cute.size(out.shape[0])
         seqlen_k = cute.size(out.shape[1])
         # An even row stride (and an 8-byte aligned base) makes every column pair 8-byte
-        # aligned.
+        # aligned; an even row length keeps the last pair inside the row.
         row_stride = Int64(out.layout.stride[0])
-        pairs = (row_stride % 2 == 0) & (out.iterator.toint() % 8 == 0)
+        pairs = ((row_stride % 2 == 0) & (seqlen_k % 2 == 0)
+                 & (out.iterator.toint() % 8 == 0))
         pair = cute.make_rmem_tensor(cute.make_layout(2), Float32)
         n_rows = cute.size(tScS, mode=[0])
         # Per row of this thread: max, min and sum of exp(v - max) over its stored columns.
