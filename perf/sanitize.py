@@ -73,10 +73,11 @@ for threshold in (1.0, 8.0):
     torch.cuda.synchronize()
     differ = (got.to_mask() != want.to_mask()).float().mean().item()
     report(f"calibrate threshold {threshold}: {differ:.1e} of keys differ", differ < 1e-3)
-# 50,000 keys: a row in global memory with ~46K keys of it in shared memory and the rest in L2
-k_mid, k_long = (torch.randn(1, n, H, D, generator=gen, device="cuda", dtype=torch.bfloat16)
-                 for n in (20000, 50000))
-for keys in (k, k_mid, k_long):
+# 50,000 keys: a row in global memory with ~46K keys of it in shared memory and the rest in L2;
+# 20,001: scores rows padded to 16 bytes (TMA stores), selected from strided rows
+k_mid, k_odd, k_long = (torch.randn(1, n, H, D, generator=gen, device="cuda",
+                                    dtype=torch.bfloat16) for n in (20000, 20001, 50000))
+for keys in (k, k_mid, k_odd, k_long):
     got = fg.predict.pooled_top_p(q, keys, 128, 0.9, always_keep=[1], backend="cute")
     want = fg.predict.pooled_top_p(q, keys, 128, 0.9, always_keep=[1], backend="torch")
     torch.cuda.synchronize()
