@@ -162,16 +162,19 @@ def test_pooled_top_p_kernel_against_torch_path(text_tokens):
         assert a[..., :2].all()
 
 
-def test_pooled_top_p_long_rows_in_global_memory():
-    """Sk > 40,960: the kernel works on the rows in place in global memory."""
+@pytest.mark.parametrize("seqlen_k", [50000, 50001])
+def test_pooled_top_p_long_rows_in_global_memory(seqlen_k):
+    """Sk > 40,960: the kernel works on the rows in place in global memory (at 50,001, rows
+    padded to 16 bytes, a strided view)."""
     g = torch.Generator().manual_seed(9)
     q = (torch.randn(1, 200, 2, 64, generator=g) * 4).to(torch.bfloat16).cuda()
-    k = (torch.randn(1, 50000, 2, 64, generator=g) * 2).to(torch.bfloat16).cuda()
-    cute = fg.predict.pooled_top_p(q, k, 128, 0.9, always_keep=[49999], backend="cute")
+    k = (torch.randn(1, seqlen_k, 2, 64, generator=g) * 2).to(torch.bfloat16).cuda()
+    last = seqlen_k - 1
+    cute = fg.predict.pooled_top_p(q, k, 128, 0.9, always_keep=[last], backend="cute")
     cute.validate()
-    torch_path = fg.predict.pooled_top_p(q, k, 128, 0.9, always_keep=[49999], backend="torch")
+    torch_path = fg.predict.pooled_top_p(q, k, 128, 0.9, always_keep=[last], backend="torch")
     a, b = cute.to_mask().cpu(), torch_path.to_mask().cpu()
-    assert (a != b).float().mean().item() < 1e-3 and a[..., 49999].all()
+    assert (a != b).float().mean().item() < 1e-3 and a[..., last].all()
 
 
 def test_pooled_top_p_capacity_and_refusals():
@@ -237,15 +240,15 @@ def test_pooled_top_p_unaligned_queries():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("seqlen_k, row_pad",
-                         [(4100, 0), (4098, 0), (4099, 0), (4099, 1), (4098, 2)])
+                         [(4100, 0), (4098, 0), (4099, 0), (4099, 1), (4098, 2), (4098, 1)])
 def test_pooled_scores_kernel(dtype, head_dim, seqlen_k, row_pad):
     """Scores = sum over the three parts of part . k, float32-accurate: against float64 on the
     same parts, for a partial last block of tiles and of keys, several key ranges per tile
     block (Sk > 2,048), two batches and a strided k, with TMA stores (Sk a multiple of 4),
     8-byte stores (other even Sk) and 4-byte ones (odd Sk), also in rows padded by row_pad
     to 4,100 (TMA stores could write a given output's padding, and an 8-byte store past an
-    odd row's end); the output (padding included) is poisoned first and the padding must
-    stay so.
+    odd row's end) or to an odd stride (4-byte stores); the output (padding included) is
+    poisoned first and the padding must stay so.
     Scaled by 0.3 (each score rounded once), with each 2,048-key part's max and min exactly
     those of the stored scores and its sum of exp(x - max) to float32 accuracy."""
     from fgattn_cute.host.launch import run_pooled_scores_sm90, run_tile_means_split_sm90
@@ -292,6 +295,10 @@ def test_pooled_scores_tma_store_matches_register_stores(monkeypatch, head_dim, 
     q = (torch.randn(1, 70 * 64 + 5, 2, head_dim, generator=g) * 2).to(torch.bfloat16).cuda()
     k = torch.randn(1, seqlen_k, 2, head_dim, generator=g).to(torch.bfloat16).cuda()
     split = launch.run_tile_means_split_sm90(q, 64)
+    compiled = []  # the store path of each scores launch
+    compile_fwd = launch.compile_fwd
+    monkeypatch.setattr(launch, "compile_fwd",
+                        lambda config: compiled.append(config.tma_store) or compile_fwd(config))
     results = []
     for tma_store in (True, False):
         monkeypatch.setattr(launch, "SCORES_TMA_STORE", tma_store)
@@ -299,15 +306,17 @@ def test_pooled_scores_tma_store_matches_register_stores(monkeypatch, head_dim, 
         assert out.shape == (1, 2, split.shape[2], seqlen_k)
         assert out.stride(-2) == (-(-seqlen_k // 4) * 4 if tma_store else seqlen_k)
         results.append((out, stats))
+    assert compiled == [True, False]
     (tma_out, tma_stats), (reg_out, reg_stats) = results
     assert torch.equal(tma_out, reg_out) and torch.equal(tma_stats, reg_stats)
-    # (poisoned outputs: the kernel writes every element of them, padding aside)
-    for tma_store in (True, False):
-        monkeypatch.setattr(launch, "SCORES_TMA_STORE", tma_store)
-        out = torch.full_like(reg_out, float("nan"))
-        stats = torch.full_like(reg_stats, float("nan"))
-        launch.run_pooled_scores_sm90(split, k, 0.7, out=out, stats=stats)
-        assert torch.equal(out, reg_out) and torch.equal(stats, reg_stats)
+    # Given (poisoned) outputs: every element written; TMA stores only where Sk is a multiple
+    # of 4, since they could write a row's padding.
+    monkeypatch.setattr(launch, "SCORES_TMA_STORE", True)
+    out = torch.full_like(reg_out, float("nan"))
+    stats = torch.full_like(reg_stats, float("nan"))
+    launch.run_pooled_scores_sm90(split, k, 0.7, out=out, stats=stats)
+    assert torch.equal(out, reg_out) and torch.equal(stats, reg_stats)
+    assert compiled[-1] == (seqlen_k % 4 == 0)
 
 
 def test_pooled_top_p_head_dim_without_query_kernels():

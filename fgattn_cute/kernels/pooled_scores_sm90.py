@@ -60,11 +60,11 @@ class PooledScoresSm90:
         self.dtype = dtype
         self.head_dim = head_dim
         # True: each warpgroup's 64 x 128 block goes registers -> shared memory -> one TMA
-        # store, so the warps never wait to issue their stores (a dev copy: 5% faster at Wan
-        # 480p H=24 on an H200, perf/NOTES.md, sessions 17-18; the launch default where it
-        # applies, host/launch.py's SCORES_TMA_STORE). Needs rows of a multiple of 4 keys (16-byte
-        # aligned row stride); at head dim 128 its 64 KiB staging leaves room for 2 K stages,
-        # not 3 (at 64, 3 stages still fit).
+        # store, so the warps never wait to issue their stores (7-38% faster than the register
+        # stores on an H200, perf/NOTES.md, sessions 17-18; the launch default where it
+        # applies, host/launch.py's SCORES_TMA_STORE). Needs a row stride of a multiple of 4
+        # (16 bytes), and may write a row's last 16 bytes whole, past Sk; at head dim 128 its
+        # 64 KiB staging leaves room for 2 K stages, not 3 (at 64, 3 stages still fit).
         self.tma_store = tma_store
         if num_stages is None:
             num_stages = 2 if tma_store and head_dim == 128 else 3
