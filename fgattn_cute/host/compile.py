@@ -62,15 +62,6 @@ def _dsl_dtype(name: str):
     return {"bfloat16": cutlass.BFloat16, "float16": cutlass.Float16}[name]
 
 
-def _fake_tokens(dtype, batch, seqlen, heads, head_dim):
-    """[B, S, H, D] with any strides that keep 16-byte alignment, head dim contiguous."""
-    import cutlass.cute as cute
-
-    stride = tuple(cute.sym_int64(divisibility=8) for _ in range(3)) + (1,)
-    shape = (batch, seqlen, heads, head_dim)
-    return cute.runtime.make_fake_tensor(dtype, shape, stride=stride, assumed_align=16)
-
-
 def _fake_rows(dtype, shape, divisibility, align):
     """shape with the last dim contiguous and every other stride any multiple of divisibility
     (rows padded past their length, or slices of longer rows)."""
@@ -78,6 +69,12 @@ def _fake_rows(dtype, shape, divisibility, align):
 
     stride = tuple(cute.sym_int64(divisibility=divisibility) for _ in shape[1:]) + (1,)
     return cute.runtime.make_fake_tensor(dtype, shape, stride=stride, assumed_align=align)
+
+
+def _fake_tokens(dtype, batch, seqlen, heads, head_dim):
+    """[B, S, H, D] with any strides that keep 16-byte alignment (8 elements of 16 bits), head
+    dim contiguous."""
+    return _fake_rows(dtype, (batch, seqlen, heads, head_dim), 8, 16)
 
 
 def _fake_compact(dtype, shape, align):

@@ -262,7 +262,7 @@ def _pooled_top_p_cute(q, k, q_tile, p, scale, keep, capacity):
                 # scaled in place (these rows are ours: no second copy of them) and their
                 # statistics by torch
                 logits.mul_(scale)
-                stats = logit_stats(logits.view(-1, sk))
+                stats = logit_stats(logits.flatten(0, -2))
             run_top_p_select_sm90(
                 logits.flatten(0, -2), words, p, None, cap, stats=stats,
                 indices=indices[b, h0:h1].view(-1, cap), counts=counts[b, h0:h1].view(-1),
@@ -311,8 +311,9 @@ def pooled_top_p(q, k, q_tile=128, p=0.9, softmax_scale=None, always_keep=None, 
     Cost (R = B * H * n_q_tiles rows of Sk keys, at S = 32,760, H = 24, q_tile 128: R * Sk =
     2.0e8). Kernel path: the tile means (one read of q), 3 x 2 * R * Sk * D tensor-core flops
     with a float32 output (0.8 GB), one read of it by the selection kernel, and the lists (0.8
-    GB); 1.30 ms per call back to back on an H200 (0.066x FA4 dense, perf/bench_predict.py,
-    session 17; a single call after a sync adds the host's ~0.1-0.3 ms of launch latency).
+    GB); 1.21-1.22 ms per call back to back on an H200 (0.062-0.063x FA4 dense,
+    perf/bench_predict.py, session 18; a single call after a sync adds the host's ~0.1 ms of
+    launch latency).
     Torch path: a float32 [R, D] x [D, Sk] matmul, a softmax, ``top_p_mask`` (three histogram
     rounds) and ``KeyIndex.from_mask``, tens of bytes per (row, key) in eager torch: 48 ms
     there (session 2's measurement, before the ``from_mask`` kernel that ``backend="auto"`` now
