@@ -179,12 +179,29 @@ def run_tile_means_split_sm90(
 SCORES_TMA_STORE = True
 
 
+def pooled_scores_buffers(batch: int, heads: int, n_tiles: int, seqlen_k: int,
+                          device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores float32 [B, H, n_tiles, Sk], stats float32 [B, H, n_tiles, parts, 3]), empty,
+    as run_pooled_scores_sm90 makes them: the scores' rows padded to a multiple of 4 keys (a
+    view of the first Sk), so that every row starts 16-byte aligned and the kernel's TMA
+    stores apply."""
+    from fgattn_cute.kernels.pooled_scores_sm90 import BLOCKS_PER_CTA, TILE_N
+
+    padded = -(-seqlen_k // 4) * 4 if SCORES_TMA_STORE else seqlen_k
+    out = torch.empty(batch, heads, n_tiles, padded, dtype=torch.float32,
+                      device=device)[..., :seqlen_k]
+    parts = -(-seqlen_k // (BLOCKS_PER_CTA * TILE_N))
+    stats = torch.empty(batch, heads, n_tiles, parts, 3, dtype=torch.float32, device=device)
+    return out, stats
+
+
 def run_pooled_scores_sm90(
     split_means: torch.Tensor,
     k: torch.Tensor,
     scale: float = 1.0,
     out: torch.Tensor | None = None,
     stats: torch.Tensor | None = None,
+    out_padding: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores float32 [B, H, n_q_tiles, Sk], stats float32 [B, H, n_q_tiles, parts, 3]): each
     tile's mean . every key, float32-accurate, times scale (rounded once), from split_means
@@ -193,18 +210,18 @@ def run_pooled_scores_sm90(
     row and part of 2,048 keys (parts = ceil(Sk / 2048)) the max, min and sum of exp(x - max)
     of its scaled scores x (what run_top_p_select_sm90 takes). out, stats: optional
     preallocated outputs (every element is written; out's rows contiguous, its other strides
-    any). The scores made here have rows padded to a multiple of 4 keys (a view of the first
-    Sk), so that every row starts 16-byte aligned and the kernel's TMA stores apply; those
-    may write the padding (a row's last 16 bytes whole), so a given out gets them only when
-    Sk is a multiple of 4."""
+    any). The scores made here are `pooled_scores_buffers`', rows padded to a multiple of 4
+    keys, so that the kernel's TMA stores apply; those may write the padding (a row's last
+    16 bytes whole), so a given out gets them only when Sk is a multiple of 4, or when
+    out_padding says that its rows may be written up to their next 16-byte boundary (padding
+    of the caller's, as in `pooled_scores_buffers`)."""
     batch, heads, n_tiles, _ = split_means.shape
     head_dim = k.shape[-1]
     seqlen_k = k.shape[1]
-    own_padding = out is None
+    own_padding = out is None or out_padding
     if out is None:
-        padded = -(-seqlen_k // 4) * 4 if SCORES_TMA_STORE else seqlen_k
-        out = torch.empty(batch, heads, n_tiles, padded, dtype=torch.float32,
-                          device=k.device)[..., :seqlen_k]
+        out, own_stats = pooled_scores_buffers(batch, heads, n_tiles, seqlen_k, k.device)
+        stats = own_stats if stats is None else stats
     elif out.shape != (batch, heads, n_tiles, seqlen_k) or out.stride(-1) != 1:
         raise ValueError(f"out: expected [{batch}, {heads}, {n_tiles}, {seqlen_k}] with "
                          f"contiguous rows, got {tuple(out.shape)} strides {out.stride()}")

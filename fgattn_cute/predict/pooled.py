@@ -43,7 +43,8 @@ __all__ = [
 POOLED_BACKENDS = ("auto", "cute", "torch")
 # The selection kernel's bitmap bound (fgattn_cute.kernels.top_p_sm90.MAX_SEQLEN_K).
 _CUTE_MAX_SEQLEN_K = 1 << 17
-# Budget, in bytes, for one chunk of float32 logits on the kernel path.
+# Budget, in bytes, for the float32 logits on the kernel path: one buffer of at most this many,
+# which every chunk of heads reuses.
 _CUTE_LOGIT_BYTES = 1 << 30
 
 _MASS_BITS = 52
@@ -243,14 +244,22 @@ def _pooled_top_p_cute(q, k, q_tile, p, scale, keep, capacity):
     indices = torch.empty(B, H, n_tiles, cap, dtype=torch.int32, device=q.device)
     counts = torch.empty(B, H, n_tiles, dtype=torch.int32, device=q.device)
     nh = max(1, min(H, _CUTE_LOGIT_BYTES // (n_tiles * _cdiv(sk, 4) * 16)))  # (padded rows)
+    if kernels:
+        from ..host.launch import pooled_scores_buffers
+
+        # One buffer for every chunk's scaled logits and their statistics per 2,048 keys (each
+        # chunk's selection is done with it before the next chunk's scores, in stream order):
+        # a new one per chunk had two chunks alive at the allocation.
+        all_logits, all_stats = pooled_scores_buffers(1, nh, n_tiles, sk, q.device)
     for b in range(B):
         for h0 in range(0, H, nh):
             h1 = min(H, h0 + nh)
             if kernels:
+                logits = all_logits[:, :h1 - h0]  # [1, h1 - h0, T, Sk], rows padded to 16 bytes
+                stats = all_stats[:, :h1 - h0]
                 a = split_means[b:b + 1, h0:h1].contiguous()  # [1, nh, T, 3D], no copy if nh = H
-                # scaled logits [1, nh, T, Sk] (rows padded to 16 bytes) and their softmax
-                # statistics per 2,048 keys
-                logits, stats = run_pooled_scores_sm90(a, k[b:b + 1, :, h0:h1], scale)
+                run_pooled_scores_sm90(a, k[b:b + 1, :, h0:h1], scale, out=logits, stats=stats,
+                                       out_padding=True)
                 stats = stats.flatten(0, 2)
             else:
                 kh = k[b, :, h0:h1]  # [Sk, nh, D]
@@ -313,7 +322,8 @@ def pooled_top_p(q, k, q_tile=128, p=0.9, softmax_scale=None, always_keep=None, 
     with a float32 output (0.8 GB), one read of it by the selection kernel, and the lists (0.8
     GB); 1.21-1.22 ms per call back to back on an H200 (0.062-0.063x FA4 dense,
     perf/bench_predict.py, session 18; a single call after a sync adds the host's ~0.1 ms of
-    launch latency).
+    launch latency). Its scratch besides the lists: the float32 output, at most 1 GiB (one
+    buffer that chunks of heads take in turn: Wan 720p's 40 heads go 6 at a time).
     Torch path: a float32 [R, D] x [D, Sk] matmul, a softmax, ``top_p_mask`` (three histogram
     rounds) and ``KeyIndex.from_mask``, tens of bytes per (row, key) in eager torch: 48 ms
     there (session 2's measurement, before the ``from_mask`` kernel that ``backend="auto"`` now
