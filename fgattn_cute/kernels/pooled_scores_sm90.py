@@ -136,17 +136,8 @@ class PooledScoresSm90:
             bar_k: cute.struct.MemRange[cutlass.Int64, 2 * stages]
             sA: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sA_layout)], 1024]
             sK: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sK_layout)], 1024]
-
-        if const_expr(self.tma_store):
-            @cute.struct
-            class SharedStorage:  # noqa: F811 (the same, with the staging tile)
-                bar_a: cute.struct.MemRange[cutlass.Int64, 1]
-                bar_k: cute.struct.MemRange[cutlass.Int64, 2 * stages]
-                sA: cute.struct.Align[
-                    cute.struct.MemRange[self.dtype, cute.cosize(sA_layout)], 1024]
-                sK: cute.struct.Align[
-                    cute.struct.MemRange[self.dtype, cute.cosize(sK_layout)], 1024]
-                sOut: cute.struct.Align[cute.struct.MemRange[Float32, out_cosize], 1024]
+            # (empty without tma_store)
+            sOut: cute.struct.Align[cute.struct.MemRange[Float32, out_cosize], 1024]
 
         n_blocks = cute.ceil_div(cute.size(mK.shape[0]), TILE_N)
         n_splits = cute.ceil_div(n_blocks, BLOCKS_PER_CTA)

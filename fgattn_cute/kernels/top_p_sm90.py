@@ -888,13 +888,8 @@ class TopPSelectSm90:
         tau need ranking (bcast[6]), by the one thread of the last scan that found tau, before
         that scan's closing barrier: a 64-bit division is a long subroutine, and every thread
         computing it cost 3% of the selection's instructions."""
-        # Weight of one key equal to tau: float32 bits tau + LOW_BITS, read back as a float.
-        bcast[2] = Int64(tau + LOW_BITS)
-        tau_bits = cute.make_tensor(cute.recast_ptr(bcast.iterator + 2, dtype=Int32),
-                                    cute.make_layout(1))
-        tau_float = cute.make_tensor(cute.recast_ptr(tau_bits.iterator, dtype=Float32),
-                                     cute.make_layout(1))
-        tau_weight = Int64(tau_float[0] * MASS_SCALE)
+        # Weight of one key equal to tau: the float whose bits are tau + LOW_BITS.
+        tau_weight = Int64((tau + LOW_BITS).bitcast(Float32) * MASS_SCALE)
         if tau_weight < 1:
             tau_weight = Int64(1)
         take = (target - above + tau_weight - 1) // tau_weight
