@@ -83,6 +83,22 @@ for keys in (k, k_mid, k_odd, k_long):
     torch.cuda.synchronize()
     differ = (got.to_mask() != want.to_mask()).float().mean().item()
     report(f"pooled_top_p Sk={keys.shape[1]}: {differ:.1e} of keys differ", differ < 1e-3)
+# Heads in chunks that share one scores buffer (a logits budget of 2 heads for 3: the last
+# chunk's TMA stores go into a view of part of it), against the same call in one chunk.
+from fgattn_cute.predict import pooled  # noqa: E402
+
+q3, k3 = (torch.randn(1, n, 3, D, generator=gen, device="cuda", dtype=torch.bfloat16)
+          for n in (S, 20001))
+whole = fg.predict.pooled_top_p(q3, k3, 128, 0.9, backend="cute")
+budget = pooled._CUTE_LOGIT_BYTES
+pooled._CUTE_LOGIT_BYTES = 2 * math.ceil(S / 128) * math.ceil(20001 / 4) * 16
+try:
+    chunked = fg.predict.pooled_top_p(q3, k3, 128, 0.9, backend="cute")
+finally:
+    pooled._CUTE_LOGIT_BYTES = budget
+torch.cuda.synchronize()
+report("pooled_top_p in chunks of 2 heads and 1 sharing a buffer: lists equal to one chunk's",
+       torch.equal(whole.indices, chunked.indices) and torch.equal(whole.counts, chunked.counts))
 # Persistent selection CTAs: 2 CTAs for 6 rows in global memory, each loading its next row
 # under the previous one's list writing, against one CTA per row.
 from fgattn_cute.host.compile import TopPConfig, compile_fwd  # noqa: E402

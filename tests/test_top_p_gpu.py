@@ -329,30 +329,40 @@ def test_pooled_scores_tma_store_matches_register_stores(monkeypatch, head_dim, 
 @pytest.mark.parametrize("seqlen_k", [3001, 50001])
 def test_pooled_top_p_chunks_share_one_buffer(monkeypatch, seqlen_k):
     """Heads in several chunks (a logits budget of two heads, two batches: 6 chunks, the last
-    of each batch one head), all scored into one buffer, on a stream other than the default.
-    The lists equal those of one chunk bit for bit, for rows in shared memory and for rows
-    worked on in place in global memory (the buffer then overwritten by the next chunk)."""
+    of each batch one head), all scored into one buffer by TMA stores (its rows' padding is
+    the buffer's), on a stream other than the default. The lists equal, bit for bit, those of
+    each batch alone in one chunk, for rows in shared memory and for rows worked on in place
+    in global memory (the buffer then overwritten by the next chunk)."""
     from fgattn_cute.host import launch
+    from fgattn_cute.host.compile import PooledScoresConfig
 
     g = torch.Generator().manual_seed(seqlen_k)
     q = (torch.randn(2, 300, 5, 64, generator=g) * 4).to(torch.bfloat16).cuda()
     k = (torch.randn(2, seqlen_k, 5, 64, generator=g) * 2).to(torch.bfloat16).cuda()
-    whole = fg.predict.pooled_top_p(q, k, 128, 0.9, always_keep=[1], backend="cute")
+    alone = [fg.predict.pooled_top_p(q[b:b + 1], k[b:b + 1], 128, 0.9, always_keep=[1],
+                                     backend="cute") for b in range(2)]
     head_bytes = 3 * (-(-seqlen_k // 4)) * 16  # (3 tiles of rows padded to 16 bytes)
     monkeypatch.setattr(pooled, "_CUTE_LOGIT_BYTES", 2 * head_bytes)
     made = []
     buffers = launch.pooled_scores_buffers
     monkeypatch.setattr(launch, "pooled_scores_buffers",
                         lambda *args: made.append(args[:4]) or buffers(*args))
+    compiled = []  # the scores kernel's store path at each launch
+    compile_fwd = launch.compile_fwd
+    monkeypatch.setattr(launch, "compile_fwd", lambda config: (
+        isinstance(config, PooledScoresConfig) and compiled.append(config.tma_store))
+        or compile_fwd(config))
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         chunked = fg.predict.pooled_top_p(q, k, 128, 0.9, always_keep=[1], backend="cute")
     torch.cuda.synchronize()
     assert made == [(1, 2, 3, seqlen_k)]
+    assert compiled == [True] * 6
     chunked.validate()
-    assert torch.equal(whole.indices, chunked.indices)
-    assert torch.equal(whole.counts, chunked.counts)
+    for b in range(2):
+        assert torch.equal(alone[b].indices[0], chunked.indices[b])
+        assert torch.equal(alone[b].counts[0], chunked.counts[b])
 
 
 def test_pooled_top_p_head_dim_without_query_kernels():

@@ -179,20 +179,30 @@ def run_tile_means_split_sm90(
 SCORES_TMA_STORE = True
 
 
+def _pooled_scores_out(batch: int, heads: int, n_tiles: int, seqlen_k: int, device):
+    """Empty scores float32 [B, H, n_tiles, Sk]: with SCORES_TMA_STORE, a view of the first Sk
+    of rows padded to a multiple of 4 keys, so that every row starts 16-byte aligned and the
+    kernel's TMA stores apply."""
+    padded = -(-seqlen_k // 4) * 4 if SCORES_TMA_STORE else seqlen_k
+    return torch.empty(batch, heads, n_tiles, padded, dtype=torch.float32,
+                       device=device)[..., :seqlen_k]
+
+
+def _pooled_scores_stats(batch: int, heads: int, n_tiles: int, seqlen_k: int, device):
+    """Empty statistics float32 [B, H, n_tiles, parts, 3], one part per CTA's keys."""
+    from fgattn_cute.kernels.pooled_scores_sm90 import BLOCKS_PER_CTA, TILE_N
+
+    parts = -(-seqlen_k // (BLOCKS_PER_CTA * TILE_N))
+    return torch.empty(batch, heads, n_tiles, parts, 3, dtype=torch.float32, device=device)
+
+
 def pooled_scores_buffers(batch: int, heads: int, n_tiles: int, seqlen_k: int,
                           device) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores float32 [B, H, n_tiles, Sk], stats float32 [B, H, n_tiles, parts, 3]), empty,
-    as run_pooled_scores_sm90 makes them: the scores' rows padded to a multiple of 4 keys (a
-    view of the first Sk), so that every row starts 16-byte aligned and the kernel's TMA
-    stores apply."""
-    from fgattn_cute.kernels.pooled_scores_sm90 import BLOCKS_PER_CTA, TILE_N
-
-    padded = -(-seqlen_k // 4) * 4 if SCORES_TMA_STORE else seqlen_k
-    out = torch.empty(batch, heads, n_tiles, padded, dtype=torch.float32,
-                      device=device)[..., :seqlen_k]
-    parts = -(-seqlen_k // (BLOCKS_PER_CTA * TILE_N))
-    stats = torch.empty(batch, heads, n_tiles, parts, 3, dtype=torch.float32, device=device)
-    return out, stats
+    as run_pooled_scores_sm90 makes them (with SCORES_TMA_STORE, the scores' rows padded to a
+    multiple of 4 keys, a view of the first Sk); pass them back with out_padding=True."""
+    return (_pooled_scores_out(batch, heads, n_tiles, seqlen_k, device),
+            _pooled_scores_stats(batch, heads, n_tiles, seqlen_k, device))
 
 
 def run_pooled_scores_sm90(
@@ -210,33 +220,28 @@ def run_pooled_scores_sm90(
     row and part of 2,048 keys (parts = ceil(Sk / 2048)) the max, min and sum of exp(x - max)
     of its scaled scores x (what run_top_p_select_sm90 takes). out, stats: optional
     preallocated outputs (every element is written; out's rows contiguous, its other strides
-    any). The scores made here are `pooled_scores_buffers`', rows padded to a multiple of 4
-    keys, so that the kernel's TMA stores apply; those may write the padding (a row's last
-    16 bytes whole), so a given out gets them only when Sk is a multiple of 4, or when
-    out_padding says that its rows may be written up to their next 16-byte boundary (padding
-    of the caller's, as in `pooled_scores_buffers`)."""
+    any). The scores made here are `pooled_scores_buffers`' (with SCORES_TMA_STORE, rows
+    padded to a multiple of 4 keys), so that the kernel's TMA stores apply; those may write
+    the padding (a row's last 16 bytes whole), so a given out gets them only when Sk is a
+    multiple of 4, or when out_padding says that its rows may be written up to their next
+    16-byte boundary (the caller owns that padding, as in `pooled_scores_buffers`)."""
     batch, heads, n_tiles, _ = split_means.shape
     head_dim = k.shape[-1]
     seqlen_k = k.shape[1]
-    own_padding = out is None or out_padding
+    padding_writable = out is None or out_padding
     if out is None:
-        out, own_stats = pooled_scores_buffers(batch, heads, n_tiles, seqlen_k, k.device)
-        stats = own_stats if stats is None else stats
+        out = _pooled_scores_out(batch, heads, n_tiles, seqlen_k, k.device)
     elif out.shape != (batch, heads, n_tiles, seqlen_k) or out.stride(-1) != 1:
         raise ValueError(f"out: expected [{batch}, {heads}, {n_tiles}, {seqlen_k}] with "
                          f"contiguous rows, got {tuple(out.shape)} strides {out.stride()}")
+    if stats is None:
+        stats = _pooled_scores_stats(batch, heads, n_tiles, seqlen_k, k.device)
     # TMA stores (the kernel's faster path) where every row starts 16-byte aligned and may be
     # written up to its next 16-byte boundary
     tma_store = (SCORES_TMA_STORE and out.data_ptr() % 16 == 0
                  and all(st % 4 == 0 for st in out.stride()[:-1])
-                 and (own_padding or seqlen_k % 4 == 0))
+                 and (padding_writable or seqlen_k % 4 == 0))
     fn = compile_fwd(PooledScoresConfig(head_dim, _DTYPE_NAMES[k.dtype], tma_store))
-    if stats is None:
-        from fgattn_cute.kernels.pooled_scores_sm90 import BLOCKS_PER_CTA, TILE_N
-
-        parts = -(-k.shape[1] // (BLOCKS_PER_CTA * TILE_N))
-        stats = torch.empty(batch, heads, n_tiles, parts, 3, dtype=torch.float32,
-                            device=k.device)
     with torch.cuda.device(k.device):
         fn(split_means, k, out, stats, float(scale))
     return out, stats

@@ -356,7 +356,8 @@ class PooledScoresSm90:
                         wg: Int32, m_block: Int32, n_block: Int32, head: Int32, batch: Int32):
         """This warpgroup's 64 x 128 block: registers -> its half of sOut (once the previous
         store has read it) -> one TMA store, issued by the warpgroup's first thread, which
-        clips tiles and keys past the ends."""
+        skips tiles past the last and keys past the row's next 16-byte boundary (keys past Sk
+        before that boundary are written as zeros: the row's padding)."""
         first = tidx % WARPGROUP == 0
         barrier_id = BARRIER_STAGING + wg
         if first:

@@ -43,8 +43,9 @@ __all__ = [
 POOLED_BACKENDS = ("auto", "cute", "torch")
 # The selection kernel's bitmap bound (fgattn_cute.kernels.top_p_sm90.MAX_SEQLEN_K).
 _CUTE_MAX_SEQLEN_K = 1 << 17
-# Budget, in bytes, for the float32 logits on the kernel path: one buffer of at most this many,
-# which every chunk of heads reuses.
+# Budget, in bytes, for the float32 logits on the kernel path (one head's if larger): chunks of
+# heads within it, which the package's scores kernel writes into one buffer, and torch's
+# GEMM (head dims that kernel lacks) into one tensor per chunk, freed before the next.
 _CUTE_LOGIT_BYTES = 1 << 30
 
 _MASS_BITS = 52
@@ -248,16 +249,17 @@ def _pooled_top_p_cute(q, k, q_tile, p, scale, keep, capacity):
         from ..host.launch import pooled_scores_buffers
 
         # One buffer for every chunk's scaled logits and their statistics per 2,048 keys (each
-        # chunk's selection is done with it before the next chunk's scores, in stream order):
-        # a new one per chunk had two chunks alive at the allocation.
+        # chunk's selection is done with it before the next chunk's scores, in stream order;
+        # a tensor per chunk would keep two chunks alive at each allocation).
         all_logits, all_stats = pooled_scores_buffers(1, nh, n_tiles, sk, q.device)
     for b in range(B):
         for h0 in range(0, H, nh):
             h1 = min(H, h0 + nh)
             if kernels:
-                logits = all_logits[:, :h1 - h0]  # [1, h1 - h0, T, Sk], rows padded to 16 bytes
+                logits = all_logits[:, :h1 - h0]  # [1, h1 - h0, T, Sk] (rows padded to 16 bytes)
                 stats = all_stats[:, :h1 - h0]
-                a = split_means[b:b + 1, h0:h1].contiguous()  # [1, nh, T, 3D], no copy if nh = H
+                # [1, h1 - h0, T, 3D] (no copy when the chunk holds all of the batch's heads)
+                a = split_means[b:b + 1, h0:h1].contiguous()
                 run_pooled_scores_sm90(a, k[b:b + 1, :, h0:h1], scale, out=logits, stats=stats,
                                        out_padding=True)
                 stats = stats.flatten(0, 2)
@@ -268,6 +270,7 @@ def _pooled_top_p_cute(q, k, q_tile, p, scale, keep, capacity):
                 k3 = torch.cat([kh, kh, kh], dim=-1)
                 logits = torch.bmm(split_means[b, h0:h1], k3.permute(1, 2, 0),
                                    out_dtype=torch.float32)
+                del k3
                 # scaled in place (these rows are ours: no second copy of them) and their
                 # statistics by torch
                 logits.mul_(scale)
@@ -276,6 +279,8 @@ def _pooled_top_p_cute(q, k, q_tile, p, scale, keep, capacity):
                 logits.flatten(0, -2), words, p, None, cap, stats=stats,
                 indices=indices[b, h0:h1].view(-1, cap), counts=counts[b, h0:h1].view(-1),
             )
+            # (the torch scores' chunk freed before the next one is made)
+            del logits, stats
     _check_capacity(counts, cap, sk)
     return KeyIndex._trusted_new(indices, counts, q_tile, sq, sk)
 
@@ -322,8 +327,9 @@ def pooled_top_p(q, k, q_tile=128, p=0.9, softmax_scale=None, always_keep=None, 
     with a float32 output (0.8 GB), one read of it by the selection kernel, and the lists (0.8
     GB); 1.21-1.22 ms per call back to back on an H200 (0.062-0.063x FA4 dense,
     perf/bench_predict.py, session 18; a single call after a sync adds the host's ~0.1 ms of
-    launch latency). Its scratch besides the lists: the float32 output, at most 1 GiB (one
-    buffer that chunks of heads take in turn: Wan 720p's 40 heads go 6 at a time).
+    launch latency). Its scratch besides the lists: the float32 output, at most 1 GiB (or
+    one head's, if larger), in one buffer that chunks of heads take in turn (Wan 720p's 40
+    heads go 6 at a time).
     Torch path: a float32 [R, D] x [D, Sk] matmul, a softmax, ``top_p_mask`` (three histogram
     rounds) and ``KeyIndex.from_mask``, tens of bytes per (row, key) in eager torch: 48 ms
     there (session 2's measurement, before the ``from_mask`` kernel that ``backend="auto"`` now
