@@ -408,7 +408,7 @@ class TopPSelectSm90:
         tau = value
         any_mass = total > 0
         if const_expr(not self.row_in_smem):
-            # (no barrier is needed here: without it, the list pass's walk over the warps'
+            # (not needed for correctness, but without it the list pass's walk over the warps'
             # counts spills registers in the from_probs configuration)
             cute.arch.barrier()
 
