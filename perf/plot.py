@@ -29,11 +29,16 @@ def summarize(meta, records, stem) -> str:
     for r in records:
         by_shape[r["shape"]].append(r)
     ceil = meta.get("ceilings", {})
+    # Sweeps from session 21 on time back-to-back batches and keep the synced figure beside.
+    timing = ("Times are medians in ms per call over back-to-back batches (the GPU kept busy; "
+              "the JSON's `ms_synced` has single calls after a sync, host latency included)"
+              if any("ms_synced" in r for r in records) else
+              "Times are medians in ms of single calls, each after a sync")
     lines = [f"# Sweep on {meta['card_name']} ({meta['date']}, commit {meta['commit'][:10]})", "",
              f"Clocks (sm, max sm, mem, power limit): {meta['clocks']}. Measured ceilings: "
              f"bf16 matmul {ceil.get('matmul_tflops', 0):.0f} TF/s, device copy "
-             f"{ceil.get('copy_tbps', 0):.2f} TB/s. Times are medians in ms; `x ideal` is "
-             f"time / (keep x FA4 dense time).", ""]
+             f"{ceil.get('copy_tbps', 0):.2f} TB/s. {timing}; `x ideal` is time / (keep x FA4 "
+             f"dense time).", ""]
     for shape, rs in by_shape.items():
         dense = next((r["ms"] for r in rs if r["system"] == "fa4_dense"), None)
         d = rs[0]["head_dim"]

@@ -75,3 +75,13 @@ def test_write_records_names_the_file_by_kind_card_and_date(tmp_path):
     path = sweep.write_records(records, tmp_path / "new", "bench-cache", meta)
     assert path == tmp_path / "new" / "bench-cache-H200-2026-11-27.json"
     assert json.loads(path.read_text()) == records
+
+
+def test_summary_names_the_timing_method(records, tmp_path):
+    meta = {"card_name": "NVIDIA H200", "date": "2026-11-28", "commit": "abc1234",
+            "clocks": "-", "ceilings": CEIL}
+    old = plot.summarize(meta, records, str(tmp_path / "old"))
+    assert "single calls, each after a sync" in old and "back-to-back" not in old
+    new = [dict(r, ms_synced=r["ms"] * 1.05, batch=4) for r in records]
+    text = plot.summarize(meta, new, str(tmp_path / "new"))
+    assert "back-to-back batches" in text and "single calls, each after a sync" not in text
