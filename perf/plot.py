@@ -40,12 +40,15 @@ def summarize(meta, records, stem) -> str:
              f"{ceil.get('copy_tbps', 0):.2f} TB/s. {timing}; `x ideal` is time / (keep x FA4 "
              f"dense time).", ""]
     for shape, rs in by_shape.items():
-        dense = next((r["ms"] for r in rs if r["system"] == "fa4_dense"), None)
+        dense = dense_ms(rs)
         d = rs[0]["head_dim"]
         lines += [f"## {shape}: S={rs[0]['seqlen']}, H={rs[0]['heads']}, D={d}", ""]
         if dense:
             tflops = 4 * rs[0]["seqlen"] ** 2 * d * rs[0]["heads"] / dense / 1e9
-            lines.append(f"FA4 dense: {dense:.2f} ms ({tflops:.0f} TF/s).")
+            spread = [r["ms"] for r in rs if r["system"] == "fa4_dense"]
+            between = (f", the median of {len(spread)} timings through the shape's run: "
+                       f"{min(spread):.2f}-{max(spread):.2f}" if len(spread) > 1 else "")
+            lines.append(f"FA4 dense: {dense:.2f} ms ({tflops:.0f} TF/s{between}).")
         cud = next((r["ms"] for r in rs if r["system"] == "cudnn"), None)
         if cud:
             lines.append(f"cuDNN SDPA dense: {cud:.2f} ms.")
@@ -107,6 +110,14 @@ def _speed_of_light(rs, ceil):
     return lines + [""]
 
 
+def dense_ms(rs):
+    """FA4 dense's time for a shape's records: the median of its timings (sweeps from session
+    21 re-time it after each keep, so that it shares the GPU's state with the systems it
+    divides), or None."""
+    times = sorted(r["ms"] for r in rs if r["system"] == "fa4_dense")
+    return times[len(times) // 2] if times else None
+
+
 def _bar(rs, dense, head_dim):
     """Whether the performance bar of DESIGN.md holds for this shape."""
     out = []
@@ -137,7 +148,7 @@ def _plots(by_shape, stem):
         print("matplotlib is missing: no plots written")
         return
     for shape, rs in by_shape.items():
-        dense = next((r["ms"] for r in rs if r["system"] == "fa4_dense"), None)
+        dense = dense_ms(rs)
         series = defaultdict(list)
         for r in rs:
             if r["system"] not in ("fa4_dense", "cudnn") + PREDICTORS:

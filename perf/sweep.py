@@ -10,10 +10,11 @@ repeats, each repeat a batch of back-to-back calls (the GPU kept busy, as in a m
 pass, so a wrapper's host time between calls is hidden); each record also carries `ms_synced`,
 the median of single calls each after a sync (what the sweeps before session 21 reported: it
 adds a call's host latency, ~0.06 ms for fgattn-cute and ~0.15 ms for FA4). Inputs are rotated
-among copies when they would fit in L2.
-Each baseline's output is checked once per shape against fgattn-cute on the same kept keys,
-so that "same kept work" holds. Writes perf/results/sweep-<card>-<date>.json (a list of
-records), a markdown summary and PNG plots (see perf/plot.py). Timings are never asserted.
+among copies when they would fit in L2. FA4 dense is timed at the start of a shape and again
+after each keep; `x ideal` divides by the median. Each baseline's output is checked once per
+shape against fgattn-cute on the same kept keys, so that "same kept work" holds. Writes
+perf/results/sweep-<card>-<date>.json (a list of records), a markdown summary and PNG plots
+(see perf/plot.py). Timings are never asserted.
 """
 
 from __future__ import annotations
@@ -234,6 +235,11 @@ def run_shape(name, keeps, systems, reps, record, progress):
                         check_vs_fgattn=err)
                 except Exception as e:
                     progress(f"{name} fa4_block 128x{kb} failed: {type(e).__name__}: {e}")
+        if "fa4_dense" in systems:
+            # again after each keep: x ideal divides by the median of these, so that FA4 is
+            # timed in the GPU's state (clocks, temperature) of the whole run, not its start
+            add("fa4_dense", None, "dense", 1.0, timings(baselines.fa4_dense(q, k, v), reps),
+                at_keep=keep)
         torch.cuda.empty_cache()
 
 

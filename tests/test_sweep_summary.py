@@ -85,3 +85,12 @@ def test_summary_names_the_timing_method(records, tmp_path):
     new = [dict(r, ms_synced=r["ms"] * 1.05, batch=4) for r in records]
     text = plot.summarize(meta, new, str(tmp_path / "new"))
     assert "back-to-back batches" in text and "single calls, each after a sync" not in text
+
+
+def test_x_ideal_divides_by_the_median_of_fa4_dense_timings(records, tmp_path):
+    meta = {"card_name": "NVIDIA H200", "date": "2026-11-28", "commit": "abc1234",
+            "clocks": "-", "ceilings": CEIL}
+    more = records + [_record("fa4_dense", 1.0, 2.0), _record("fa4_dense", 1.0, 4.0)]
+    assert plot.dense_ms(more) == 3.0
+    text = plot.summarize(meta, more, str(tmp_path / "x"))
+    assert "FA4 dense: 3.00 ms" in text and "median of 3 timings" in text and "2.00-4.00" in text
