@@ -333,12 +333,25 @@ class TopPSelectSm90:
             p_lo = self.probability(sStats[2], offset)
             shift1, base1 = self.digit_plan(p_lo, p_hi)
             outside = Int32(0)  # set where a weighted key missed the planned bins
-            for c in cutlass.range_constexpr(LOAD_CHUNKS):
-                cute.arch.mbarrier_wait(load_bar + c, phase)
-                start = head + c * chunk
-                stop = cutlass.min(start + chunk, head + body)
-                outside |= self.probability_pass(sP, start, stop, LOADS, offset, sHist,
-                                                 shift1, base1, bcast, tidx, True)
+            # Every key's probability is at least p_lo (the same monotone operations), so when
+            # p_lo's exponent is at least EXACT_EXP no key's weight is floored and a key adds
+            # its significand's two slices, read straight off its bits (`weigh_exact_key`):
+            # pooled_top_p's near-uniform rows, where it saves a quarter of the pass's
+            # instructions. Other rows take the general weights.
+            if p_lo.bitcast(Int32) >= Int32(EXACT_EXP << 23):
+                for c in cutlass.range_constexpr(LOAD_CHUNKS):
+                    cute.arch.mbarrier_wait(load_bar + c, phase)
+                    start = head + c * chunk
+                    stop = cutlass.min(start + chunk, head + body)
+                    outside |= self.probability_pass(sP, start, stop, LOADS, offset, sHist,
+                                                     shift1, base1, bcast, tidx, True, True)
+            else:
+                for c in cutlass.range_constexpr(LOAD_CHUNKS):
+                    cute.arch.mbarrier_wait(load_bar + c, phase)
+                    start = head + c * chunk
+                    stop = cutlass.min(start + chunk, head + body)
+                    outside |= self.probability_pass(sP, start, stop, LOADS, offset, sHist,
+                                                     shift1, base1, bcast, tidx, True)
             edge = tidx
             if tidx >= head:  # threads head.. take the elements after the copies
                 edge = head + body + (tidx - head)
@@ -499,13 +512,15 @@ class TopPSelectSm90:
     def probability_pass(self, xP: cute.Tensor, lo: Int32, hi: Int32,
                          ahead: cutlass.Constexpr[int], offset: Float32, sHist, shift1: Int32,
                          base1: Int32, bcast, tidx: Int32,
-                         flag_in_register: cutlass.Constexpr[bool]) -> Int32:
+                         flag_in_register: cutlass.Constexpr[bool],
+                         exact: cutlass.Constexpr[bool] = False) -> Int32:
         """Keys [lo, hi) of xP: scaled logits replaced by their probabilities, each added to
         the first histogram; `ahead` keys loaded per thread before any is worked on. A
         weighted key outside the first round's bins is flagged: with flag_in_register, in the
         returned value (non-zero), for the caller to store once (on keys in shared memory a
         branch per key to store it cost more than the key's other tests); else in bcast[5]
-        directly (0 returned)."""
+        directly (0 returned). `exact` (with flag_in_register): every key of the row has an
+        exponent of at least EXACT_EXP (`weigh_exact_key`)."""
         T = self.num_threads
         outside = Int32(0)
         for j in cutlass.range(lo + tidx, hi, ahead * T, unroll=1):
@@ -514,7 +529,9 @@ class TopPSelectSm90:
                 prob = self.probability(xs[k], offset)
                 if j + k * T < hi:
                     xP[j + k * T] = prob
-                if const_expr(flag_in_register):
+                if const_expr(exact):
+                    outside |= self.weigh_exact_key(sHist, prob, shift1, base1)
+                elif const_expr(flag_in_register):
                     outside |= self.weigh_first_digit_flat(sHist, prob, shift1, base1)
                 else:
                     self.weigh_first_digit(sHist, prob, shift1, base1, bcast)
@@ -533,6 +550,23 @@ class TopPSelectSm90:
         units = self.bin_units(bits)
         if in_range:
             self.hist_add(sHist, digit, units)
+        return Int32((rb >= 0) & (~in_range))
+
+    @cute.jit
+    def weigh_exact_key(self, sHist, prob: Float32, shift1: Int32, base1: Int32) -> Int32:
+        """`weigh_first_digit_flat` for a key whose exponent is at least EXACT_EXP (or that
+        weighs nothing): its units are its 24-bit significand m, whose slices are the bits'
+        low 12 and, with the implicit leading 1, m >> 12 (`bin_units`' shift is 0)."""
+        bits = prob.bitcast(Int32)
+        rb = bits - LOW_BITS
+        digit = (rb >> shift1) - base1
+        in_range = Uint32(digit) < Uint32(HIST_BINS)
+        low = Uint32(bits) & Uint32((1 << SLICE_BITS) - 1)
+        lead = 1 << (23 - SLICE_BITS)  # the implicit leading 1 of m, in the high slice
+        high = ((Uint32(bits) >> Uint32(SLICE_BITS)) & Uint32(lead - 1)) | Uint32(lead)
+        if in_range:
+            cute.arch.atomic_add(sHist.iterator + digit, low)
+            cute.arch.atomic_add(sHist.iterator + HIST_BINS + digit, high)
         return Int32((rb >= 0) & (~in_range))
 
     @cute.jit
