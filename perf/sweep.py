@@ -9,12 +9,13 @@ each gather engine, all on the same random inputs. Timing: CUDA events, warm-up,
 repeats, each repeat a batch of back-to-back calls (the GPU kept busy, as in a model's forward
 pass, so a wrapper's host time between calls is hidden); each record also carries `ms_synced`,
 the median of single calls each after a sync (what the sweeps before session 21 reported: it
-adds a call's host latency, ~0.06 ms for fgattn-cute and ~0.15 ms for FA4). Inputs are rotated
-among copies when they would fit in L2. FA4 dense is timed at the start of a shape and again
-after each keep; `x ideal` divides by the median. Each baseline's output is checked once per
-shape against fgattn-cute on the same kept keys, so that "same kept work" holds. Writes
-perf/results/sweep-<card>-<date>.json (a list of records), a markdown summary and PNG plots
-(see perf/plot.py). Timings are never asserted.
+adds a call's host latency, ~0.06 ms for fgattn-cute and ~0.15 ms for FA4). Inputs are not
+rotated: at every shape here q, k and v (100 MB and more each) are several times the 50 MB L2,
+so no repeat finds them there (`median_ms` can rotate copies of smaller inputs). FA4 dense is
+timed at the start of a shape and again after each keep; `x ideal` divides by the median. Each
+baseline's output is checked once per shape against fgattn-cute on the same kept keys, so that
+"same kept work" holds. Writes perf/results/sweep-<card>-<date>.json (a list of records), a
+markdown summary and PNG plots (see perf/plot.py). Timings are never asserted.
 """
 
 from __future__ import annotations

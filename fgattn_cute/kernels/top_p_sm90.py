@@ -336,8 +336,9 @@ class TopPSelectSm90:
             # Every key's probability is at least p_lo (the same monotone operations), so when
             # p_lo's exponent is at least EXACT_EXP no key's weight is floored and a key adds
             # its significand's two slices, read straight off its bits (`weigh_exact_key`):
-            # pooled_top_p's near-uniform rows, where it saves a quarter of the pass's
-            # instructions. Other rows take the general weights.
+            # pooled_top_p's near-uniform rows, where it saves a sixth of the pass's
+            # instructions (2.4% of the selection at CogVideoX, level at Wan 480p; H200,
+            # perf/NOTES.md, session 21). Other rows take the general weights.
             if p_lo.bitcast(Int32) >= Int32(EXACT_EXP << 23):
                 for c in cutlass.range_constexpr(LOAD_CHUNKS):
                     cute.arch.mbarrier_wait(load_bar + c, phase)
