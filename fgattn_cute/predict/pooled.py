@@ -110,7 +110,9 @@ def compiled_top_p_select():
     """``torch.compile(top_p_select, fullgraph=True, dynamic=False)``, built once. Pass it as
     ``pooled_top_p(..., select_fn=compiled_top_p_select())``: same results, the elementwise
     passes fused (2.3x faster on a CPU in a quick check; the first call per row-chunk shape
-    compiles, for seconds)."""
+    compiles, for seconds). Known failure: on an H200 with torch 2.11, rows of Wan 720p's
+    75,600 keys stop inside torch.compile with an ``InductorError`` (perf/NOTES.md, session
+    21); torch 2.13 on the CPU compiles them."""
     if "select" not in _COMPILED:
         _COMPILED["select"] = torch.compile(top_p_select, fullgraph=True, dynamic=False)
     return _COMPILED["select"]
