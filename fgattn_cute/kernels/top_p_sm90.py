@@ -334,25 +334,17 @@ class TopPSelectSm90:
             shift1, base1 = self.digit_plan(p_lo, p_hi)
             outside = Int32(0)  # set where a weighted key missed the planned bins
             # Every key's probability is at least p_lo (the same monotone operations), so when
-            # p_lo's exponent is at least EXACT_EXP no key's weight is floored and a key adds
-            # its significand's two slices, read straight off its bits (`weigh_exact_key`):
-            # pooled_top_p's near-uniform rows, where it saves a sixth of the pass's
-            # instructions (2.4% of the selection at CogVideoX, level at Wan 480p; H200,
-            # perf/NOTES.md, session 21). Other rows take the general weights.
+            # p_lo's exponent is at least EXACT_EXP no key's weight is floored and a key's units
+            # are its significand, read straight off its bits (`exact_units`): pooled_top_p's
+            # near-uniform rows, where it saves a sixth of the pass's instructions (2.4% of the
+            # selection at CogVideoX, level at Wan 480p; H200, perf/NOTES.md, session 21).
+            # Other rows take the general weights.
             if p_lo.bitcast(Int32) >= Int32(EXACT_EXP << 23):
-                for c in cutlass.range_constexpr(LOAD_CHUNKS):
-                    cute.arch.mbarrier_wait(load_bar + c, phase)
-                    start = head + c * chunk
-                    stop = cutlass.min(start + chunk, head + body)
-                    outside |= self.probability_pass(sP, start, stop, LOADS, offset, sHist,
-                                                     shift1, base1, bcast, tidx, True, True)
+                outside = self.probability_parts(sP, head, body, chunk, load_bar, phase, offset,
+                                                 sHist, shift1, base1, bcast, tidx, True)
             else:
-                for c in cutlass.range_constexpr(LOAD_CHUNKS):
-                    cute.arch.mbarrier_wait(load_bar + c, phase)
-                    start = head + c * chunk
-                    stop = cutlass.min(start + chunk, head + body)
-                    outside |= self.probability_pass(sP, start, stop, LOADS, offset, sHist,
-                                                     shift1, base1, bcast, tidx, True)
+                outside = self.probability_parts(sP, head, body, chunk, load_bar, phase, offset,
+                                                 sHist, shift1, base1, bcast, tidx, False)
             edge = tidx
             if tidx >= head:  # threads head.. take the elements after the copies
                 edge = head + body + (tidx - head)
@@ -510,6 +502,22 @@ class TopPSelectSm90:
         return cute.math.exp2(_fma(x, Float32(LOG2_E), -offset), fastmath=True)
 
     @cute.jit
+    def probability_parts(self, sP: cute.Tensor, head: Int32, body: Int32, chunk: Int32,
+                          load_bar: cute.Pointer, phase: Int32, offset: Float32, sHist,
+                          shift1: Int32, base1: Int32, bcast, tidx: Int32,
+                          exact: cutlass.Constexpr[bool]) -> Int32:
+        """`probability_pass` over the bulk copies' parts of a row in shared memory, each as
+        soon as it has landed; returns the flag of keys outside the planned bins."""
+        outside = Int32(0)
+        for c in cutlass.range_constexpr(LOAD_CHUNKS):
+            cute.arch.mbarrier_wait(load_bar + c, phase)
+            start = head + c * chunk
+            stop = cutlass.min(start + chunk, head + body)
+            outside |= self.probability_pass(sP, start, stop, LOADS, offset, sHist, shift1,
+                                             base1, bcast, tidx, True, exact)
+        return outside
+
+    @cute.jit
     def probability_pass(self, xP: cute.Tensor, lo: Int32, hi: Int32,
                          ahead: cutlass.Constexpr[int], offset: Float32, sHist, shift1: Int32,
                          base1: Int32, bcast, tidx: Int32,
@@ -521,7 +529,7 @@ class TopPSelectSm90:
         returned value (non-zero), for the caller to store once (on keys in shared memory a
         branch per key to store it cost more than the key's other tests); else in bcast[5]
         directly (0 returned). `exact` (with flag_in_register): every key of the row has an
-        exponent of at least EXACT_EXP (`weigh_exact_key`)."""
+        exponent of at least EXACT_EXP (`exact_units`)."""
         T = self.num_threads
         outside = Int32(0)
         for j in cutlass.range(lo + tidx, hi, ahead * T, unroll=1):
@@ -530,44 +538,26 @@ class TopPSelectSm90:
                 prob = self.probability(xs[k], offset)
                 if j + k * T < hi:
                     xP[j + k * T] = prob
-                if const_expr(exact):
-                    outside |= self.weigh_exact_key(sHist, prob, shift1, base1)
-                elif const_expr(flag_in_register):
-                    outside |= self.weigh_first_digit_flat(sHist, prob, shift1, base1)
+                if const_expr(flag_in_register):
+                    outside |= self.weigh_first_digit_flat(sHist, prob, shift1, base1, exact)
                 else:
                     self.weigh_first_digit(sHist, prob, shift1, base1, bcast)
         return outside
 
     @cute.jit
-    def weigh_first_digit_flat(self, sHist, prob: Float32, shift1: Int32,
-                               base1: Int32) -> Int32:
+    def weigh_first_digit_flat(self, sHist, prob: Float32, shift1: Int32, base1: Int32,
+                               exact: cutlass.Constexpr[bool] = False) -> Int32:
         """`weigh_first_digit` with one short branch (the two atomics): the key's bin and
-        units are computed whether or not it has a bin. Returns 1 for a weighted key outside
-        the 4,096 bins, else 0."""
+        units are computed whether or not it has a bin (`exact_units` when every key of the
+        row has an exponent of at least EXACT_EXP). Returns 1 for a weighted key outside the
+        4,096 bins, else 0."""
         bits = prob.bitcast(Int32)
         rb = bits - LOW_BITS  # < 0: weighs nothing, and its digit is out of range too
         digit = (rb >> shift1) - base1
         in_range = Uint32(digit) < Uint32(HIST_BINS)
-        units = self.bin_units(bits)
+        units = self.exact_units(bits) if const_expr(exact) else self.bin_units(bits)
         if in_range:
             self.hist_add(sHist, digit, units)
-        return Int32((rb >= 0) & (~in_range))
-
-    @cute.jit
-    def weigh_exact_key(self, sHist, prob: Float32, shift1: Int32, base1: Int32) -> Int32:
-        """`weigh_first_digit_flat` for a key whose exponent is at least EXACT_EXP (or that
-        weighs nothing): its units are its 24-bit significand m, whose slices are the bits'
-        low 12 and, with the implicit leading 1, m >> 12 (`bin_units`' shift is 0)."""
-        bits = prob.bitcast(Int32)
-        rb = bits - LOW_BITS
-        digit = (rb >> shift1) - base1
-        in_range = Uint32(digit) < Uint32(HIST_BINS)
-        low = Uint32(bits) & Uint32((1 << SLICE_BITS) - 1)
-        lead = 1 << (23 - SLICE_BITS)  # the implicit leading 1 of m, in the high slice
-        high = ((Uint32(bits) >> Uint32(SLICE_BITS)) & Uint32(lead - 1)) | Uint32(lead)
-        if in_range:
-            cute.arch.atomic_add(sHist.iterator + digit, low)
-            cute.arch.atomic_add(sHist.iterator + HIST_BINS + digit, high)
         return Int32((rb >= 0) & (~in_range))
 
     @cute.jit
@@ -998,8 +988,13 @@ class TopPSelectSm90:
     def bin_units(self, bits: Int32) -> Int32:
         """What a key with float32 bits `bits` (weight > 0) adds to its bin."""
         exponent = bits >> 23
-        significand = (bits & 0x7FFFFF) | 0x800000
-        return significand >> cutlass.max(EXACT_EXP - exponent, 0)
+        return self.exact_units(bits) >> cutlass.max(EXACT_EXP - exponent, 0)
+
+    @cute.jit
+    def exact_units(self, bits: Int32) -> Int32:
+        """`bin_units` of a key whose exponent is at least EXACT_EXP: its 24-bit significand
+        (no floor)."""
+        return (bits & 0x7FFFFF) | 0x800000
 
     @cute.jit
     def load_or(self, sX: cute.Tensor, j: Int32, n: Int32, fill):
