@@ -35,19 +35,7 @@ SHAPES = dict(SHAPES, **{"wan480-h24": (32760, 24, 128)})
 
 def back_to_back_ms(fn, calls=10, reps=3):
     """Median over reps of (CUDA-event time of `calls` consecutive calls of fn) / calls."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    times.sort()
-    return times[len(times) // 2]
+    return median_ms(fn, reps, warmup=1, batch=calls)
 
 
 def video_like(seqlen, heads, head_dim):
