@@ -142,6 +142,33 @@ def test_from_logits_matches_softmax_rule():
     assert bool((kept >= 0.9 - 1e-5).all())
 
 
+# (n and p with p n no integer: the rule keeps ceil(p n) equal keys whatever their weight)
+@pytest.mark.parametrize("n", [1001, 18431, 32759])
+def test_from_logits_rows_whose_first_bins_wrap(n):
+    """Rows whose every key weighs its whole significand add each key to the first histogram
+    with one 32-bit atomic, which a bin of 256 or more keys wraps; the kernel must notice (the
+    float64 mass against the histogram's total) and build that histogram again. Rows 0-2: 600
+    keys tied at one logit among random ones (their bin wraps), the tied value at the median,
+    above it and below it. Row 3: equal logits (a row that spans fewer than 4,096 float values
+    takes the slices from the start; the lowest ceil(p n) keys are kept)."""
+    gen = torch.Generator().manual_seed(n)
+    logits = torch.randn(4, n, generator=gen)
+    tied = torch.randperm(n, generator=gen)[:600]
+    for row, value in ((0, 0.0), (1, 1.0), (2, -1.0)):
+        logits[row, tied] = value
+    logits[3] = 0.25
+    for p in (0.5, 0.9):
+        got = _select(logits, p, from_probs=False, scale=0.9)
+        probs = torch.softmax(logits[:3].cuda() * 0.9, dim=-1).cpu()
+        ref = top_p_sorted(probs, p)
+        assert (got[:3] != ref).float().mean().item() < 1e-3, f"p={p}"  # boundary keys only
+        kept = (probs.double() * got[:3]).sum(-1)
+        assert bool((kept >= p - 1e-5).all()), f"p={p}"
+        flat = torch.zeros(n, dtype=torch.bool)
+        flat[:math.ceil(p * n)] = True
+        assert torch.equal(got[3], flat), f"p={p}: equal logits"
+
+
 @pytest.mark.parametrize("text_tokens", [16, 17])
 def test_pooled_top_p_kernel_against_torch_path(text_tokens):
     """(17 text tokens: Sk = 1,553, whose scores rows the launcher pads to 16 bytes.)"""

@@ -24,7 +24,8 @@ that row has usually started already; see ``prefetch_row``):
    (4,096 bins) of exact weights built with
    32-bit shared-memory atomics (see ``bin_units``) and scanned by the whole CTA; the first
    round's is built by the pass that computes the probabilities, and its scan gives the row's
-   total weight.
+   total weight (on pooled_top_p's rows with one atomic a key, checked against a float64 sum:
+   ``whole_units``).
 3. the keys above tau, plus the first ``take`` keys equal to tau in index order (ranked only
    when some keys equal to tau are left out), plus the always-keep bits, are written as the
    sorted key list (``KeyIndex`` row format: zeros after the count). Index order comes from
@@ -145,6 +146,8 @@ class TopPSelectSm90:
             self.max_n = MAX_SEQLEN_K_SMEM if row_in_smem else MAX_SEQLEN_K
         # The scan of a round's histogram gives each thread a whole number of 16-byte groups
         # of bins.
+        # The scan of a round's histogram gives each thread a whole number of 16-byte groups
+        # of bins.
         assert HIST_BINS % (4 * num_threads) == 0
         # (rows in global memory: the whole LONG_ROW_AREA, bitmaps included)
         self.smem_row = self.max_n if row_in_smem else LONG_ROW_AREA
@@ -153,6 +156,14 @@ class TopPSelectSm90:
         # (-7% at Wan 720p on an H200). Rows in shared memory keep the pass: there the marking
         # cost as much as the pass it saved (perf/NOTES.md, top-p session 12).
         self.mark_in_round2 = not row_in_smem
+        # Rows in shared memory whose every key weighs its whole significand (`exact_units`)
+        # and that span at least 4,096 float values (shift1 > 0) add each key to the first
+        # histogram with one 32-bit atomic of its whole units instead of two 12-bit slices
+        # (-6% on the selection at Wan 480p, H200; perf/NOTES.md, top-p session 22). A bin of
+        # 256 keys or more can wrap its word, so the pass also sums the probabilities in
+        # float64 (exact for these keys) and the first scan compares that total with the
+        # histogram's; on a mismatch the histogram is built again in slices.
+        self.whole_units = row_in_smem and not from_probs
 
     @cute.jit
     def __call__(
@@ -182,6 +193,7 @@ class TopPSelectSm90:
             ]
             red_i: cute.struct.MemRange[Int64, num_warps]
             red_f: cute.struct.MemRange[Float32, 2 * num_warps]
+            red_mass: cute.struct.MemRange[Float64, num_warps]  # per warp: its keys' mass
             bcast: cute.struct.MemRange[Int64, 8]
             stats: cute.struct.MemRange[Float32, 3]  # the row's max, sum and min (`combine_stats`)
 
@@ -242,6 +254,7 @@ class TopPSelectSm90:
             storage.red_f.get_tensor(cute.make_layout((self.num_warps, 2))),
             storage.bcast.get_tensor(cute.make_layout(8)),
             storage.stats.get_tensor(cute.make_layout(3)),
+            storage.red_mass.get_tensor(cute.make_layout(self.num_warps)),
         )
         load_bar = shared[1]
         if tidx == 0:
@@ -274,7 +287,7 @@ class TopPSelectSm90:
         """Selects row row_idx, whose load (`load_row`, barrier phase `phase`) has been issued;
         issues next_row's once this row's probabilities are no longer read (none when
         next_row is past the rows)."""
-        sRow, load_bar, sWords, sInBin, sHist, red_i, red_f, bcast, sStats = shared
+        sRow, load_bar, sWords, sInBin, sHist, red_i, red_f, bcast, sStats, red_mass = shared
         x_row, sP, head, body = self.row_view(mX, row_idx, sRow, n_smem)
         chunk = self.load_chunk(body)
         if const_expr(self.from_probs):
@@ -310,6 +323,7 @@ class TopPSelectSm90:
         # (the row's total weight comes out of that round's scan).
         shift1 = Int32(FIRST_DIGIT[0])
         base1 = Int32(0)
+        whole = Boolean(False)  # (whole_units) the first histogram's bins hold whole units
         if const_expr(self.from_probs):
             local_max = Float32(0.0)
             local_min = Float32.inf
@@ -333,18 +347,31 @@ class TopPSelectSm90:
             p_lo = self.probability(sStats[2], offset)
             shift1, base1 = self.digit_plan(p_lo, p_hi)
             outside = Int32(0)  # set where a weighted key missed the planned bins
+            mass = Float64(0.0)  # (whole_units, exact rows) this thread's keys' probabilities
             # Every key's probability is at least p_lo (the same monotone operations), so when
             # p_lo's exponent is at least EXACT_EXP no key's weight is floored and a key's units
             # are its significand, read straight off its bits (`exact_units`): pooled_top_p's
             # near-uniform rows, where it saves a sixth of the pass's instructions (2.4% of the
             # selection at CogVideoX, level at Wan 480p; H200, perf/NOTES.md, session 21).
             # Other rows take the general weights.
-            if p_lo.bitcast(Int32) >= Int32(EXACT_EXP << 23):
-                outside = self.probability_parts(sP, head, body, chunk, load_bar, phase, offset,
-                                                 sHist, shift1, base1, bcast, tidx, True)
+            exact = p_lo.bitcast(Int32) >= Int32(EXACT_EXP << 23)
+            parts = (sP, head, body, chunk, load_bar, phase, offset, sHist, shift1, base1, bcast,
+                     tidx)
+            if const_expr(self.whole_units):
+                # (not for rows that span fewer than 4,096 float values, shift1 = 0: rows of
+                # ties, whose bins would wrap)
+                whole = exact & (shift1 > 0)
+                if whole:
+                    outside, mass = self.probability_parts(*parts, True, True)
+                elif exact:
+                    outside, mass = self.probability_parts(*parts, True, False)
+                else:
+                    outside, mass = self.probability_parts(*parts, False, False)
             else:
-                outside = self.probability_parts(sP, head, body, chunk, load_bar, phase, offset,
-                                                 sHist, shift1, base1, bcast, tidx, False)
+                if exact:
+                    outside, mass = self.probability_parts(*parts, True, False)
+                else:
+                    outside, mass = self.probability_parts(*parts, False, False)
             edge = tidx
             if tidx >= head:  # threads head.. take the elements after the copies
                 edge = head + body + (tidx - head)
@@ -352,13 +379,18 @@ class TopPSelectSm90:
                 prob = self.probability(sP[edge], offset)
                 sP[edge] = prob
                 self.weigh_first_digit(sHist, prob, shift1, base1, bcast)
+                mass += Float64(prob)
             if outside != 0:
                 bcast[5] = Int64(1)
+            if const_expr(self.whole_units):
+                mass = warp_allreduce(mass, _add)
+                if lane == 0:
+                    red_mass[warp] = mass
             if const_expr(not self.row_in_smem):
                 # (the flag stored per key here: in a register this pass, whose 16 loads ahead
                 # wait on L2, was 20% slower; H200, perf/NOTES.md)
                 self.probability_pass(x_row, n_smem, n, GLOBAL_LOADS, offset, sHist, shift1,
-                                      base1, bcast, tidx, False)
+                                      base1, bcast, tidx, False)  # (returns 0, 0)
 
         if const_expr(self.row_in_smem):
             # Not for rows in global memory: their passes already fill L2 with the rows in
@@ -410,7 +442,23 @@ class TopPSelectSm90:
                 segments, sHist, red_i, bcast, base, above, tau_bin_weight, target, total,
                 p_top, shift, bits, i == 0, tidx, warp, lane,
                 self.mark_in_round2 and i == 1, sWords, sInBin, value1, shift1, total > 0,
+                red_mass, whole,
             )
+            if const_expr(i == 0 and self.whole_units):
+                if bcast[2] != 0:
+                    # A bin's 32-bit word wrapped: the first histogram again, in slices (the
+                    # scan left it clear), and its scan.
+                    for xP, _, lo, hi in segments:
+                        for j in cutlass.range(lo + tidx, hi, T, unroll=1):
+                            self.weigh_first_digit(sHist, xP[j], shift1, base1, bcast)
+                    cute.arch.barrier()
+                    # (from the first round's own inputs: nothing above, target and total
+                    # still to find)
+                    value, above, tau_bin_weight, target, total = self.radix_round(
+                        segments, sHist, red_i, bcast, base, Int64(0), Int64(0), Int64(0),
+                        Int64(0), p_top, shift, bits, True, tidx, warp, lane, False, sWords,
+                        sInBin, value1, shift1, Boolean(False), red_mass, Boolean(False),
+                    )
         tau = value
         any_mass = total > 0
         if const_expr(not self.row_in_smem):
@@ -505,33 +553,43 @@ class TopPSelectSm90:
     def probability_parts(self, sP: cute.Tensor, head: Int32, body: Int32, chunk: Int32,
                           load_bar: cute.Pointer, phase: Int32, offset: Float32, sHist,
                           shift1: Int32, base1: Int32, bcast, tidx: Int32,
-                          exact: cutlass.Constexpr[bool]) -> Int32:
+                          exact: cutlass.Constexpr[bool], whole: cutlass.Constexpr[bool]):
         """`probability_pass` over the bulk copies' parts of a row in shared memory, each as
-        soon as it has landed; returns the flag of keys outside the planned bins."""
+        soon as it has landed; returns the flag of keys outside the planned bins and the
+        thread's mass (see `probability_pass`)."""
         outside = Int32(0)
+        mass = Float64(0.0)
         for c in cutlass.range_constexpr(LOAD_CHUNKS):
             cute.arch.mbarrier_wait(load_bar + c, phase)
             start = head + c * chunk
             stop = cutlass.min(start + chunk, head + body)
-            outside |= self.probability_pass(sP, start, stop, LOADS, offset, sHist, shift1,
-                                             base1, bcast, tidx, True, exact)
-        return outside
+            part_outside, part_mass = self.probability_pass(
+                sP, start, stop, LOADS, offset, sHist, shift1, base1, bcast, tidx, True, exact,
+                whole)
+            outside |= part_outside
+            mass += part_mass
+        return outside, mass
 
     @cute.jit
     def probability_pass(self, xP: cute.Tensor, lo: Int32, hi: Int32,
                          ahead: cutlass.Constexpr[int], offset: Float32, sHist, shift1: Int32,
                          base1: Int32, bcast, tidx: Int32,
                          flag_in_register: cutlass.Constexpr[bool],
-                         exact: cutlass.Constexpr[bool] = False) -> Int32:
+                         exact: cutlass.Constexpr[bool] = False,
+                         whole: cutlass.Constexpr[bool] = False):
         """Keys [lo, hi) of xP: scaled logits replaced by their probabilities, each added to
         the first histogram; `ahead` keys loaded per thread before any is worked on. A
         weighted key outside the first round's bins is flagged: with flag_in_register, in the
         returned value (non-zero), for the caller to store once (on keys in shared memory a
         branch per key to store it cost more than the key's other tests); else in bcast[5]
         directly (0 returned). `exact` (with flag_in_register): every key of the row has an
-        exponent of at least EXACT_EXP (`exact_units`)."""
+        exponent of at least EXACT_EXP (`exact_units`). `whole` (with exact): each key adds its
+        whole units with one atomic, and the second value returned is the sum of the thread's
+        probabilities in float64 (exact: each is a multiple of 2**-52, and a sum below 2 keeps
+        them all), else 0."""
         T = self.num_threads
         outside = Int32(0)
+        mass = Float64(0.0)
         for j in cutlass.range(lo + tidx, hi, ahead * T, unroll=1):
             xs = [self.load_or(xP, j + k * T, hi, -Float32.inf) for k in range(ahead)]
             for k in cutlass.range_constexpr(ahead):
@@ -539,14 +597,18 @@ class TopPSelectSm90:
                 if j + k * T < hi:
                     xP[j + k * T] = prob
                 if const_expr(flag_in_register):
-                    outside |= self.weigh_first_digit_flat(sHist, prob, shift1, base1, exact)
+                    outside |= self.weigh_first_digit_flat(sHist, prob, shift1, base1, exact,
+                                                           whole)
+                    if const_expr(whole):
+                        mass += Float64(prob)  # (keys past hi: probability 0)
                 else:
                     self.weigh_first_digit(sHist, prob, shift1, base1, bcast)
-        return outside
+        return outside, mass
 
     @cute.jit
     def weigh_first_digit_flat(self, sHist, prob: Float32, shift1: Int32, base1: Int32,
-                               exact: cutlass.Constexpr[bool] = False) -> Int32:
+                               exact: cutlass.Constexpr[bool] = False,
+                               whole: cutlass.Constexpr[bool] = False) -> Int32:
         """`weigh_first_digit` with one short branch (the two atomics): the key's bin and
         units are computed whether or not it has a bin (`exact_units` when every key of the
         row has an exponent of at least EXACT_EXP). Returns 1 for a weighted key outside the
@@ -557,7 +619,10 @@ class TopPSelectSm90:
         in_range = Uint32(digit) < Uint32(HIST_BINS)
         units = self.exact_units(bits) if const_expr(exact) else self.bin_units(bits)
         if in_range:
-            self.hist_add(sHist, digit, units)
+            if const_expr(whole):  # (one 32-bit word: `whole_units`)
+                cute.arch.atomic_add(sHist.iterator + digit, Uint32(units))
+            else:
+                self.hist_add(sHist, digit, units)
         return Int32((rb >= 0) & (~in_range))
 
     @cute.jit
@@ -750,7 +815,8 @@ class TopPSelectSm90:
                     tau_bin_weight: Int64, target: Int64, total: Int64, p_top: Float64,
                     shift: Int32, bits: Int32, first: cutlass.Constexpr[bool], tidx: Int32,
                     warp: Int32, lane: Int32, mark: cutlass.Constexpr[bool], sWords, sInBin,
-                    value1: Int32, shift1: Int32, any_mass: Boolean):
+                    value1: Int32, shift1: Int32, any_mass: Boolean, red_mass,
+                    check_mass: Boolean):
         """One digit (`bits` wide at `shift`, at most DIGIT_BITS; none left when bits is 0): the
         weight histogram of the keys with base <= rb >> shift < base + 2**bits (the first
         round's is built by the probability pass), then `find_digit`. Returns the chosen bin's
@@ -782,7 +848,8 @@ class TopPSelectSm90:
             cute.arch.barrier()
             if bits > 0:
                 out = self.find_digit(sHist, red_i, bcast, base, above, target, total, p_top,
-                                      shift, bits, first, tidx, warp, lane)
+                                      shift, bits, first, tidx, warp, lane, red_mass,
+                                      check_mass)
         elif bits > 0:
             if const_expr(not first):
                 for _, xBits, lo, hi in segments:
@@ -794,7 +861,7 @@ class TopPSelectSm90:
                         self.weigh_digits(sHist, key_bits, base, shift, bits)
                 cute.arch.barrier()
             out = self.find_digit(sHist, red_i, bcast, base, above, target, total, p_top,
-                                  shift, bits, first, tidx, warp, lane)
+                                  shift, bits, first, tidx, warp, lane, red_mass, check_mass)
         return out
 
     @cute.jit
@@ -842,7 +909,8 @@ class TopPSelectSm90:
     @cute.jit
     def find_digit(self, sHist, red_i, bcast, base: Int32, above: Int64, target: Int64,
                    total: Int64, p_top: Float64, shift: Int32, bits: Int32,
-                   first: cutlass.Constexpr[bool], tidx: Int32, warp: Int32, lane: Int32):
+                   first: cutlass.Constexpr[bool], tidx: Int32, warp: Int32, lane: Int32,
+                   red_mass, check_mass: Boolean):
         """The digit at which the cumulative weight of a round's histogram (complete, behind a
         barrier) from the top reaches target - above (clamped to the lowest digit, as the torch
         code does). Returns its bin's rb >> shift (base + digit), the weight of the keys above
@@ -856,27 +924,44 @@ class TopPSelectSm90:
         # Scan from the top digit down, every thread at once: thread t holds the `per`
         # descending positions t * per .. t * per + per - 1 (position d is digit nb - 1 - d),
         # i.e. the bins lowest .. lowest + per - 1, read (and cleared) 16 bytes at a time: one
-        # bin at a time, a warp's reads hit each bank per / 4 times over.
+        # bin at a time, a warp's reads hit each bank per / 4 times over. (Fewer threads with
+        # more bins each were slower: the scan waits on each thread's chain, not on issue;
+        # perf/NOTES.md, top-p session 22.)
         per = nb // self.num_threads
         d0 = tidx * per
         lowest = nb - d0 - per
         units_lo, units_hi = self.take_bins(sHist, lowest, per)
-        weights = [self.bin_weight(units_lo[per - 1 - i], units_hi[per - 1 - i],
-                                   lowest + (per - 1 - i), base, shift, bits)
-                   for i in range(per)]
         own = Int64(0)
         for i in cutlass.range_constexpr(per):
-            own += weights[i]
+            own += self.bin_weight(units_lo[per - 1 - i], units_hi[per - 1 - i],
+                                   lowest + (per - 1 - i), base, shift, bits)
         incl = warp_inclusive_sum(own, lane)
-        warp_total = cute.arch.shuffle_sync(incl, 31)
-        before, all_bins = self.exclusive_warp_prefix(warp_total, red_i, warp, lane, False)
-        incl += before
+        if lane == 31:
+            red_i[warp] = incl
+        cute.arch.barrier()
+        mine = Int64(0)
+        if lane < self.num_warps:
+            mine = red_i[lane]
+        warps_incl = warp_inclusive_sum(mine, lane)
+        incl += cute.arch.shuffle_sync(warps_incl - mine, warp)
         if const_expr(first):
-            total = all_bins
+            total = cute.arch.shuffle_sync(warps_incl, self.num_warps - 1)
             target_f = Float64(total) * p_top
             target = Int64(target_f)
             if Float64(target) < target_f:
                 target += 1
+            if const_expr(self.whole_units):
+                # bcast[2]: whether, with check_mass, the histogram's total differs from the
+                # float64 sum of the probabilities (a bin's word wrapped; `whole_units`).
+                if warp == 0:
+                    mass = Float64(0.0)
+                    if lane < self.num_warps:
+                        mass = red_mass[lane]
+                    mass = warp_allreduce(mass, _add)
+                    if lane == 0:
+                        wrapped = check_mass & ((mass >= 2.0)
+                                                | (Int64(mass * MASS_SCALE) != total))
+                        bcast[2] = Int64(wrapped)
         excl = incl - own
         need = target - above
         # The first position whose cumulative weight reaches `need`, or the lowest digit when
@@ -889,13 +974,15 @@ class TopPSelectSm90:
             bin_weight = Int64(0)
             found = Boolean(False)
             for i in cutlass.range_constexpr(per):
+                weight = self.bin_weight(units_lo[per - 1 - i], units_hi[per - 1 - i],
+                                         lowest + (per - 1 - i), base, shift, bits)
                 if not found:
-                    if running + weights[i] >= need or d0 + i == nb - 1:
+                    if running + weight >= need or d0 + i == nb - 1:
                         pos = d0 + i
-                        bin_weight = weights[i]
+                        bin_weight = weight
                         found = Boolean(True)
                     else:
-                        running += weights[i]
+                        running += weight
             # (pos >= nb - (1 << bits) whenever the row has mass; without it, the value lands
             # past the round's bins, and any_mass keeps nothing anyway)
             value = base + (nb - 1 - pos)
