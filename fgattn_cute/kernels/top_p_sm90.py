@@ -390,7 +390,7 @@ class TopPSelectSm90:
                 # (the flag stored per key here: in a register this pass, whose 16 loads ahead
                 # wait on L2, was 20% slower; H200, perf/NOTES.md)
                 self.probability_pass(x_row, n_smem, n, GLOBAL_LOADS, offset, sHist, shift1,
-                                      base1, bcast, tidx, False)  # (returns 0, 0)
+                                      base1, bcast, tidx)
 
         if const_expr(self.row_in_smem):
             # Not for rows in global memory: their passes already fill L2 with the rows in
@@ -554,18 +554,17 @@ class TopPSelectSm90:
                           load_bar: cute.Pointer, phase: Int32, offset: Float32, sHist,
                           shift1: Int32, base1: Int32, bcast, tidx: Int32,
                           exact: cutlass.Constexpr[bool], whole: cutlass.Constexpr[bool]):
-        """`probability_pass` over the bulk copies' parts of a row in shared memory, each as
+        """`probability_pass_vec` over the bulk copies' parts of a row in shared memory, each as
         soon as it has landed; returns the flag of keys outside the planned bins and the
-        thread's mass (see `probability_pass`)."""
+        thread's mass (see `probability_pass_vec`)."""
         outside = Int32(0)
         mass = Float64(0.0)
         for c in cutlass.range_constexpr(LOAD_CHUNKS):
             cute.arch.mbarrier_wait(load_bar + c, phase)
             start = head + c * chunk
             stop = cutlass.min(start + chunk, head + body)
-            part_outside, part_mass = self.probability_pass(
-                sP, start, stop, LOADS, offset, sHist, shift1, base1, bcast, tidx, True, exact,
-                whole)
+            part_outside, part_mass = self.probability_pass_vec(
+                sP, start, stop, offset, sHist, shift1, base1, tidx, exact, whole)
             outside |= part_outside
             mass += part_mass
         return outside, mass
@@ -573,37 +572,85 @@ class TopPSelectSm90:
     @cute.jit
     def probability_pass(self, xP: cute.Tensor, lo: Int32, hi: Int32,
                          ahead: cutlass.Constexpr[int], offset: Float32, sHist, shift1: Int32,
-                         base1: Int32, bcast, tidx: Int32,
-                         flag_in_register: cutlass.Constexpr[bool],
-                         exact: cutlass.Constexpr[bool] = False,
-                         whole: cutlass.Constexpr[bool] = False):
-        """Keys [lo, hi) of xP: scaled logits replaced by their probabilities, each added to
-        the first histogram; `ahead` keys loaded per thread before any is worked on. A
-        weighted key outside the first round's bins is flagged: with flag_in_register, in the
-        returned value (non-zero), for the caller to store once (on keys in shared memory a
-        branch per key to store it cost more than the key's other tests); else in bcast[5]
-        directly (0 returned). `exact` (with flag_in_register): every key of the row has an
-        exponent of at least EXACT_EXP (`exact_units`). `whole` (with exact): each key adds its
-        whole units with one atomic, and the second value returned is the sum of the thread's
-        probabilities in float64 (exact: each is a multiple of 2**-52, and a sum below 2 keeps
-        them all), else 0."""
+                         base1: Int32, bcast, tidx: Int32):
+        """Keys [lo, hi) of a row in global memory: scaled logits replaced by their
+        probabilities, each added to the first histogram (a weighted key outside its bins sets
+        bcast[5]); `ahead` keys loaded per thread before any is worked on (their loads wait on
+        L2)."""
         T = self.num_threads
-        outside = Int32(0)
-        mass = Float64(0.0)
         for j in cutlass.range(lo + tidx, hi, ahead * T, unroll=1):
             xs = [self.load_or(xP, j + k * T, hi, -Float32.inf) for k in range(ahead)]
             for k in cutlass.range_constexpr(ahead):
                 prob = self.probability(xs[k], offset)
                 if j + k * T < hi:
                     xP[j + k * T] = prob
-                if const_expr(flag_in_register):
-                    outside |= self.weigh_first_digit_flat(sHist, prob, shift1, base1, exact,
-                                                           whole)
-                    if const_expr(whole):
-                        mass += Float64(prob)  # (keys past hi: probability 0)
-                else:
-                    self.weigh_first_digit(sHist, prob, shift1, base1, bcast)
+                self.weigh_first_digit(sHist, prob, shift1, base1, bcast)
+
+    @cute.jit
+    def probability_pass_vec(self, xP: cute.Tensor, lo: Int32, hi: Int32, offset: Float32,
+                             sHist, shift1: Int32, base1: Int32, tidx: Int32,
+                             exact: cutlass.Constexpr[bool], whole: cutlass.Constexpr[bool]):
+        """Keys [lo, hi) of a row in shared memory (lo 16-byte aligned, hi - lo a multiple of
+        4): scaled logits replaced by their probabilities, each added to the first histogram;
+        a thread takes 4 consecutive keys a step, by one 16-byte load and one 16-byte store
+        (3-5% faster than 4 keys T apart; H200, perf/NOTES.md, top-p session 22). Returns a
+        flag, non-zero when a weighted key fell outside the first round's bins (for the caller
+        to store once: a branch per key to store it cost more than the key's other tests), and
+        the thread's mass: with `whole` (and `exact`, every key of the row with an exponent of
+        at least EXACT_EXP: `exact_units`) each key adds its whole units with one atomic, and
+        the mass is the sum of the thread's probabilities in float64 (exact: each is a
+        multiple of 2**-52, and a sum below 2 keeps them all), else 0."""
+        T = self.num_threads
+        outside = Int32(0)
+        mass = Float64(0.0)
+        for v in cutlass.range(lo + 4 * tidx, hi, 4 * T, unroll=1):
+            sVec = self.smem_vec4(xP, v, Float32)
+            xs = cute.make_rmem_tensor(4, Float32)
+            cute.autovec_copy(sVec, xs)
+            probs = cute.make_rmem_tensor(4, Float32)
+            for k in cutlass.range_constexpr(4):
+                prob = self.probability(xs[k], offset)
+                probs[k] = prob
+                outside |= self.weigh_first_digit_flat(sHist, prob, shift1, base1, exact, whole)
+                if const_expr(whole):
+                    mass += Float64(prob)
+            cute.autovec_copy(probs, sVec)
         return outside, mass
+
+    @cute.jit
+    def smem_vec4(self, x: cute.Tensor, j: Int32, dtype):
+        """Elements j .. j + 3 of shared-memory tensor x (16-byte aligned) as one 16-byte
+        view, seen as `dtype`."""
+        addr = (x.iterator + j).toint()
+        return cute.make_tensor(cute.make_ptr(dtype, addr, cute.AddressSpace.smem,
+                                              assumed_align=16), cute.make_layout(4))
+
+    @cute.jit
+    def weigh_digits_vec(self, sHist, xBits: cute.Tensor, lo: Int32, hi: Int32, base: Int32,
+                         shift: Int32, bits: Int32, tidx: Int32):
+        """`weigh_digits` over keys [lo, hi) of a row in shared memory: its 16-byte aligned
+        middle 8 keys a thread and step, by two 16-byte loads, the at most 3 + 3 keys around
+        it one a thread."""
+        T = self.num_threads
+        head = cutlass.min((4 - (xBits.iterator + lo).toint() // 4 % 4) % 4, hi - lo)
+        n_vec = (hi - lo - head) // 4
+        first = lo + head
+        for v in cutlass.range(tidx, n_vec, 2 * T, unroll=1):
+            keys = []
+            for half in cutlass.range_constexpr(2):
+                vec = cute.make_rmem_tensor(4, Int32)
+                vec.fill(Int32(0))  # (bits 0: in no bin)
+                if v + half * T < n_vec:
+                    cute.autovec_copy(self.smem_vec4(xBits, first + 4 * (v + half * T), Int32),
+                                      vec)
+                keys += [vec[k] for k in range(4)]
+            self.weigh_digits(sHist, keys, base, shift, bits)
+        tail = first + 4 * n_vec
+        edge = lo + tidx
+        if tidx >= head:
+            edge = tail + (tidx - head)
+        if tidx < head + (hi - tail):
+            self.weigh_digits(sHist, [xBits[edge]], base, shift, bits)
 
     @cute.jit
     def weigh_first_digit_flat(self, sHist, prob: Float32, shift1: Int32, base1: Int32,
@@ -851,7 +898,13 @@ class TopPSelectSm90:
                                       shift, bits, first, tidx, warp, lane, red_mass,
                                       check_mass)
         elif bits > 0:
-            if const_expr(not first):
+            if const_expr(not first and self.row_in_smem):
+                # (16-byte loads: 3-5% faster than 4 keys a thread T apart; H200, perf/NOTES.md,
+                # top-p session 22)
+                for _, xBits, lo, hi in segments:
+                    self.weigh_digits_vec(sHist, xBits, lo, hi, base, shift, bits, tidx)
+                cute.arch.barrier()
+            elif const_expr(not first):
                 for _, xBits, lo, hi in segments:
                     for j in cutlass.range(lo + tidx, hi, LOADS * T, unroll=1):
                         # (bits 0, probability 0, stand for keys past the row: they weigh
