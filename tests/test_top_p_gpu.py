@@ -143,14 +143,15 @@ def test_from_logits_matches_softmax_rule():
 
 
 # (n and p with p n no integer: the rule keeps ceil(p n) equal keys whatever their weight)
-@pytest.mark.parametrize("n", [1001, 18431, 32759])
+@pytest.mark.parametrize("n", [1001, 18431, 32759, 50001])
 def test_from_logits_rows_whose_first_bins_wrap(n):
     """Rows whose every key weighs its whole significand add each key to the first histogram
     with one 32-bit atomic, which a bin of 256 or more keys wraps; the kernel must notice (the
     float64 mass against the histogram's total) and build that histogram again. Rows 0-2: 600
     keys tied at one logit among random ones (their bin wraps), the tied value at the median,
     above it and below it. Row 3: equal logits (a row that spans fewer than 4,096 float values
-    takes the slices from the start; the lowest ceil(p n) keys are kept)."""
+    takes the slices from the start; the lowest ceil(p n) keys are kept). 50,001 keys: a row
+    in global memory, whose rebuild reads its part there."""
     gen = torch.Generator().manual_seed(n)
     logits = torch.randn(4, n, generator=gen)
     tied = torch.randperm(n, generator=gen)[:600]

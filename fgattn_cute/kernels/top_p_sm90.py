@@ -156,14 +156,14 @@ class TopPSelectSm90:
         # (-7% at Wan 720p on an H200). Rows in shared memory keep the pass: there the marking
         # cost as much as the pass it saved (perf/NOTES.md, top-p session 12).
         self.mark_in_round2 = not row_in_smem
-        # Rows in shared memory whose every key weighs its whole significand (`exact_units`)
-        # and that span at least 4,096 float values (shift1 > 0) add each key to the first
+        # Rows (from logits) whose every key weighs its whole significand (`exact_units`) and
+        # that span at least 4,096 float values (shift1 > 0) add each key to the first
         # histogram with one 32-bit atomic of its whole units instead of two 12-bit slices
         # (-6% on the selection at Wan 480p, H200; perf/NOTES.md, top-p session 22). A bin of
         # 256 keys or more can wrap its word, so the pass also sums the probabilities in
         # float64 (exact for these keys) and the first scan compares that total with the
         # histogram's; on a mismatch the histogram is built again in slices.
-        self.whole_units = row_in_smem and not from_probs
+        self.whole_units = not from_probs
 
     @cute.jit
     def __call__(
@@ -382,15 +382,19 @@ class TopPSelectSm90:
                 mass += Float64(prob)
             if outside != 0:
                 bcast[5] = Int64(1)
+            if const_expr(not self.row_in_smem):
+                # (the flag stored per key here: in a register this pass, whose 16 loads ahead
+                # wait on L2, was 20% slower; H200, perf/NOTES.md)
+                if whole:
+                    mass += self.probability_pass(x_row, n_smem, n, GLOBAL_LOADS, offset, sHist,
+                                                  shift1, base1, bcast, tidx, True)
+                else:
+                    self.probability_pass(x_row, n_smem, n, GLOBAL_LOADS, offset, sHist, shift1,
+                                          base1, bcast, tidx, False)
             if const_expr(self.whole_units):
                 mass = warp_allreduce(mass, _add)
                 if lane == 0:
                     red_mass[warp] = mass
-            if const_expr(not self.row_in_smem):
-                # (the flag stored per key here: in a register this pass, whose 16 loads ahead
-                # wait on L2, was 20% slower; H200, perf/NOTES.md)
-                self.probability_pass(x_row, n_smem, n, GLOBAL_LOADS, offset, sHist, shift1,
-                                      base1, bcast, tidx)
 
         if const_expr(self.row_in_smem):
             # Not for rows in global memory: their passes already fill L2 with the rows in
@@ -572,19 +576,26 @@ class TopPSelectSm90:
     @cute.jit
     def probability_pass(self, xP: cute.Tensor, lo: Int32, hi: Int32,
                          ahead: cutlass.Constexpr[int], offset: Float32, sHist, shift1: Int32,
-                         base1: Int32, bcast, tidx: Int32):
+                         base1: Int32, bcast, tidx: Int32, whole: cutlass.Constexpr[bool]):
         """Keys [lo, hi) of a row in global memory: scaled logits replaced by their
         probabilities, each added to the first histogram (a weighted key outside its bins sets
         bcast[5]); `ahead` keys loaded per thread before any is worked on (their loads wait on
-        L2)."""
+        L2). `whole`: as in `probability_pass_vec` (one atomic of whole units a key); returns
+        the thread's float64 mass then, else 0."""
         T = self.num_threads
+        mass = Float64(0.0)
         for j in cutlass.range(lo + tidx, hi, ahead * T, unroll=1):
             xs = [self.load_or(xP, j + k * T, hi, -Float32.inf) for k in range(ahead)]
             for k in cutlass.range_constexpr(ahead):
                 prob = self.probability(xs[k], offset)
                 if j + k * T < hi:
                     xP[j + k * T] = prob
-                self.weigh_first_digit(sHist, prob, shift1, base1, bcast)
+                if const_expr(whole):
+                    self.weigh_first_digit(sHist, prob, shift1, base1, bcast, True)
+                    mass += Float64(prob)
+                else:
+                    self.weigh_first_digit(sHist, prob, shift1, base1, bcast)
+        return mass
 
     @cute.jit
     def probability_pass_vec(self, xP: cute.Tensor, lo: Int32, hi: Int32, offset: Float32,
@@ -1081,16 +1092,21 @@ class TopPSelectSm90:
             sHist[b, 1] = Uint32(0)
 
     @cute.jit
-    def weigh_first_digit(self, sHist, prob: Float32, shift1: Int32, base1: Int32, bcast):
+    def weigh_first_digit(self, sHist, prob: Float32, shift1: Int32, base1: Int32, bcast,
+                          whole: cutlass.Constexpr[bool] = False):
         """Adds a key that weighs something (prob >= 2**-52) to the first round's bin of its
         probability, (rb >> shift1) - base1; one outside the 4,096 bins (above them, or below
-        base1) sets bcast[5], and the histogram is built again with the fixed digit."""
+        base1) sets bcast[5], and the histogram is built again with the fixed digit. `whole`:
+        one atomic of the key's whole units (`whole_units`, exact rows only)."""
         bits = prob.bitcast(Int32)
         rb = bits - LOW_BITS
         if rb >= 0:
             digit = (rb >> shift1) - base1
             if Uint32(digit) < Uint32(HIST_BINS):
-                self.hist_add(sHist, digit, self.bin_units(bits))
+                if const_expr(whole):  # (a row whose keys all weigh their whole significand)
+                    cute.arch.atomic_add(sHist.iterator + digit, Uint32(self.exact_units(bits)))
+                else:
+                    self.hist_add(sHist, digit, self.bin_units(bits))
             else:
                 bcast[5] = Int64(1)
 
