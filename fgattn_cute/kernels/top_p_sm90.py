@@ -882,7 +882,7 @@ class TopPSelectSm90:
         the pass also runs `mark_keys` on every key (the rest of the arguments are its), and
         runs even when bits is 0. The histogram is clear on entry (the previous scan cleared
         it, behind its closing barrier), and the first round's complete (the caller's
-        barrier)."""
+        barrier). red_mass and check_mass: the first round's wrap check (`find_digit`)."""
         out = (base, above, tau_bin_weight, target, total)
         T = self.num_threads
         if const_expr(mark):
@@ -981,7 +981,9 @@ class TopPSelectSm90:
         it, the weight of the keys in its bin, and (set by the first round, whose histogram
         holds every key with a weight) the target ceil(p_top * total) and the row's total
         weight. The last round's scan (shift 0: its bin is tau itself) also leaves
-        `take_at_tau`'s results in bcast[4] and bcast[6]. Each thread clears the bins it
+        `take_at_tau`'s results in bcast[4] and bcast[6], and the first round's (with
+        whole_units) whether its histogram wrapped in bcast[2]: with check_mass, its total
+        against the float64 sum of the warps' masses in red_mass. Each thread clears the bins it
         scanned (no other thread reads them), so the histogram is clear behind the closing
         barrier, the scan's only one after its prefix (the next write to red_i follows it)."""
         nb = HIST_BINS  # (digits past 1 << bits are empty bins)
