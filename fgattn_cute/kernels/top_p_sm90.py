@@ -146,8 +146,6 @@ class TopPSelectSm90:
             self.max_n = MAX_SEQLEN_K_SMEM if row_in_smem else MAX_SEQLEN_K
         # The scan of a round's histogram gives each thread a whole number of 16-byte groups
         # of bins.
-        # The scan of a round's histogram gives each thread a whole number of 16-byte groups
-        # of bins.
         assert HIST_BINS % (4 * num_threads) == 0
         # (rows in global memory: the whole LONG_ROW_AREA, bitmaps included)
         self.smem_row = self.max_n if row_in_smem else LONG_ROW_AREA
@@ -162,7 +160,8 @@ class TopPSelectSm90:
         # (-6% on the selection at Wan 480p, H200; perf/NOTES.md, top-p session 22). A bin of
         # 256 keys or more can wrap its word, so the pass also sums the probabilities in
         # float64 (exact for these keys) and the first scan compares that total with the
-        # histogram's; on a mismatch the histogram is built again in slices.
+        # histogram's; on a mismatch the histogram is built again in slices. (From
+        # probabilities, the tests' mode, every row keeps the slices.)
         self.whole_units = not from_probs
 
     @cute.jit
@@ -357,21 +356,15 @@ class TopPSelectSm90:
             exact = p_lo.bitcast(Int32) >= Int32(EXACT_EXP << 23)
             parts = (sP, head, body, chunk, load_bar, phase, offset, sHist, shift1, base1, bcast,
                      tidx)
-            if const_expr(self.whole_units):
-                # (not for rows that span fewer than 4,096 float values, shift1 = 0: rows of
-                # ties, whose bins would wrap)
-                whole = exact & (shift1 > 0)
-                if whole:
-                    outside, mass = self.probability_parts(*parts, True, True)
-                elif exact:
-                    outside, mass = self.probability_parts(*parts, True, False)
-                else:
-                    outside, mass = self.probability_parts(*parts, False, False)
+            # (`whole_units`: not for rows that span fewer than 4,096 float values, shift1 = 0:
+            # rows of ties, whose bins would wrap)
+            whole = exact & (shift1 > 0)
+            if whole:
+                outside, mass = self.probability_parts(*parts, True, True)
+            elif exact:
+                outside, mass = self.probability_parts(*parts, True, False)
             else:
-                if exact:
-                    outside, mass = self.probability_parts(*parts, True, False)
-                else:
-                    outside, mass = self.probability_parts(*parts, False, False)
+                outside, mass = self.probability_parts(*parts, False, False)
             edge = tidx
             if tidx >= head:  # threads head.. take the elements after the copies
                 edge = head + body + (tidx - head)
@@ -391,10 +384,9 @@ class TopPSelectSm90:
                 else:
                     self.probability_pass(x_row, n_smem, n, GLOBAL_LOADS, offset, sHist, shift1,
                                           base1, bcast, tidx, False)
-            if const_expr(self.whole_units):
-                mass = warp_allreduce(mass, _add)
-                if lane == 0:
-                    red_mass[warp] = mass
+            mass = warp_allreduce(mass, _add)
+            if lane == 0:
+                red_mass[warp] = mass
 
         if const_expr(self.row_in_smem):
             # Not for rows in global memory: their passes already fill L2 with the rows in
@@ -677,10 +669,7 @@ class TopPSelectSm90:
         in_range = Uint32(digit) < Uint32(HIST_BINS)
         units = self.exact_units(bits) if const_expr(exact) else self.bin_units(bits)
         if in_range:
-            if const_expr(whole):  # (one 32-bit word: `whole_units`)
-                cute.arch.atomic_add(sHist.iterator + digit, Uint32(units))
-            else:
-                self.hist_add(sHist, digit, units)
+            self.hist_add(sHist, digit, units, whole)
         return Int32((rb >= 0) & (~in_range))
 
     @cute.jit
@@ -1105,10 +1094,8 @@ class TopPSelectSm90:
         if rb >= 0:
             digit = (rb >> shift1) - base1
             if Uint32(digit) < Uint32(HIST_BINS):
-                if const_expr(whole):  # (a row whose keys all weigh their whole significand)
-                    cute.arch.atomic_add(sHist.iterator + digit, Uint32(self.exact_units(bits)))
-                else:
-                    self.hist_add(sHist, digit, self.bin_units(bits))
+                units = self.exact_units(bits) if const_expr(whole) else self.bin_units(bits)
+                self.hist_add(sHist, digit, units, whole)
             else:
                 bcast[5] = Int64(1)
 
@@ -1163,9 +1150,14 @@ class TopPSelectSm90:
         return value
 
     @cute.jit
-    def hist_add(self, sHist, b: Int32, units: Int32):
-        cute.arch.atomic_add(sHist.iterator + b, Uint32(units & ((1 << SLICE_BITS) - 1)))
-        cute.arch.atomic_add(sHist.iterator + HIST_BINS + b, Uint32(units >> SLICE_BITS))
+    def hist_add(self, sHist, b: Int32, units: Int32, whole: cutlass.Constexpr[bool] = False):
+        """Adds units to bin b: in its two 12-bit slices, or with `whole` (`whole_units`) all
+        into its low word, one atomic."""
+        if const_expr(whole):
+            cute.arch.atomic_add(sHist.iterator + b, Uint32(units))
+        else:
+            cute.arch.atomic_add(sHist.iterator + b, Uint32(units & ((1 << SLICE_BITS) - 1)))
+            cute.arch.atomic_add(sHist.iterator + HIST_BINS + b, Uint32(units >> SLICE_BITS))
 
     @cute.jit
     def take_bins(self, sHist, lowest: Int32, count: int):
