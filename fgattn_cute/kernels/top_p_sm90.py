@@ -163,6 +163,10 @@ class TopPSelectSm90:
         # histogram's; on a mismatch the histogram is built again in slices. (From
         # probabilities, the tests' mode, every row keeps the slices.)
         self.whole_units = not from_probs
+        # Rows in shared memory, one per CTA: rows without ties to rank or always-keep bits
+        # skip the keep words (`count_kept_vec`). (A persistent CTA loads its next row over
+        # the keys before the list pass, which this path reads.)
+        self.count_by_vectors = row_in_smem and max_ctas == 0
 
     @cute.jit
     def __call__(
@@ -262,6 +266,9 @@ class TopPSelectSm90:
         cute.arch.mbarrier_init_fence()
         # Cleared once: every `find_digit` leaves the histogram clear behind it.
         self.clear_hist(shared[4], HIST_BINS, tidx)
+        if const_expr(self.count_by_vectors):
+            if tidx == 0:
+                shared[7][7] = Int64(0)  # set by the row's setup when a keep word is non-zero
         cute.arch.barrier()
         row_first = cute.arch.block_idx()[0]
         self.load_row(mX, row_first, shared[0], load_bar, n_smem, tidx)
@@ -309,7 +316,11 @@ class TopPSelectSm90:
             if warp == 0:
                 self.combine_stats(mStats[row_idx, None, None], sStats, lane)
         for c in cutlass.range(tidx, n_chunks, T, unroll=1):
-            sWords[c] = Uint32(mKeepWords[c])
+            word = Uint32(mKeepWords[c])
+            sWords[c] = word
+            if const_expr(self.count_by_vectors):
+                if word != Uint32(0):
+                    bcast[7] = Int64(1)
 
         # The first radix round's histogram (every key with a non-zero weight takes part) is
         # built in the pass that computes the probabilities, so that round needs no pass of its
@@ -468,7 +479,16 @@ class TopPSelectSm90:
         c_end = cutlass.min(c_begin + chunks_per_warp, n_chunks)
         lower_lanes = (Uint32(1) << Uint32(lane)) - Uint32(1)
 
-        if const_expr(self.mark_in_round2):
+        # Without ties to rank or always-keep bits, a key is kept exactly when its bits are
+        # at least tau's: a warp counts its keys by 16-byte loads, and the list pass reads the
+        # keys themselves (`count_kept_vec`), no keep words written.
+        from_keys = Boolean(False)
+        if const_expr(self.count_by_vectors):
+            from_keys = (bcast[6] == 0) & (bcast[7] == 0)
+        kept = Int32(0)
+        if from_keys:
+            kept = self.count_kept_vec(sBitsP, n, tau, any_mass, c_begin, c_end)
+        elif const_expr(self.mark_in_round2):
             kept = self.settle_bin_keys(sWords, sInBin, segments, tau, bcast, any_mass, c_begin,
                                         c_end, red_i, warp, lane, lower_lanes)
         else:
@@ -485,13 +505,26 @@ class TopPSelectSm90:
         indices = mIndices[row_idx, None]
         capacity = cute.size(indices)
         slot = Int32(slot_base)
-        for c in cutlass.range(c_begin, c_end, unroll=4):
-            word = sWords[c]
-            # (one condition around the store alone, so that it is predicated, not branched)
-            mine = slot + Int32(cute.arch.popc(word & lower_lanes))
-            if (((word >> Uint32(lane)) & Uint32(1)) != Uint32(0)) & (mine < capacity):
-                indices[mine] = c * 32 + lane
-            slot += Int32(cute.arch.popc(word))
+        if from_keys:
+            if any_mass:
+                for c in cutlass.range(c_begin, c_end, unroll=4):
+                    j = c * 32 + lane
+                    keep = Boolean(False)
+                    if j < n:
+                        keep = sBitsP[j] - LOW_BITS >= tau
+                    word = Uint32(cute.arch.vote_ballot_sync(keep))
+                    mine = slot + Int32(cute.arch.popc(word & lower_lanes))
+                    if keep & (mine < capacity):
+                        indices[mine] = j
+                    slot += Int32(cute.arch.popc(word))
+        else:
+            for c in cutlass.range(c_begin, c_end, unroll=4):
+                word = sWords[c]
+                # (one condition around the store alone, so that it is predicated, not branched)
+                mine = slot + Int32(cute.arch.popc(word & lower_lanes))
+                if (((word >> Uint32(lane)) & Uint32(1)) != Uint32(0)) & (mine < capacity):
+                    indices[mine] = c * 32 + lane
+                slot += Int32(cute.arch.popc(word))
         for s in cutlass.range(count + tidx, capacity, T, unroll=1):
             indices[s] = 0
         if tidx == 0:
@@ -719,6 +752,35 @@ class TopPSelectSm90:
                 for c in cutlass.range(c_begin, c_end, unroll=1):
                     kept += self.merge_keep_word(sWords, c, Boolean(False), lane)
         return kept
+
+    @cute.jit
+    def count_kept_vec(self, sBitsP: cute.Tensor, n: Int32, tau: Int32, any_mass: Boolean,
+                       c_begin: Int32, c_end: Int32) -> Int32:
+        """The number of keys of this warp's chunks [c_begin, c_end) whose bits are at least
+        tau's (none when the row weighs nothing): its 16-byte aligned middle by one 16-byte
+        load a lane and step, the at most 3 + 3 keys around it one a lane. Counts what
+        `keep_bits` would keep for a row without ties to rank or always-keep bits, in a
+        quarter of its loads and without its ballots and word stores."""
+        lane = cute.arch.lane_idx()
+        lo = c_begin * 32
+        hi = cutlass.min(c_end * 32, n)
+        kept = Int32(0)
+        if any_mass & (hi > lo):
+            head = cutlass.min((4 - (sBitsP.iterator + lo).toint() // 4 % 4) % 4, hi - lo)
+            first = lo + head
+            n_vec = (hi - first) // 4
+            for v in cutlass.range(lane, n_vec, 32, unroll=2):
+                vec = cute.make_rmem_tensor(4, Int32)
+                cute.autovec_copy(self.smem_vec4(sBitsP, first + 4 * v, Int32), vec)
+                for k in cutlass.range_constexpr(4):
+                    kept += Int32(vec[k] - LOW_BITS >= tau)
+            tail = first + 4 * n_vec
+            edge = lo + lane
+            if lane >= head:
+                edge = tail + (lane - head)
+            if lane < head + (hi - tail):
+                kept += Int32(sBitsP[edge] - LOW_BITS >= tau)
+        return warp_allreduce(kept, _add)
 
     @cute.jit
     def settle_bin_keys(self, sWords, sInBin, segments, tau: Int32, bcast, any_mass: Boolean,
