@@ -170,6 +170,28 @@ def test_from_logits_rows_whose_first_bins_wrap(n):
         assert torch.equal(got[3], flat), f"p={p}: equal logits"
 
 
+@pytest.mark.parametrize("n", [1001, 18431, 32759, 50001])
+def test_from_logits_rows_whose_tau_bin_wraps(n):
+    """The second round adds whole units with one atomic a key too, checked against the first
+    round's weight of its bin. 600 keys tied at one logit, p halfway through their mass: the
+    boundary lies inside the ties, so both rounds' bins of the tied value wrap and both
+    histograms must be built again (an unnoticed wrap would move tau off the tied value and
+    change hundreds of keys)."""
+    gen = torch.Generator().manual_seed(n + 1)
+    logits = torch.randn(1, n, generator=gen)
+    tied = torch.randperm(n, generator=gen)[:600]
+    logits[0, tied] = 1.5
+    probs = torch.softmax(logits.cuda() * 0.9, dim=-1).cpu().double()
+    above = probs[0, logits[0] > 1.5].sum().item()
+    p = above + 0.5 * probs[0, tied].sum().item()
+    got = _select(logits, p, from_probs=False, scale=0.9)
+    ref = top_p_sorted(probs.float(), p)
+    assert (got != ref).sum().item() <= 2  # (last-bit differences may move one tie)
+    assert got[0, logits[0] > 1.5].all()
+    assert 250 < got[0, tied].sum().item() < 350
+    assert (probs * got).sum().item() >= p - 1e-5
+
+
 @pytest.mark.parametrize("text_tokens", [16, 17])
 def test_pooled_top_p_kernel_against_torch_path(text_tokens):
     """(17 text tokens: Sk = 1,553, whose scores rows the launcher pads to 16 bytes.)"""
