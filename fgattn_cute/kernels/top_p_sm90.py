@@ -32,7 +32,9 @@ that row has usually started already; see ``prefetch_row``):
    warp-contiguous segments of 32-key chunks: a ballot per chunk, popcounts within the warp,
    one prefix sum across the warps. Rows in global memory settle the keep bits of the keys
    outside tau's first-round bin in round 2's pass (``mark_keys``), so that only the few keys
-   in that bin are read again.
+   in that bin are read again. Rows in shared memory with no ties to rank and no always-keep
+   bits (pooled_top_p's usual case) skip the keep bits: a warp counts its keys at or above
+   tau by 16-byte loads and the list pass tests the keys themselves (``count_kept_vec``).
 
 Same integer arithmetic as the torch selection, so on the same probabilities the kept sets are
 identical; from logits, the probabilities themselves may differ from torch.softmax's in their
