@@ -511,9 +511,7 @@ class TopPSelectSm90:
             if any_mass:
                 for c in cutlass.range(c_begin, c_end, unroll=4):
                     j = c * 32 + lane
-                    keep = Boolean(False)
-                    if j < n:
-                        keep = sBitsP[j] - LOW_BITS >= tau
+                    keep = self.at_or_above_tau(sBitsP, j, n, tau)
                     word = Uint32(cute.arch.vote_ballot_sync(keep))
                     mine = slot + Int32(cute.arch.popc(word & lower_lanes))
                     if keep & (mine < capacity):
@@ -745,15 +743,21 @@ class TopPSelectSm90:
             # row-uniform any_mass outside the loop: inside, its 64-bit test ran per key.)
             if any_mass:
                 for c in cutlass.range(c_begin, c_end, unroll=4):
-                    j = c * 32 + lane
-                    keep = Boolean(False)
-                    if j < n:
-                        keep = sBitsP[j] - LOW_BITS >= tau
+                    keep = self.at_or_above_tau(sBitsP, c * 32 + lane, n, tau)
                     kept += self.merge_keep_word(sWords, c, keep, lane)
             else:
                 for c in cutlass.range(c_begin, c_end, unroll=1):
                     kept += self.merge_keep_word(sWords, c, Boolean(False), lane)
         return kept
+
+    @cute.jit
+    def at_or_above_tau(self, sBitsP: cute.Tensor, j: Int32, n: Int32, tau: Int32) -> Boolean:
+        """Whether key j's bits are at least tau's (False past the row): a key that a row
+        without ties to rank keeps."""
+        keep = Boolean(False)
+        if j < n:
+            keep = sBitsP[j] - LOW_BITS >= tau
+        return keep
 
     @cute.jit
     def count_kept_vec(self, sBitsP: cute.Tensor, n: Int32, tau: Int32, any_mass: Boolean,
