@@ -422,10 +422,7 @@ class TopPSelectSm90:
             cute.arch.barrier()
             shift1 = Int32(FIRST_DIGIT[0])
             base1 = Int32(0)
-            for xP, _, lo, hi in segments:
-                for j in cutlass.range(lo + tidx, hi, T, unroll=1):
-                    self.weigh_first_digit(sHist, xP[j], shift1, base1, bcast)
-            cute.arch.barrier()  # (the first round's scan has no barrier of its own)
+            self.weigh_row_first_digit(segments, sHist, shift1, base1, bcast, tidx)
 
         # 2. The target, then the boundary value tau by radix rounds: 12 bits at shift1, then
         # at most 12 more, then what is left (up to 5 bits; none when shift1 <= 12).
@@ -457,10 +454,7 @@ class TopPSelectSm90:
                 if bcast[2] != 0:
                     # A bin's 32-bit word wrapped: the first histogram again, in slices (the
                     # scan left it clear), and its scan.
-                    for xP, _, lo, hi in segments:
-                        for j in cutlass.range(lo + tidx, hi, T, unroll=1):
-                            self.weigh_first_digit(sHist, xP[j], shift1, base1, bcast)
-                    cute.arch.barrier()
+                    self.weigh_row_first_digit(segments, sHist, shift1, base1, bcast, tidx)
                     # (from the first round's own inputs: nothing above, target and total
                     # still to find)
                     value, above, tau_bin_weight, target, total = self.radix_round(
@@ -662,15 +656,33 @@ class TopPSelectSm90:
                                               assumed_align=16), cute.make_layout(4))
 
     @cute.jit
+    def vec_span(self, x: cute.Tensor, lo: Int32, hi: Int32):
+        """How keys [lo, hi) of shared-memory tensor x split for 16-byte loads: (head, first,
+        n_vec): n_vec groups of 4 keys from `first` = lo + head (16-byte aligned), and the at
+        most 3 + 3 keys before and after them (`edge_key`)."""
+        head = cutlass.min((4 - (x.iterator + lo).toint() // 4 % 4) % 4, hi - lo)
+        first = lo + head
+        return head, first, (hi - first) // 4
+
+    @cute.jit
+    def edge_key(self, lo: Int32, hi: Int32, head: Int32, first: Int32, n_vec: Int32,
+                 t: Int32):
+        """(key, whether worker t takes it): the keys of [lo, hi) outside `vec_span`'s groups,
+        one a worker."""
+        tail = first + 4 * n_vec
+        edge = lo + t
+        if t >= head:
+            edge = tail + (t - head)
+        return edge, t < head + (hi - tail)
+
+    @cute.jit
     def weigh_digits_vec(self, sHist, xBits: cute.Tensor, lo: Int32, hi: Int32, base: Int32,
                          shift: Int32, bits: Int32, tidx: Int32):
         """`weigh_digits` over keys [lo, hi) of a row in shared memory: its 16-byte aligned
         middle 8 keys a thread and step, by two 16-byte loads, the at most 3 + 3 keys around
         it one a thread."""
         T = self.num_threads
-        head = cutlass.min((4 - (xBits.iterator + lo).toint() // 4 % 4) % 4, hi - lo)
-        n_vec = (hi - lo - head) // 4
-        first = lo + head
+        head, first, n_vec = self.vec_span(xBits, lo, hi)
         for v in cutlass.range(tidx, n_vec, 2 * T, unroll=1):
             keys = []
             for half in cutlass.range_constexpr(2):
@@ -681,11 +693,8 @@ class TopPSelectSm90:
                                       vec)
                 keys += [vec[k] for k in range(4)]
             self.weigh_digits(sHist, keys, base, shift, bits)
-        tail = first + 4 * n_vec
-        edge = lo + tidx
-        if tidx >= head:
-            edge = tail + (tidx - head)
-        if tidx < head + (hi - tail):
+        edge, has_edge = self.edge_key(lo, hi, head, first, n_vec, tidx)
+        if has_edge:
             self.weigh_digits(sHist, [xBits[edge]], base, shift, bits)
 
     @cute.jit
@@ -772,19 +781,14 @@ class TopPSelectSm90:
         hi = cutlass.min(c_end * 32, n)
         kept = Int32(0)
         if any_mass & (hi > lo):
-            head = cutlass.min((4 - (sBitsP.iterator + lo).toint() // 4 % 4) % 4, hi - lo)
-            first = lo + head
-            n_vec = (hi - first) // 4
+            head, first, n_vec = self.vec_span(sBitsP, lo, hi)
             for v in cutlass.range(lane, n_vec, 32, unroll=2):
                 vec = cute.make_rmem_tensor(4, Int32)
                 cute.autovec_copy(self.smem_vec4(sBitsP, first + 4 * v, Int32), vec)
                 for k in cutlass.range_constexpr(4):
                     kept += Int32(vec[k] - LOW_BITS >= tau)
-            tail = first + 4 * n_vec
-            edge = lo + lane
-            if lane >= head:
-                edge = tail + (lane - head)
-            if lane < head + (hi - tail):
+            edge, has_edge = self.edge_key(lo, hi, head, first, n_vec, lane)
+            if has_edge:
                 kept += Int32(sBitsP[edge] - LOW_BITS >= tau)
         return warp_allreduce(kept, _add)
 
@@ -1166,6 +1170,17 @@ class TopPSelectSm90:
                 self.hist_add(sHist, digit, units, whole)
             else:
                 bcast[5] = Int64(1)
+
+    @cute.jit
+    def weigh_row_first_digit(self, segments, sHist, shift1: Int32, base1: Int32, bcast,
+                              tidx: Int32):
+        """The first histogram built again from the row's probabilities, in slices (a
+        fallback: after a key outside the planned bins, or a wrapped whole-units bin), then
+        the barrier that the first round's scan (which has none of its own) needs."""
+        for xP, _, lo, hi in segments:
+            for j in cutlass.range(lo + tidx, hi, self.num_threads, unroll=1):
+                self.weigh_first_digit(sHist, xP[j], shift1, base1, bcast)
+        cute.arch.barrier()
 
     @cute.jit
     def digit_plan(self, p_lo: Float32, p_hi: Float32):
