@@ -169,3 +169,13 @@ def test_tf32_setting_restored_and_ignored():
         torch.set_float32_matmul_precision(before)
     assert torch.equal(a.indices, fg.predict.calibrate(Q, K, 16, threshold=1.0).indices)
     assert torch.equal(b.indices, fg.predict.pooled_top_p(Q, K, 16, p=0.9).indices)
+
+
+def test_tile_means_kernel_refuses_more_query_tiles_than_its_grid_holds():
+    """The tile-means kernel puts the query tiles in the grid's y (at most 65,535): longer q
+    is refused by name before anything compiles or launches (an expanded view: no memory)."""
+    from fgattn_cute.host.launch import MAX_GRID_YZ, run_tile_means_split_sm90
+
+    q = torch.empty(1, 1, 1, 64, dtype=torch.bfloat16).expand(1, MAX_GRID_YZ * 128 + 1, 1, 64)
+    with pytest.raises(ValueError, match=r"q: expected at most 65535 query tiles"):
+        run_tile_means_split_sm90(q, 128)

@@ -23,6 +23,8 @@ from fgattn_cute.host.compile import (
 )
 
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+# A CUDA grid's y and z extents (kernels that put query tiles or batches there check this).
+MAX_GRID_YZ = 65535
 
 
 def config_for(q: torch.Tensor, q_tile: int, engine: str | None = None) -> KernelConfig:
@@ -163,8 +165,13 @@ def run_tile_means_split_sm90(
     aligned pointer and strides, last dim contiguous. out: optional preallocated output (every
     element is written)."""
     batch, seqlen_q, heads, head_dim = q.shape
-    fn = compile_fwd(TileMeansConfig(head_dim, _DTYPE_NAMES[q.dtype], q_tile))
     n_tiles = -(-seqlen_q // q_tile)
+    if n_tiles > MAX_GRID_YZ:
+        raise ValueError(
+            f"q: expected at most {MAX_GRID_YZ} query tiles (seqlen_q <= {MAX_GRID_YZ * q_tile} "
+            f"at q_tile {q_tile}), got seqlen_q {seqlen_q}"
+        )
+    fn = compile_fwd(TileMeansConfig(head_dim, _DTYPE_NAMES[q.dtype], q_tile))
     if out is None:
         out = torch.empty(batch, heads, n_tiles, 3 * head_dim, dtype=q.dtype, device=q.device)
     with torch.cuda.device(q.device):
