@@ -23,7 +23,7 @@ from fgattn_cute.host.compile import (
 )
 
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
-# A CUDA grid's y and z extents (kernels that put query tiles or batches there check this).
+# A CUDA grid's largest y (and z) extent: the tile-means kernel's query tiles run along y.
 MAX_GRID_YZ = 65535
 
 
