@@ -7,14 +7,15 @@ H x 256 query tiles), and the whole pooled_top_p, next to FA4 dense, one process
 inputs) instead of 3 x standard normal logits; --logits flat from rows of equal logits.
 
 --variant name=path (repeatable) also times the selection kernel of a module file that defines
-`TopPSelectSm90` (a copy before or after a change) on the same rows, in interleaved rounds with
-the package's kernel, and checks that it selects the same keys; it gets the configuration of
-"current" (row placement, short rows, persistent CTAs) where its constructor takes it.
+`TopPSelectSm90` (a copy before or after a change; for rows longer than 40,960 keys its
+`TopPStreamSm90` where it has one) on the same rows, in interleaved rounds with the package's
+kernel, and checks that it selects the same keys; it gets the configuration of "current" (row
+placement, short rows, persistent CTAs) where its constructor takes it.
 name=path:option=int,... sets constructor options (e.g. max_ctas=0).
 
-Rows longer than 40,960 keys (--seqlen 75600, Wan 720p) are worked on in place in global memory,
-so every timed call first restores them from a pristine copy, and the median time of that copy
-alone is subtracted.
+Rows longer than 40,960 keys (--seqlen 75600, Wan 720p): kernels before top-p session 26 worked
+on them in place in global memory, so every timed call first restores them from a pristine
+copy, and the median time of that copy alone is subtracted.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def main(argv=None):
     config = TopPConfig.for_rows(S)
     fn = compile_fwd(config)
     ms = select_ms(fn, True, inputs, args.reps)
-    where = "global memory, in place"
+    where = "global memory, streamed"
     if config.row_in_smem:
         where = "shared memory, two CTAs per SM" if config.short_rows else "shared memory"
     print(f"select kernel alone     {ms:8.3f} ms  {ms / dense:6.3f} x dense "
@@ -136,8 +137,9 @@ def select_call(fn, takes_stats: bool, inputs: Inputs):
 
 
 def select_ms(fn, takes_stats: bool, inputs: Inputs, reps):
-    """Median time of one selection (its rows left unchanged: rows worked on in place are
-    restored from a copy before each call, and the copy's own time is subtracted)."""
+    """Median time of one selection (its rows left unchanged: rows longer than shared memory,
+    which kernels before session 26 worked on in place, are restored from a copy before each
+    call, and the copy's own time is subtracted)."""
     rows, run = select_call(fn, takes_stats, inputs)
     if TopPConfig.for_rows(rows.shape[1]).row_in_smem:
         return median_ms(lambda: run(rows), reps)
@@ -161,14 +163,19 @@ def compare_variants(specs, fn, inputs: Inputs, reps, dense, rounds=5):
         name, path = spec.split("=", 1)
         path, _, extra = path.partition(":")
         options = dict(item.split("=") for item in extra.split(",") if item)
-        cls = load_variant(path).TopPSelectSm90
+        module = load_variant(path)
+        cls = module.TopPSelectSm90
+        if not config.row_in_smem:
+            cls = getattr(module, "TopPStreamSm90", cls)
         # the same configuration as "current" where the variant has it (older ones lack
         # short_rows and run their one configuration for rows in shared memory)
         # (max_ctas too, unless the spec sets it: the persistent launch of rows in global
         # memory is part of "current")
-        kwargs = variant_options(cls, short_rows=config.short_rows, max_ctas=config.max_ctas)
+        # (by name: older variants take row_in_smem, the package's classes do not)
+        kwargs = variant_options(cls, row_in_smem=config.row_in_smem,
+                                 short_rows=config.short_rows, max_ctas=config.max_ctas)
         kwargs.update({key: int(value) for key, value in options.items()})
-        selector = cls(False, config.row_in_smem, **kwargs)
+        selector = cls(False, **kwargs)
         # kernels before session 15 take raw logits and a scale, not statistics
         takes_stats = "mStats" in inspect.signature(cls.__call__).parameters
         args = list(config.fake_args())

@@ -99,8 +99,8 @@ finally:
 torch.cuda.synchronize()
 report("pooled_top_p in chunks of 2 heads and 1 sharing a buffer: lists equal to one chunk's",
        torch.equal(whole.indices, chunked.indices) and torch.equal(whole.counts, chunked.counts))
-# Persistent selection CTAs: 2 CTAs for 6 rows in global memory, each loading its next row
-# under the previous one's list writing, against one CTA per row.
+# The streaming selection (rows longer than shared memory) with 2 persistent CTAs for 6 rows,
+# against one CTA per row.
 from fgattn_cute.host.compile import TopPConfig, compile_fwd  # noqa: E402
 from fgattn_cute.host.launch import logit_stats  # noqa: E402
 

@@ -107,7 +107,7 @@ def test_top_p_machine_code(config):
 
 def test_top_p_config_per_row_length():
     """Rows up to 18,432 keys get the two-per-SM configuration, up to 40,960 the one-per-SM
-    one in shared memory, longer ones work in global memory; short rows outside shared memory
+    one in shared memory, longer ones the streaming kernel; short rows outside shared memory
     are refused."""
     pick = kcompile.TopPConfig.for_rows
     assert pick(1).short_rows and pick(18432).short_rows and pick(18432).row_in_smem
@@ -117,6 +117,15 @@ def test_top_p_config_per_row_length():
     assert set(map(pick, (17550, 32760, 75600))) <= set(kcompile.all_top_p_configs())
     with pytest.raises(ValueError, match="short_rows"):
         kcompile.TopPConfig(False, row_in_smem=False, short_rows=True)
+    # Longer rows go to the streaming kernel, up to its bitmaps' bound, which the predictor's
+    # host code checks against its own copy (pooled does not import the DSL).
+    from fgattn_cute.kernels import top_p_stream_sm90
+    from fgattn_cute.kernels.top_p_sm90 import TopPSelectSm90
+    from fgattn_cute.predict import pooled
+
+    assert isinstance(pick(40961).kernel(), top_p_stream_sm90.TopPStreamSm90)
+    assert type(pick(40960).kernel()) is TopPSelectSm90
+    assert pooled._CUTE_MAX_SEQLEN_K == top_p_stream_sm90.MAX_SEQLEN_K
 
 
 @pytest.mark.parametrize("config", kcompile.all_tile_means_configs(),

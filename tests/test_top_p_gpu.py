@@ -98,9 +98,10 @@ def test_uniform_rows_zero_rows_and_always_keep(n):
     assert abs(m - n // 2) <= 2 and selected[:m].all()
 
 
-# Persistent CTAs: with 3 of them every CTA selects several rows, each loaded under the list
-# writing of the one before. Odd lengths give consecutive rows different 16-byte alignments,
-# so each row lands at its own offset in shared memory.
+# Persistent CTAs: with 3 of them every CTA selects several rows (rows in shared memory: each
+# loaded under the list writing of the one before; longer rows: the streaming kernel's
+# grid-stride loop). Odd lengths give consecutive rows different 16-byte alignments, so each
+# row lands at its own offset in shared memory. Both kernels only read the rows.
 @pytest.mark.parametrize("n", [1001, 4096, 32759, 32760, 41003, 50003])
 @pytest.mark.parametrize("from_probs", [True, False])
 def test_persistent_ctas_select_what_one_cta_per_row_selects(n, from_probs):
@@ -120,10 +121,11 @@ def test_persistent_ctas_select_what_one_cta_per_row_selects(n, from_probs):
         config = dataclasses.replace(shipped, max_ctas=max_ctas)
         indices = torch.full((rows, cap), -5, dtype=torch.int32, device="cuda")
         counts = torch.full((rows,), -5, dtype=torch.int32, device="cuda")
-        # (rows in global memory are overwritten in place: each run gets a fresh copy)
         rows_in = x.cuda() if from_probs else x.cuda() * 0.7
         stats = logit_stats(rows_in)  # (read only from logits)
+        pristine = rows_in.clone()
         compile_fwd(config)(rows_in, stats, words, indices, counts, 0.9)
+        assert torch.equal(rows_in, pristine), "the rows were written to"
         results.append(_to_mask(indices.cpu(), counts.cpu(), n))
     assert torch.equal(results[0], results[1])
     if from_probs:
@@ -215,7 +217,7 @@ def test_pooled_top_p_kernel_against_torch_path(text_tokens):
 
 @pytest.mark.parametrize("seqlen_k", [50000, 50001])
 def test_pooled_top_p_long_rows_in_global_memory(seqlen_k):
-    """Sk > 40,960: the kernel works on the rows in place in global memory (at 50,001, rows
+    """Sk > 40,960: the streaming kernel reads the rows from global memory (at 50,001, rows
     padded to 16 bytes, a strided view)."""
     g = torch.Generator().manual_seed(9)
     q = (torch.randn(1, 200, 2, 64, generator=g) * 4).to(torch.bfloat16).cuda()
@@ -382,8 +384,8 @@ def test_pooled_top_p_chunks_share_one_buffer(monkeypatch, seqlen_k):
     """Heads in several chunks (a logits budget of two heads, two batches: 6 chunks, the last
     of each batch one head), all scored into one buffer by TMA stores (its rows' padding is
     the buffer's), on a stream other than the default. The lists equal, bit for bit, those of
-    each batch alone in one chunk, for rows in shared memory and for rows worked on in place
-    in global memory (the buffer then overwritten by the next chunk)."""
+    each batch alone in one chunk, for rows in shared memory and for rows streamed from global
+    memory."""
     from fgattn_cute.host import launch
     from fgattn_cute.host.compile import PooledScoresConfig
 

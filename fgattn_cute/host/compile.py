@@ -216,7 +216,8 @@ class TopPConfig:
     kernel) or, for tests, from probabilities."""
 
     from_probs: bool = False
-    # False: rows longer than 40,960 keys (their first ~41-44K in shared memory, the rest in place)
+    # False: rows longer than 40,960 keys, streamed from global memory twice, two CTAs a SM
+    # (`TopPStreamSm90`)
     row_in_smem: bool = True
     short_rows: bool = False  # rows of at most 18,432 keys: two CTAs per SM
     # > 0: at most this many persistent CTAs, each selecting every grid-th row; 0: one per row
@@ -230,24 +231,23 @@ class TopPConfig:
             raise ValueError(f"max_ctas: expected >= 0, got {self.max_ctas}")
 
     @staticmethod
-    def for_rows(seqlen_k: int, from_probs: bool = False,
-                 num_sms: int = DEFAULT_NUM_SMS) -> TopPConfig:
-        """The configuration that selects rows of seqlen_k keys on a GPU of num_sms SMs."""
+    def for_rows(seqlen_k: int, from_probs: bool = False) -> TopPConfig:
+        """The configuration that selects rows of seqlen_k keys: one CTA a row (persistent
+        CTAs measured level or slower at every length: perf/NOTES.md, top-p sessions 15 and
+        26)."""
         from fgattn_cute.kernels.top_p_sm90 import MAX_SEQLEN_K_SHORT, MAX_SEQLEN_K_SMEM
 
-        row_in_smem = seqlen_k <= MAX_SEQLEN_K_SMEM
-        # Rows in global memory: persistent CTAs, one per SM, each loading its next row's
-        # prefix under the current row's list writing (3.4% faster at Wan 720p's length,
-        # H200). Rows in shared memory measured level (one per SM) and 5% slower (two per SM)
-        # that way (perf/NOTES.md, top-p session 15).
-        return TopPConfig(from_probs, row_in_smem, seqlen_k <= MAX_SEQLEN_K_SHORT,
-                          0 if row_in_smem else num_sms)
+        return TopPConfig(from_probs, seqlen_k <= MAX_SEQLEN_K_SMEM,
+                          seqlen_k <= MAX_SEQLEN_K_SHORT)
 
     def kernel(self):
+        if not self.row_in_smem:
+            from fgattn_cute.kernels.top_p_stream_sm90 import TopPStreamSm90
+
+            return TopPStreamSm90(self.from_probs, self.max_ctas)
         from fgattn_cute.kernels.top_p_sm90 import TopPSelectSm90
 
-        return TopPSelectSm90(self.from_probs, self.row_in_smem, self.short_rows,
-                              self.max_ctas)
+        return TopPSelectSm90(self.from_probs, self.short_rows, self.max_ctas)
 
     def fake_args(self):
         """rows, their statistics [R, parts, 3], keep words, indices, counts, p, stream."""
@@ -369,7 +369,7 @@ def all_tile_means_configs():
 
 def all_top_p_configs():
     """Every top-p selection configuration the package ships (CI compiles each one)."""
-    return [TopPConfig(fp, sm, short, 0 if sm else DEFAULT_NUM_SMS) for fp in (False, True)
+    return [TopPConfig(fp, sm, short) for fp in (False, True)
             for sm, short in ((True, True), (True, False), (False, False))]
 
 

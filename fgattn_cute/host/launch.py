@@ -124,8 +124,7 @@ def run_top_p_select_sm90(
     sum of exp(x - max) as run_pooled_scores_sm90 writes them; the rows are then scaled logits
     already and scale must be None. Without stats, the rows are multiplied by scale and their
     statistics computed by torch first (into new tensors). indices / counts: optional
-    preallocated outputs (every element is written). Rows longer than 40,960 are overwritten
-    (the kernel works on them in place): the rows given with stats, or the scaled copy."""
+    preallocated outputs (every element is written). The rows are only read."""
     if from_probs:
         if stats is not None or scale is not None:
             raise ValueError("from_probs: stats and scale must be None (the rows are "
@@ -138,7 +137,7 @@ def run_top_p_select_sm90(
         stats = logit_stats(rows)
     elif scale is not None:
         raise ValueError(f"scale: expected None with stats (scaled logits), got {scale}")
-    fn = compile_fwd(TopPConfig.for_rows(rows.shape[1], from_probs, _num_sms(rows.device)))
+    fn = compile_fwd(TopPConfig.for_rows(rows.shape[1], from_probs))
     n_rows = rows.shape[0]
     if indices is None:
         indices = torch.empty(n_rows, capacity, dtype=torch.int32, device=rows.device)

@@ -1,10 +1,11 @@
-"""The selection of ``fg.predict.pooled_top_p`` as one kernel: one CTA per row of scores.
+"""The selection of ``fg.predict.pooled_top_p`` as one kernel: one CTA per row of scores, for
+rows of up to 40,960 keys (longer rows: ``top_p_stream_sm90``, which inherits the rule's
+helpers from this class).
 
 Each row (one query tile's pooled scores against every key) is loaded into shared memory once,
 by four bulk copies (the TMA unit; the first pass starts on the first), and everything after
-that runs on chip (a row longer than 40,960 keys has its first ~41-44K there too, and the rest
-is worked on in place in global memory, where the 132 rows in flight stay in L2; rows of at
-most 18,432 keys get a smaller buffer and half the threads, so that two CTAs share an SM).
+that runs on chip (rows of at most 18,432 keys get a smaller buffer and half the threads, so
+that two CTAs share an SM).
 Once its own row is in, a CTA prefetches into L2 the row that the CTA after it on the same SM
 will most likely load (one row per SM further on), so that load comes from L2 (with short rows
 that row has usually started already; see ``prefetch_row``):
@@ -30,10 +31,8 @@ that row has usually started already; see ``prefetch_row``):
    when some keys equal to tau are left out), plus the always-keep bits, are written as the
    sorted key list (``KeyIndex`` row format: zeros after the count). Index order comes from
    warp-contiguous segments of 32-key chunks: a ballot per chunk, popcounts within the warp,
-   one prefix sum across the warps. Rows in global memory settle the keep bits of the keys
-   outside tau's first-round bin in round 2's pass (``mark_keys``), so that only the few keys
-   in that bin are read again. Rows in shared memory with no ties to rank and no always-keep
-   bits (pooled_top_p's usual case) skip the keep bits: a warp counts its keys at or above
+   one prefix sum across the warps. Rows with no ties to rank and no always-keep bits
+   (pooled_top_p's usual case) skip the keep bits: a warp counts its keys at or above
    tau by 16-byte loads and the list pass tests the keys themselves (``count_kept_vec``).
 
 Same integer arithmetic as the torch selection, so on the same probabilities the kept sets are
@@ -71,25 +70,15 @@ DIGIT_BITS = 12  # every round's histogram has 4,096 bins; a round uses at most 
 # ex2.approx, monotone in x), so every key lies within them; a key that did not would be
 # caught by the fallback to the fixed first digit.
 PLAN_MARGIN = 64
-LOADS = 4  # keys loaded ahead per thread in the passes whose per-key work branches
 # A row in shared memory arrives in this many bulk copies, each with its own barrier, so that
 # the first pass over the logits starts on the first part while the rest is still in flight.
 LOAD_CHUNKS = 4
-# Keys loaded ahead per thread in the passes over the part of a row in global memory, whose
-# loads wait on L2 (16 rather than 1 or 4: 14% faster at Wan 720p's length, H100; 8: 11%).
-GLOBAL_LOADS = 16
 SHARED_CLUSTER = 7  # LLVM address space of shared::cluster (the bulk copy's destination)
 MAX_SEQLEN_K_SMEM = 40960  # rows up to this long live in shared memory (160 KiB of float32)
 # Rows up to this long (CogVideoX's 17,550) get a 72 KiB buffer and 512 threads, so that two
 # CTAs share an SM and each hides the other's row load and barriers (27% faster there on an
 # H100; perf/NOTES.md, top-p session 10).
 MAX_SEQLEN_K_SHORT = 18432
-MAX_SEQLEN_K = 1 << 17  # longer rows stay in global memory (L2), in place; bound of the bitmap
-# A row in global memory keeps its first keys in shared memory, and only the rest in place in
-# global memory: this many 4-byte words hold that prefix and the row's two bitmaps (keep words
-# and in-bin marks, ceil(N / 32) words each), so the shorter the row, the longer its prefix
-# (44,416 keys of Wan 720p's 75,600; at least 40,928 for the longest rows).
-LONG_ROW_AREA = 40960 + 8 + 2 * (MAX_SEQLEN_K // 32)
 
 
 def _add(a, b):
@@ -119,43 +108,23 @@ def _fma(a: Float32, b: Float32, c: Float32) -> Float32:
 class TopPSelectSm90:
     """Static configuration of one compiled selection kernel; launch through `__call__`."""
 
-    def __init__(self, from_probs: bool = False, row_in_smem: bool = True,
-                 short_rows: bool = False, max_ctas: int = 0):
+    def __init__(self, from_probs: bool = False, short_rows: bool = False, max_ctas: int = 0):
         self.from_probs = from_probs
         # > 0: at most this many CTAs (as many as fit on the GPU at once), each selecting rows
         # r, r + grid, ... and loading its next row under the current one's list writing.
         if max_ctas < 0:
             raise ValueError(f"max_ctas must be >= 0, got {max_ctas}")
         self.max_ctas = max_ctas
-        # False: rows longer than shared memory holds. Their first keys (`LONG_ROW_AREA`) are
-        # loaded into shared memory as short rows are, and the rest is overwritten in place in
-        # global memory (the caller's scratch) and read back by every pass, mostly from L2 (the
-        # prefix made these rows 45% faster at Wan 720p's 75,600 keys, H100; perf/NOTES.md,
-        # top-p session 14).
-        self.row_in_smem = row_in_smem
         # Rows of at most MAX_SEQLEN_K_SHORT keys: two CTAs of 512 threads per SM (64
         # registers each). Otherwise one CTA of 1,024 threads (64 registers, no spills): 3%
-        # faster than 512 on rows in shared memory and 9% on rows in global memory
-        # (perf/NOTES.md, session 8).
-        if short_rows and not row_in_smem:
-            raise ValueError("short_rows needs row_in_smem")
+        # faster than 512 (perf/NOTES.md, session 8).
         self.short_rows = short_rows
         self.num_threads = num_threads = 512 if short_rows else 1024
         self.num_warps = num_threads // 32
-        if short_rows:
-            self.max_n = MAX_SEQLEN_K_SHORT
-        else:
-            self.max_n = MAX_SEQLEN_K_SMEM if row_in_smem else MAX_SEQLEN_K
+        self.max_n = MAX_SEQLEN_K_SHORT if short_rows else MAX_SEQLEN_K_SMEM
         # The scan of a round's histogram gives each thread a whole number of 16-byte groups
         # of bins.
         assert HIST_BINS % (4 * num_threads) == 0
-        # (rows in global memory: the whole LONG_ROW_AREA, bitmaps included)
-        self.smem_row = self.max_n if row_in_smem else LONG_ROW_AREA
-        # Rows in global memory: round 2's pass also settles the keep bits of every key outside
-        # the first round's chosen bin (`mark_keys`), which saves a pass over the row in L2
-        # (-7% at Wan 720p on an H200). Rows in shared memory keep the pass: there the marking
-        # cost as much as the pass it saved (perf/NOTES.md, top-p session 12).
-        self.mark_in_round2 = not row_in_smem
         # Rows (from logits) whose every key weighs its whole significand (`exact_units`) and
         # that span at least 4,096 float values (shift1 > 0) add each key to the first
         # histogram with one 32-bit atomic of its whole units instead of two 12-bit slices
@@ -165,10 +134,10 @@ class TopPSelectSm90:
         # histogram's; on a mismatch the histogram is built again in slices. (From
         # probabilities, the tests' mode, every row keeps the slices.)
         self.whole_units = not from_probs
-        # Rows in shared memory, one per CTA: rows without ties to rank or always-keep bits
-        # skip the keep words (`count_kept_vec`). (A persistent CTA loads its next row over
-        # the keys before the list pass, which this path reads.)
-        self.count_by_vectors = row_in_smem and max_ctas == 0
+        # One CTA per row: rows without ties to rank or always-keep bits skip the keep words
+        # (`count_kept_vec`). (A persistent CTA loads its next row over the keys before the
+        # list pass, which this path reads.)
+        self.count_by_vectors = max_ctas == 0
 
     @cute.jit
     def __call__(
@@ -187,12 +156,9 @@ class TopPSelectSm90:
 
         @cute.struct
         class SharedStorage:
-            row: cute.struct.Align[cute.struct.MemRange[Float32, self.smem_row + 4], 16]
+            row: cute.struct.Align[cute.struct.MemRange[Float32, self.max_n + 4], 16]
             load_bar: cute.struct.MemRange[Int64, LOAD_CHUNKS]
-            # (rows in global memory keep their bitmaps after the prefix, in `row`)
-            words: cute.struct.Align[
-                cute.struct.MemRange[Uint32, self.max_n // 32 if self.row_in_smem else 4], 16
-            ]
+            words: cute.struct.Align[cute.struct.MemRange[Uint32, self.max_n // 32], 16]
             hist: cute.struct.Align[
                 cute.struct.MemRange[Uint32, 2 * HIST_BINS], 16
             ]
@@ -235,45 +201,32 @@ class TopPSelectSm90:
         storage = smem.allocate(SharedStorage)
         n_rows = cute.size(mX.shape[0])
         n = cute.size(mX.shape[1])
-        # The keys [0, n_smem) in shared memory (the whole row, or a prefix of a row in global
-        # memory), the rest in place in global memory; n_smem is a multiple of 32 whenever
-        # keys follow it, so no 32-key chunk straddles the two.
-        n_smem = n
-        if const_expr(self.row_in_smem):
-            sWords = storage.words.get_tensor(cute.make_layout(self.max_n // 32))
-            sInBin = sWords  # (only rows in global memory mark keys in round 2)
-        else:
-            # [prefix (+ up to 8 words of alignment) | keep words | in-bin marks]
-            words_len = cute.ceil_div(cute.ceil_div(n, 32), 4) * 4
-            n_smem = cutlass.min(n, (LONG_ROW_AREA - 2 * words_len - 8) // 32 * 32)
-            words_ptr = cute.recast_ptr(storage.row.data_ptr() + (n_smem + 8), dtype=Uint32)
-            sWords = cute.make_tensor(words_ptr, cute.make_layout(self.max_n // 32))
-            sInBin = cute.make_tensor(words_ptr + words_len, cute.make_layout(self.max_n // 32))
+        sHist = storage.hist.get_tensor(cute.make_layout((HIST_BINS, 2)))
+        bcast = storage.bcast.get_tensor(cute.make_layout(8))
+        load_bar = storage.load_bar.data_ptr()
         shared = (
             storage.row.data_ptr(),
-            storage.load_bar.data_ptr(),
-            sWords,
-            sInBin,
-            storage.hist.get_tensor(cute.make_layout((HIST_BINS, 2))),
+            load_bar,
+            storage.words.get_tensor(cute.make_layout(self.max_n // 32)),
+            sHist,
             storage.red_i.get_tensor(cute.make_layout(self.num_warps)),
             storage.red_f.get_tensor(cute.make_layout((self.num_warps, 2))),
-            storage.bcast.get_tensor(cute.make_layout(8)),
+            bcast,
             storage.stats.get_tensor(cute.make_layout(3)),
             storage.red_mass.get_tensor(cute.make_layout(self.num_warps)),
         )
-        load_bar = shared[1]
         if tidx == 0:
             for c in cutlass.range_constexpr(LOAD_CHUNKS):
                 cute.arch.mbarrier_init(load_bar + c, 1)
         cute.arch.mbarrier_init_fence()
         # Cleared once: every `find_digit` leaves the histogram clear behind it.
-        self.clear_hist(shared[4], HIST_BINS, tidx)
+        self.clear_hist(sHist, HIST_BINS, tidx)
         if const_expr(self.count_by_vectors):
             if tidx == 0:
-                shared[7][7] = Int64(0)  # set by the row's setup when a keep word is non-zero
+                bcast[7] = Int64(0)  # set by the row's setup when a keep word is non-zero
         cute.arch.barrier()
         row_first = cute.arch.block_idx()[0]
-        self.load_row(mX, row_first, shared[0], load_bar, n_smem, tidx)
+        self.load_row(mX, row_first, storage.row.data_ptr(), load_bar, n, tidx)
         if const_expr(self.max_ctas > 0):
             # Persistent: row r's successor on this CTA is r + (the grid), whose load starts as
             # soon as row r's last pass over its probabilities is done, under r's list writing.
@@ -281,33 +234,29 @@ class TopPSelectSm90:
             phase = Int32(0)
             for row_idx in cutlass.range(row_first, n_rows, stride, unroll=1):
                 self.select_row(mX, mStats, mKeepWords, mIndices, mCounts, p_top, shared,
-                                row_idx, row_idx + stride, phase, n, n_smem, tidx, warp, lane)
+                                row_idx, row_idx + stride, phase, n, tidx, warp, lane)
                 phase = phase ^ 1
         else:
             self.select_row(mX, mStats, mKeepWords, mIndices, mCounts, p_top, shared,
-                            row_first, n_rows, Int32(0), n, n_smem, tidx, warp, lane)
+                            row_first, n_rows, Int32(0), n, tidx, warp, lane)
 
     @cute.jit
     def select_row(self, mX: cute.Tensor, mStats: cute.Tensor, mKeepWords: cute.Tensor,
                    mIndices: cute.Tensor, mCounts: cute.Tensor, p_top: Float64, shared,
-                   row_idx: Int32, next_row: Int32, phase: Int32, n: Int32, n_smem: Int32,
-                   tidx: Int32, warp: Int32, lane: Int32):
+                   row_idx: Int32, next_row: Int32, phase: Int32, n: Int32, tidx: Int32,
+                   warp: Int32, lane: Int32):
         """Selects row row_idx, whose load (`load_row`, barrier phase `phase`) has been issued;
         issues next_row's once this row's probabilities are no longer read (none when
         next_row is past the rows)."""
-        sRow, load_bar, sWords, sInBin, sHist, red_i, red_f, bcast, sStats, red_mass = shared
-        x_row, sP, head, body = self.row_view(mX, row_idx, sRow, n_smem)
+        sRow, load_bar, sWords, sHist, red_i, red_f, bcast, sStats, red_mass = shared
+        x_row, sP, head, body = self.row_view(mX, row_idx, sRow, n)
         chunk = self.load_chunk(body)
         if const_expr(self.from_probs):
             self.wait_row(load_bar, phase)
         # The same bytes as int32: non-negative floats order like their bit patterns.
         sBitsP = cute.make_tensor(cute.recast_ptr(sP.iterator, dtype=Int32), sP.layout)
         # (probabilities, their bits, first key, end) of each part of the row
-        segments = [(sP, sBitsP, Int32(0), n_smem)]
-        if const_expr(not self.row_in_smem):
-            gBitsP = cute.make_tensor(cute.recast_ptr(x_row.iterator, dtype=Int32),
-                                      x_row.layout)
-            segments.append((x_row, gBitsP, n_smem, n))
+        segments = [(sP, sBitsP, Int32(0), n)]
         n_chunks = cute.ceil_div(n, 32)
         T = self.num_threads
 
@@ -381,37 +330,25 @@ class TopPSelectSm90:
             edge = tidx
             if tidx >= head:  # threads head.. take the elements after the copies
                 edge = head + body + (tidx - head)
-            if edge < n_smem and tidx < head + 4:
+            if edge < n and tidx < head + 4:
                 prob = self.probability(sP[edge], offset)
                 sP[edge] = prob
                 self.weigh_first_digit(sHist, prob, shift1, base1, bcast)
                 mass += Float64(prob)
             if outside != 0:
                 bcast[5] = Int64(1)
-            if const_expr(not self.row_in_smem):
-                # (the flag stored per key here: in a register this pass, whose 16 loads ahead
-                # wait on L2, was 20% slower; H200, perf/NOTES.md)
-                if whole:
-                    mass += self.probability_pass(x_row, n_smem, n, GLOBAL_LOADS, offset, sHist,
-                                                  shift1, base1, bcast, tidx, True)
-                else:
-                    self.probability_pass(x_row, n_smem, n, GLOBAL_LOADS, offset, sHist, shift1,
-                                          base1, bcast, tidx, False)
             mass = warp_allreduce(mass, _add)
             if lane == 0:
                 red_mass[warp] = mass
 
-        if const_expr(self.row_in_smem):
-            # Not for rows in global memory: their passes already fill L2 with the rows in
-            # flight, and another wave of rows would push those out.
-            if tidx < 32:
-                future = next_row
-                if const_expr(self.max_ctas == 0):
-                    future = row_idx + Int32(nvvm.read_ptx_sreg_nsmid(Int32.mlir_type))
-                if tidx == 0:
-                    self.prefetch_row(mX, future)
-                if const_expr(not self.from_probs):
-                    self.prefetch_stats(mStats, future, tidx)
+        if tidx < 32:
+            future = next_row
+            if const_expr(self.max_ctas == 0):
+                future = row_idx + Int32(nvvm.read_ptx_sreg_nsmid(Int32.mlir_type))
+            if tidx == 0:
+                self.prefetch_row(mX, future)
+            if const_expr(not self.from_probs):
+                self.prefetch_stats(mStats, future, tidx)
 
         # A weighted key outside the planned range left the first histogram incomplete: build
         # it again with the fixed first digit. Valid probabilities never do this (the plan
@@ -431,24 +368,16 @@ class TopPSelectSm90:
         plan = ((shift1, Int32(DIGIT_BITS)), (shift2, bits2), (Int32(0), shift2))
         # `value` is the chosen bin's rb >> shift after each round (rb: a key's float bits less
         # LOW_BITS); a round's digit is a key's rb >> shift less its `base`.
-        # With mark_in_round2, round 2's pass also sorts every key against the first round's
-        # chosen bin (`mark_keys`): the keys above it are kept whatever tau is, and only the
-        # few in it are looked at again once tau is known.
         value = base1
-        value1 = base1
         above = Int64(0)
         tau_bin_weight = Int64(0)
         target = Int64(0)
         total = Int64(0)
         for i, (shift, bits) in enumerate(plan):
             base = base1 if i == 0 else value << bits
-            if const_expr(i == 1):
-                value1 = value
             value, above, tau_bin_weight, target, total = self.radix_round(
                 segments, sHist, red_i, bcast, base, above, tau_bin_weight, target, total,
-                p_top, shift, bits, i == 0, tidx, warp, lane,
-                self.mark_in_round2 and i == 1, sWords, sInBin, value1, shift1, total > 0,
-                red_mass, whole,
+                p_top, shift, bits, i == 0, tidx, warp, lane, red_mass, whole,
             )
             if const_expr(i == 0 and self.whole_units):
                 if bcast[2] != 0:
@@ -459,15 +388,11 @@ class TopPSelectSm90:
                     # still to find)
                     value, above, tau_bin_weight, target, total = self.radix_round(
                         segments, sHist, red_i, bcast, base, Int64(0), Int64(0), Int64(0),
-                        Int64(0), p_top, shift, bits, True, tidx, warp, lane, False, sWords,
-                        sInBin, value1, shift1, Boolean(False), red_mass, Boolean(False),
+                        Int64(0), p_top, shift, bits, True, tidx, warp, lane, red_mass,
+                        Boolean(False),
                     )
         tau = value
         any_mass = total > 0
-        if const_expr(not self.row_in_smem):
-            # (not needed for correctness, but without it the list pass's walk over the warps'
-            # counts spills registers in the from_probs configuration)
-            cute.arch.barrier()
 
         # 3. Keep bits in index order, then the list.
         chunks_per_warp = cute.ceil_div(n_chunks, self.num_warps)
@@ -484,9 +409,6 @@ class TopPSelectSm90:
         kept = Int32(0)
         if from_keys:
             kept = self.count_kept_vec(sBitsP, n, tau, any_mass, c_begin, c_end)
-        elif const_expr(self.mark_in_round2):
-            kept = self.settle_bin_keys(sWords, sInBin, segments, tau, bcast, any_mass, c_begin,
-                                        c_end, red_i, warp, lane, lower_lanes)
         else:
             kept = self.keep_bits(sWords, sBitsP, n, tau, bcast, any_mass, c_begin, c_end,
                                   red_i, warp, lane, lower_lanes)
@@ -496,7 +418,7 @@ class TopPSelectSm90:
         # load overwrites them while this one's list is written.
         if const_expr(self.max_ctas > 0):
             if next_row < cute.size(mX.shape[0]):
-                self.load_row(mX, next_row, sRow, load_bar, n_smem, tidx)
+                self.load_row(mX, next_row, sRow, load_bar, n, tidx)
 
         indices = mIndices[row_idx, None]
         capacity = cute.size(indices)
@@ -591,30 +513,6 @@ class TopPSelectSm90:
             outside |= part_outside
             mass += part_mass
         return outside, mass
-
-    @cute.jit
-    def probability_pass(self, xP: cute.Tensor, lo: Int32, hi: Int32,
-                         ahead: cutlass.Constexpr[int], offset: Float32, sHist, shift1: Int32,
-                         base1: Int32, bcast, tidx: Int32, whole: cutlass.Constexpr[bool]):
-        """Keys [lo, hi) of a row in global memory: scaled logits replaced by their
-        probabilities, each added to the first histogram (a weighted key outside its bins sets
-        bcast[5]); `ahead` keys loaded per thread before any is worked on (their loads wait on
-        L2). `whole`: as in `probability_pass_vec` (one atomic of whole units a key); returns
-        the thread's float64 mass then, else 0."""
-        T = self.num_threads
-        mass = Float64(0.0)
-        for j in cutlass.range(lo + tidx, hi, ahead * T, unroll=1):
-            xs = [self.load_or(xP, j + k * T, hi, -Float32.inf) for k in range(ahead)]
-            for k in cutlass.range_constexpr(ahead):
-                prob = self.probability(xs[k], offset)
-                if j + k * T < hi:
-                    xP[j + k * T] = prob
-                if const_expr(whole):
-                    self.weigh_first_digit(sHist, prob, shift1, base1, bcast, True)
-                    mass += Float64(prob)
-                else:
-                    self.weigh_first_digit(sHist, prob, shift1, base1, bcast)
-        return mass
 
     @cute.jit
     def probability_pass_vec(self, xP: cute.Tensor, lo: Int32, hi: Int32, offset: Float32,
@@ -793,53 +691,6 @@ class TopPSelectSm90:
         return warp_allreduce(kept, _add)
 
     @cute.jit
-    def settle_bin_keys(self, sWords, sInBin, segments, tau: Int32, bcast, any_mass: Boolean,
-                        c_begin: Int32, c_end: Int32, red_i, warp: Int32, lane: Int32,
-                        lower_lanes: Uint32) -> Int32:
-        """`keep_bits` after `mark_keys`: only the keys in the first round's bin (a few chunks
-        of a row) are compared with tau, the other chunks' words are complete. A chunk at a
-        time: a warp that gathered its chunks' marks 32 at a time and visited only the marked
-        ones measured 6% slower on rows in global memory (perf/NOTES.md, top-p session 12)."""
-        rank_ties = bcast[6] != 0
-        tie_rank = Int64(0)
-        if rank_ties:
-            ties = Int32(0)
-            for c in cutlass.range(c_begin, c_end, unroll=1):
-                in_bin = sInBin[c]
-                if in_bin != Uint32(0):
-                    rb = self.chunk_key_bits(segments, c, lane) - LOW_BITS
-                    tie = (((in_bin >> Uint32(lane)) & Uint32(1)) != Uint32(0)) & (rb == tau)
-                    ties += Int32(cute.arch.popc(Uint32(cute.arch.vote_ballot_sync(tie))))
-            tie_rank, _ = self.exclusive_warp_prefix(Int64(ties), red_i, warp, lane)
-
-        kept = Int32(0)
-        for c in cutlass.range(c_begin, c_end, unroll=1):
-            in_bin = sInBin[c]
-            if in_bin != Uint32(0):
-                rb = self.chunk_key_bits(segments, c, lane) - LOW_BITS
-                mine = ((in_bin >> Uint32(lane)) & Uint32(1)) != Uint32(0)
-                greater = mine & (rb > tau)
-                tie = mine & (rb == tau)
-                if rank_ties:
-                    tie, tie_rank = self.take_ties(tie, tie_rank, bcast[4], lower_lanes)
-                kept += self.merge_keep_word(sWords, c, any_mass & (greater | tie), lane)
-            else:
-                kept += Int32(cute.arch.popc(sWords[c]))
-        return kept
-
-    @cute.jit
-    def chunk_key_bits(self, segments, c: Int32, lane: Int32) -> Int32:
-        """The bits of key c * 32 + lane (0 past the row) of a row in global memory, from the
-        part (shared prefix or the rest) that holds chunk c (a chunk never straddles two)."""
-        (_, bits_smem, _, n_smem), (_, bits_rest, _, n) = segments
-        value = Int32(0)
-        if c * 32 < n_smem:
-            value = self.load_or(bits_smem, c * 32 + lane, n_smem, Int32(0))
-        else:
-            value = self.load_or(bits_rest, c * 32 + lane, n, Int32(0))
-        return value
-
-    @cute.jit
     def take_ties(self, tie: Boolean, tie_rank: Int64, take: Int64, lower_lanes: Uint32):
         """(whether this lane's key, if a tie, is among the first `take` ties in index order,
         the ties before the next chunk): tie_rank counts the ties before this chunk."""
@@ -876,14 +727,14 @@ class TopPSelectSm90:
 
     # ------------------------------------------------------------------ helpers
     @cute.jit
-    def row_view(self, mX: cute.Tensor, row_idx: Int32, sRow: cute.Pointer, n_smem: Int32):
+    def row_view(self, mX: cute.Tensor, row_idx: Int32, sRow: cute.Pointer, n: Int32):
         """(row row_idx of mX, its shared-memory copy sP, head, body): element j of the row at
         sP[j], sP shifted so that the row's 16-byte aligned part (from element `head`, `body`
         elements; `_aligned_span`) sits 16-byte aligned in shared memory, where bulk copies
         move it."""
         x_row = mX[row_idx, None]
-        shift, head, body = _aligned_span(x_row, n_smem)
-        sP = cute.make_tensor(sRow + shift, cute.make_layout(self.smem_row))
+        shift, head, body = _aligned_span(x_row, n)
+        sP = cute.make_tensor(sRow + shift, cute.make_layout(self.max_n))
         return x_row, sP, head, body
 
     @cute.jit
@@ -933,84 +784,25 @@ class TopPSelectSm90:
     def radix_round(self, segments, sHist, red_i, bcast, base: Int32, above: Int64,
                     tau_bin_weight: Int64, target: Int64, total: Int64, p_top: Float64,
                     shift: Int32, bits: Int32, first: cutlass.Constexpr[bool], tidx: Int32,
-                    warp: Int32, lane: Int32, mark: cutlass.Constexpr[bool], sWords, sInBin,
-                    value1: Int32, shift1: Int32, any_mass: Boolean, red_mass,
-                    check_mass: Boolean):
+                    warp: Int32, lane: Int32, red_mass, check_mass: Boolean):
         """One digit (`bits` wide at `shift`, at most DIGIT_BITS; none left when bits is 0): the
         weight histogram of the keys with base <= rb >> shift < base + 2**bits (the first
         round's is built by the probability pass), then `find_digit`. Returns the chosen bin's
-        rb >> shift (base itself when bits is 0) and what `find_digit` returns. With `mark`,
-        the pass also runs `mark_keys` on every key (the rest of the arguments are its), and
-        runs even when bits is 0. The histogram is clear on entry (the previous scan cleared
-        it, behind its closing barrier), and the first round's complete (the caller's
-        barrier). red_mass and check_mass: the first round's wrap check (`find_digit`)."""
+        rb >> shift (base itself when bits is 0) and what `find_digit` returns. The histogram is
+        clear on entry (the previous scan cleared it, behind its closing barrier), and the first
+        round's complete (the caller's barrier). red_mass and check_mass: the first round's
+        wrap check (`find_digit`)."""
         out = (base, above, tau_bin_weight, target, total)
-        T = self.num_threads
-        if const_expr(mark):
-            # Warp-uniform steps (a ballot per chunk): lane l of warp w takes keys
-            # jw + l + k * T; keys past the row read as bits 0, probability 0, which weighs
-            # nothing and is in no bin.
-            for part, (_, xBits, lo, hi) in enumerate(segments):
-                ahead = LOADS if part == 0 else GLOBAL_LOADS
-                for jw in cutlass.range(lo + warp * 32, hi, ahead * T, unroll=1):
-                    key_bits = [self.load_or(xBits, jw + lane + k * T, hi, Int32(0))
-                                for k in range(ahead)]
-                    # With no bits left (rows longer than 40,960 keys spanning under 4,096
-                    # ulps), the pass only marks: every key equal to the value would otherwise
-                    # add to bin 0, one address, of a histogram no one reads.
-                    if bits > 0:
-                        self.weigh_digits(sHist, key_bits, base, shift, bits)
-                    # (only this part's chunks: a step past its end must not write the
-                    # next part's words, which another warp owns)
-                    self.mark_keys(sWords, sInBin, value1, shift1, any_mass, key_bits,
-                                   jw // 32, cute.ceil_div(hi, 32), lane)
-            cute.arch.barrier()
-            if bits > 0:
-                out = self.find_digit(sHist, red_i, bcast, base, above, target, total, p_top,
-                                      shift, bits, first, tidx, warp, lane, red_mass,
-                                      check_mass)
-        elif bits > 0:
-            if const_expr(not first and self.row_in_smem):
+        if bits > 0:
+            if const_expr(not first):
                 # (16-byte loads: 3-5% faster than 4 keys a thread T apart; H200, perf/NOTES.md,
                 # top-p session 22)
                 for _, xBits, lo, hi in segments:
                     self.weigh_digits_vec(sHist, xBits, lo, hi, base, shift, bits, tidx)
                 cute.arch.barrier()
-            elif const_expr(not first):
-                for _, xBits, lo, hi in segments:
-                    for j in cutlass.range(lo + tidx, hi, LOADS * T, unroll=1):
-                        # (bits 0, probability 0, stand for keys past the row: they weigh
-                        # nothing)
-                        key_bits = [self.load_or(xBits, j + k * T, hi, Int32(0))
-                                    for k in range(LOADS)]
-                        self.weigh_digits(sHist, key_bits, base, shift, bits)
-                cute.arch.barrier()
             out = self.find_digit(sHist, red_i, bcast, base, above, target, total, p_top,
                                   shift, bits, first, tidx, warp, lane, red_mass, check_mass)
         return out
-
-    @cute.jit
-    def mark_keys(self, sWords, sInBin, value1: Int32, shift1: Int32, any_mass: Boolean,
-                  key_bits: list, c0: Int32, end_chunk: Int32, lane: Int32):
-        """Sorts the warp's keys of chunks c0 + k * (T / 32) before end_chunk, k <
-        len(key_bits) (key_bits[k]: this lane's) against the first round's chosen bin
-        (rb >> shift1 = value1, which holds tau): keys above it join the chunk's keep word
-        (kept whatever tau is; none when the row weighs nothing), keys in it are marked in
-        sInBin for the pass after tau. Lane k stores chunk k's words, so that a step has one
-        short branch, not one per chunk."""
-        keep_word = Uint32(0)
-        in_word = Uint32(0)
-        for k in cutlass.range_constexpr(len(key_bits)):
-            high = (key_bits[k] - LOW_BITS) >> shift1  # (< 0, below every bin, when rb < 0)
-            keep = Uint32(cute.arch.vote_ballot_sync(any_mass & (high > value1)))
-            in_bin = Uint32(cute.arch.vote_ballot_sync(high == value1))
-            if lane == k:
-                keep_word = keep
-                in_word = in_bin
-        c = c0 + lane * (self.num_threads // 32)
-        if lane < len(key_bits) and c < end_chunk:
-            sWords[c] = sWords[c] | keep_word
-            sInBin[c] = in_word
 
     @cute.jit
     def weigh_digits(self, sHist, key_bits: list, base: Int32, shift: Int32, bits: Int32):
@@ -1280,28 +1072,18 @@ class TopPSelectSm90:
         Without `closing_barrier`, the caller places a CTA barrier between this and the next
         write to red_i.
 
-        For rows in shared memory, lane l of every warp takes warp l's value and the warp scans
-        them: a few shuffles, where a walk over all the warps' values costs each thread ~130
-        instructions, four times a row (11% of the selection at Wan 480p). Rows in global memory
-        keep the walk, which measured 2.7% faster there (H200; perf/NOTES.md, top-p session 10)."""
+        Lane l of every warp takes warp l's value and the warp scans them: a few shuffles, where
+        a walk over all the warps' values costs each thread ~130 instructions, four times a row
+        (11% of the selection at Wan 480p; H200, perf/NOTES.md, top-p session 10)."""
         if lane == 0:
             red_i[warp] = value
         cute.arch.barrier()
-        before = Int64(0)
-        total = Int64(0)
-        if const_expr(self.row_in_smem):
-            mine = Int64(0)
-            if lane < self.num_warps:
-                mine = red_i[lane]
-            incl = warp_inclusive_sum(mine, lane)
-            before = cute.arch.shuffle_sync(incl - mine, warp)
-            total = cute.arch.shuffle_sync(incl, self.num_warps - 1)
-        else:
-            for w in cutlass.range_constexpr(self.num_warps):
-                t = red_i[w]
-                total += t
-                if w < warp:
-                    before += t
+        mine = Int64(0)
+        if lane < self.num_warps:
+            mine = red_i[lane]
+        incl = warp_inclusive_sum(mine, lane)
+        before = cute.arch.shuffle_sync(incl - mine, warp)
+        total = cute.arch.shuffle_sync(incl, self.num_warps - 1)
         if const_expr(closing_barrier):
             cute.arch.barrier()
         return before, total

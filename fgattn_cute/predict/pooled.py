@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 POOLED_BACKENDS = ("auto", "cute", "torch")
-# The selection kernel's bitmap bound (fgattn_cute.kernels.top_p_sm90.MAX_SEQLEN_K).
+# The selection kernel's bitmap bound (fgattn_cute.kernels.top_p_stream_sm90.MAX_SEQLEN_K).
 _CUTE_MAX_SEQLEN_K = 1 << 17
 # Budget, in bytes, for the float32 logits on the kernel path (one head's if larger): chunks of
 # heads within it, which the package's scores kernel writes into one buffer, and torch's
