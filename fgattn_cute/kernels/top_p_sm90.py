@@ -255,8 +255,6 @@ class TopPSelectSm90:
             self.wait_row(load_bar, phase)
         # The same bytes as int32: non-negative floats order like their bit patterns.
         sBitsP = cute.make_tensor(cute.recast_ptr(sP.iterator, dtype=Int32), sP.layout)
-        # (probabilities, their bits, first key, end) of each part of the row
-        segments = [(sP, sBitsP, Int32(0), n)]
         n_chunks = cute.ceil_div(n, 32)
         T = self.num_threads
 
@@ -288,16 +286,14 @@ class TopPSelectSm90:
         if const_expr(self.from_probs):
             local_max = Float32(0.0)
             local_min = Float32.inf
-            for xP, _, lo, hi in segments:
-                for j in cutlass.range(lo + tidx, hi, T, unroll=8):
-                    local_max = cute.arch.fmax(local_max, xP[j])
-                    local_min = cute.arch.fmin(local_min, xP[j])
+            for j in cutlass.range(tidx, n, T, unroll=8):
+                local_max = cute.arch.fmax(local_max, sP[j])
+                local_min = cute.arch.fmin(local_min, sP[j])
             p_hi, p_lo = self.block_reduce(((local_max, cute.arch.fmax),
                                             (local_min, cute.arch.fmin)), red_f, warp, lane)
             shift1, base1 = self.digit_plan(p_lo, p_hi)
-            for xP, _, lo, hi in segments:
-                for j in cutlass.range(lo + tidx, hi, T, unroll=8):
-                    self.weigh_first_digit(sHist, xP[j], shift1, base1, bcast)
+            for j in cutlass.range(tidx, n, T, unroll=8):
+                self.weigh_first_digit(sHist, sP[j], shift1, base1, bcast)
         else:
             # One pass: p = exp(x - max) / sum as 2 ** (x log2(e) - offset) (`probability`),
             # stored in place, and the first histogram; each bulk copy's part as soon as it has
@@ -359,7 +355,7 @@ class TopPSelectSm90:
             cute.arch.barrier()
             shift1 = Int32(FIRST_DIGIT[0])
             base1 = Int32(0)
-            self.weigh_row_first_digit(segments, sHist, shift1, base1, bcast, tidx)
+            self.weigh_row_first_digit(sP, n, sHist, shift1, base1, bcast, tidx)
 
         # 2. The target, then the boundary value tau by radix rounds: 12 bits at shift1, then
         # at most 12 more, then what is left (up to 5 bits; none when shift1 <= 12).
@@ -376,18 +372,18 @@ class TopPSelectSm90:
         for i, (shift, bits) in enumerate(plan):
             base = base1 if i == 0 else value << bits
             value, above, tau_bin_weight, target, total = self.radix_round(
-                segments, sHist, red_i, bcast, base, above, tau_bin_weight, target, total,
+                sBitsP, n, sHist, red_i, bcast, base, above, tau_bin_weight, target, total,
                 p_top, shift, bits, i == 0, tidx, warp, lane, red_mass, whole,
             )
             if const_expr(i == 0 and self.whole_units):
                 if bcast[2] != 0:
                     # A bin's 32-bit word wrapped: the first histogram again, in slices (the
                     # scan left it clear), and its scan.
-                    self.weigh_row_first_digit(segments, sHist, shift1, base1, bcast, tidx)
+                    self.weigh_row_first_digit(sP, n, sHist, shift1, base1, bcast, tidx)
                     # (from the first round's own inputs: nothing above, target and total
                     # still to find)
                     value, above, tau_bin_weight, target, total = self.radix_round(
-                        segments, sHist, red_i, bcast, base, Int64(0), Int64(0), Int64(0),
+                        sBitsP, n, sHist, red_i, bcast, base, Int64(0), Int64(0), Int64(0),
                         Int64(0), p_top, shift, bits, True, tidx, warp, lane, red_mass,
                         Boolean(False),
                     )
@@ -781,10 +777,10 @@ class TopPSelectSm90:
         cute.arch.barrier()
 
     @cute.jit
-    def radix_round(self, segments, sHist, red_i, bcast, base: Int32, above: Int64,
-                    tau_bin_weight: Int64, target: Int64, total: Int64, p_top: Float64,
-                    shift: Int32, bits: Int32, first: cutlass.Constexpr[bool], tidx: Int32,
-                    warp: Int32, lane: Int32, red_mass, check_mass: Boolean):
+    def radix_round(self, sBitsP: cute.Tensor, n: Int32, sHist, red_i, bcast, base: Int32,
+                    above: Int64, tau_bin_weight: Int64, target: Int64, total: Int64,
+                    p_top: Float64, shift: Int32, bits: Int32, first: cutlass.Constexpr[bool],
+                    tidx: Int32, warp: Int32, lane: Int32, red_mass, check_mass: Boolean):
         """One digit (`bits` wide at `shift`, at most DIGIT_BITS; none left when bits is 0): the
         weight histogram of the keys with base <= rb >> shift < base + 2**bits (the first
         round's is built by the probability pass), then `find_digit`. Returns the chosen bin's
@@ -797,8 +793,7 @@ class TopPSelectSm90:
             if const_expr(not first):
                 # (16-byte loads: 3-5% faster than 4 keys a thread T apart; H200, perf/NOTES.md,
                 # top-p session 22)
-                for _, xBits, lo, hi in segments:
-                    self.weigh_digits_vec(sHist, xBits, lo, hi, base, shift, bits, tidx)
+                self.weigh_digits_vec(sHist, sBitsP, Int32(0), n, base, shift, bits, tidx)
                 cute.arch.barrier()
             out = self.find_digit(sHist, red_i, bcast, base, above, target, total, p_top,
                                   shift, bits, first, tidx, warp, lane, red_mass, check_mass)
@@ -964,14 +959,13 @@ class TopPSelectSm90:
                 bcast[5] = Int64(1)
 
     @cute.jit
-    def weigh_row_first_digit(self, segments, sHist, shift1: Int32, base1: Int32, bcast,
-                              tidx: Int32):
+    def weigh_row_first_digit(self, sP: cute.Tensor, n: Int32, sHist, shift1: Int32,
+                              base1: Int32, bcast, tidx: Int32):
         """The first histogram built again from the row's probabilities, in slices (a
         fallback: after a key outside the planned bins, or a wrapped whole-units bin), then
         the barrier that the first round's scan (which has none of its own) needs."""
-        for xP, _, lo, hi in segments:
-            for j in cutlass.range(lo + tidx, hi, self.num_threads, unroll=1):
-                self.weigh_first_digit(sHist, xP[j], shift1, base1, bcast)
+        for j in cutlass.range(tidx, n, self.num_threads, unroll=1):
+            self.weigh_first_digit(sHist, sP[j], shift1, base1, bcast)
         cute.arch.barrier()
 
     @cute.jit
