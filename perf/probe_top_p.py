@@ -4,7 +4,9 @@ H x 256 query tiles), and the whole pooled_top_p, next to FA4 dense, one process
     python perf/probe_top_p.py [--heads 24] [--variant before=dev/variants/top_p_before.py]
 
 --logits pooled selects from the scores pooled_top_p computes (near-uniform rows on random
-inputs) instead of 3 x standard normal logits; --logits flat from rows of equal logits.
+inputs) instead of 3 x standard normal logits; --logits video from those of
+`fgattn_cute.testing.video_like_qkv` on a (frames, 30, 52) grid (perf/bench_predict.py's
+video-like inputs; seqlen a multiple of 1,560); --logits flat from rows of equal logits.
 
 --variant name=path (repeatable) also times the selection kernel of a module file that defines
 `TopPSelectSm90` (a copy before or after a change; for rows longer than 40,960 keys its
@@ -45,12 +47,15 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=24)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--variant", action="append", default=[])
-    p.add_argument("--logits", choices=("randn", "pooled", "flat"), default="randn",
+    p.add_argument("--logits", choices=("randn", "pooled", "video", "flat"), default="randn",
                    help="rows for the selection alone: 3 x standard normal logits, the "
-                        "pooled scores that pooled_top_p itself selects from (random q, k), "
-                        "or rows of equal logits (uniform probabilities: every key a tie)")
+                        "pooled scores that pooled_top_p itself selects from (random or "
+                        "video-like q, k), or rows of equal logits (uniform probabilities: "
+                        "every key a tie)")
     args = p.parse_args(argv)
     S, H = args.seqlen, args.heads
+    if args.logits == "video" and S % 1560:
+        p.error(f"--logits video: --seqlen must be a multiple of 1,560 (30 x 52), got {S}")
     rows = H * math.ceil(S / 128)
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = baselines.random_qkv(S, H, 128, gen)
@@ -78,11 +83,18 @@ def main(argv=None):
     from fgattn_cute.host.launch import logit_stats
 
     scale = 128**-0.5
-    if args.logits == "pooled":
+    if args.logits in ("pooled", "video"):
+        k_rows = k
+        if args.logits == "video":
+            from fgattn_cute.testing import video_like_qkv
+
+            q_video, k_rows, _ = video_like_qkv(S // 1560, 30, 52, H, 128, seed=0,
+                                                dtype=torch.bfloat16, device="cuda")
+            split = run_tile_means_split_sm90(q_video, 128)
         # raw logits (scale 1: the scores exactly) for kernels that scale them themselves, and
         # the scaled logits with their per-part statistics, as pooled_top_p hands them over
-        logits = run_pooled_scores_sm90(split, k)[0].view(rows, S)
-        scaled, stats = run_pooled_scores_sm90(split, k, scale)
+        logits = run_pooled_scores_sm90(split, k_rows)[0].view(rows, S)
+        scaled, stats = run_pooled_scores_sm90(split, k_rows, scale)
         scaled, stats = scaled.view(rows, S), stats.flatten(0, 2)
     else:
         if args.logits == "flat":

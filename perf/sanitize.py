@@ -116,6 +116,19 @@ for max_ctas in (0, 2):
 torch.cuda.synchronize()
 same = all(torch.equal(a, b) for a, b in zip(*lists, strict=True))
 report("pooled top-p selection, 2 persistent CTAs for 6 rows: same lists as one per row", same)
+# Rows in shared memory whose first digit leaves more than 12 bits (probabilities spread over
+# ~2**26): the keys of the first round's bin gathered, the rounds below over them.
+from fgattn_cute.host.launch import run_top_p_select_sm90  # noqa: E402
+
+probs = torch.softmax(torch.randn(6, 32760, generator=gen, device="cuda") * 3, -1)
+words = torch.zeros(math.ceil(32760 / 32), dtype=torch.int32, device="cuda")
+indices, counts = run_top_p_select_sm90(probs, words, 0.9, None, 32768, from_probs=True)
+want = pooled.top_p_select(probs, torch.tensor(0.9, dtype=torch.float64, device="cuda"))
+got = torch.zeros_like(want)
+for r in range(6):
+    got[r, indices[r, :counts[r]].long()] = True
+report("pooled top-p selection, rows of three rounds: the torch rule's keys",
+       torch.equal(got, want))
 # The KeyIndex conversion kernels (from_mask and to_mask above ran them too): a round trip
 # through the bitmap, with a row length that leaves the last byte partly past the row.
 sk = 301

@@ -64,6 +64,9 @@ SLICE_BITS = 12  # a bin sums each key's significand in two 12-bit slices (32-bi
 # its lowest key's, then up to 12 more bits, then the rest (perf/NOTES.md, top-p session 12).
 FIRST_DIGIT = (17, 12)
 HIST_BINS = 1 << 12
+# Keys of the first round's chosen bin gathered for the rounds below it when those would be
+# two passes over the row (`gather_bin_keys`); a bin with more keys takes the passes.
+CAND_CAP = 1024
 DIGIT_BITS = 12  # every round's histogram has 4,096 bins; a round uses at most this many digits
 # Ulps of slack around the row's extreme keys' probabilities when the first digit is placed per
 # row. Only a guard: those probabilities are the extreme keys' own (the same FMA and
@@ -167,6 +170,8 @@ class TopPSelectSm90:
             red_mass: cute.struct.MemRange[Float64, num_warps]  # per warp: its keys' mass
             bcast: cute.struct.MemRange[Int64, 8]
             stats: cute.struct.MemRange[Float32, 3]  # the row's max, sum and min (`combine_stats`)
+            cand: cute.struct.Align[cute.struct.MemRange[Int32, CAND_CAP], 16]
+            cand_count: cute.struct.MemRange[Int32, 4]
 
         # Short rows: registers capped for two CTAs per SM, and the largest shared-memory
         # carveout (given, so that compiling needs no device to ask for it). The other
@@ -214,6 +219,8 @@ class TopPSelectSm90:
             bcast,
             storage.stats.get_tensor(cute.make_layout(3)),
             storage.red_mass.get_tensor(cute.make_layout(self.num_warps)),
+            storage.cand.get_tensor(cute.make_layout(CAND_CAP)),
+            storage.cand_count.get_tensor(cute.make_layout(4)),
         )
         if tidx == 0:
             for c in cutlass.range_constexpr(LOAD_CHUNKS):
@@ -248,7 +255,8 @@ class TopPSelectSm90:
         """Selects row row_idx, whose load (`load_row`, barrier phase `phase`) has been issued;
         issues next_row's once this row's probabilities are no longer read (none when
         next_row is past the rows)."""
-        sRow, load_bar, sWords, sHist, red_i, red_f, bcast, sStats, red_mass = shared
+        sRow, load_bar, sWords, sHist, red_i, red_f, bcast, sStats, red_mass, sCand, sCount = (
+            shared)
         x_row, sP, head, body = self.row_view(mX, row_idx, sRow, n)
         chunk = self.load_chunk(body)
         if const_expr(self.from_probs):
@@ -276,6 +284,7 @@ class TopPSelectSm90:
         # own. (The histogram is clear: the previous row's scans cleared it.)
         if tidx == 0:
             bcast[5] = Int64(0)  # set when a key falls outside the first digit's planned range
+            sCount[0] = Int32(0)  # keys of the first round's chosen bin (`gather_bin_keys`)
         cute.arch.barrier()
 
         # 1. Probabilities in shared memory and the first round's histogram of their weights
@@ -361,32 +370,57 @@ class TopPSelectSm90:
         # at most 12 more, then what is left (up to 5 bits; none when shift1 <= 12).
         bits2 = cutlass.min(shift1, DIGIT_BITS)
         shift2 = shift1 - bits2
-        plan = ((shift1, Int32(DIGIT_BITS)), (shift2, bits2), (Int32(0), shift2))
         # `value` is the chosen bin's rb >> shift after each round (rb: a key's float bits less
         # LOW_BITS); a round's digit is a key's rb >> shift less its `base`.
-        value = base1
-        above = Int64(0)
-        tau_bin_weight = Int64(0)
-        target = Int64(0)
-        total = Int64(0)
-        for i, (shift, bits) in enumerate(plan):
-            base = base1 if i == 0 else value << bits
-            value, above, tau_bin_weight, target, total = self.radix_round(
-                sBitsP, n, sHist, red_i, bcast, base, above, tau_bin_weight, target, total,
-                p_top, shift, bits, i == 0, tidx, warp, lane, red_mass, whole,
-            )
-            if const_expr(i == 0 and self.whole_units):
-                if bcast[2] != 0:
-                    # A bin's 32-bit word wrapped: the first histogram again, in slices (the
-                    # scan left it clear), and its scan.
-                    self.weigh_row_first_digit(sP, n, sHist, shift1, base1, bcast, tidx)
-                    # (from the first round's own inputs: nothing above, target and total
-                    # still to find)
-                    value, above, tau_bin_weight, target, total = self.radix_round(
-                        sBitsP, n, sHist, red_i, bcast, base, Int64(0), Int64(0), Int64(0),
-                        Int64(0), p_top, shift, bits, True, tidx, warp, lane, red_mass,
-                        Boolean(False),
-                    )
+        value, above, tau_bin_weight, target, total = self.radix_round(
+            sBitsP, n, sHist, red_i, bcast, base1, Int64(0), Int64(0), Int64(0), Int64(0),
+            p_top, shift1, Int32(DIGIT_BITS), True, tidx, warp, lane, red_mass, whole,
+        )
+        if const_expr(self.whole_units):
+            if bcast[2] != 0:
+                # A bin's 32-bit word wrapped: the first histogram again, in slices (the scan
+                # left it clear), and its scan (from the first round's own inputs).
+                self.weigh_row_first_digit(sP, n, sHist, shift1, base1, bcast, tidx)
+                value, above, tau_bin_weight, target, total = self.radix_round(
+                    sBitsP, n, sHist, red_i, bcast, base1, Int64(0), Int64(0), Int64(0),
+                    Int64(0), p_top, shift1, Int32(DIGIT_BITS), True, tidx, warp, lane,
+                    red_mass, Boolean(False),
+                )
+        # Rows whose first digit leaves more than 12 bits (video-like rows: their
+        # probabilities span wider than random rows', shift1 15-16) would take two more passes
+        # over the row, though their first bin holds few keys (median 37 at Wan 480p): those
+        # keys are gathered once, and the rounds below run over them in 8-bit digits, each
+        # histogram scanned by one warp (-9% on such rows; rows of two rounds keep their one
+        # pass, which the gathering and two warp rounds would not beat: perf/NOTES.md, top-p
+        # session 26).
+        n_cand = Int32(CAND_CAP + 1)
+        if shift1 > DIGIT_BITS:
+            self.gather_bin_keys(sBitsP, n, shift1, value, sCand, sCount, tidx)
+            cute.arch.barrier()
+            n_cand = sCount[0]
+        if n_cand <= CAND_CAP:
+            cur_shift = shift1
+            for _ in cutlass.range_constexpr(3):  # (shift1 <= 17 < 24)
+                bits_r = cutlass.min(cur_shift, 8)
+                if bits_r > 0:
+                    shift_r = cur_shift - bits_r
+                    for c in cutlass.range(tidx, n_cand, T, unroll=1):
+                        self.weigh_digits(sHist, [sCand[c]], value << bits_r, shift_r, bits_r)
+                    cute.arch.barrier()
+                    if warp == 0:
+                        self.warp_find_digit(sHist, bcast, value << bits_r, above, target,
+                                             shift_r, bits_r, lane)
+                    cute.arch.barrier()
+                    value = Int32(bcast[0])
+                    above = bcast[1]
+                    cur_shift = shift_r
+        else:
+            for shift, bits in ((shift2, bits2), (Int32(0), shift2)):
+                value, above, tau_bin_weight, target, total = self.radix_round(
+                    sBitsP, n, sHist, red_i, bcast, value << bits, above, tau_bin_weight,
+                    target, total, p_top, shift, bits, False, tidx, warp, lane, red_mass,
+                    Boolean(False),
+                )
         tau = value
         any_mass = total > 0
 
@@ -907,6 +941,82 @@ class TopPSelectSm90:
                 self.take_at_tau(bcast, value, target, above + running, bin_weight)
         cute.arch.barrier()
         return Int32(bcast[0]), bcast[1], bcast[3], target, total
+
+    @cute.jit
+    def gather_bin_keys(self, sBitsP: cute.Tensor, n: Int32, shift1: Int32, value0: Int32,
+                        sCand: cute.Tensor, sCount: cute.Tensor, tidx: Int32):
+        """The bits of every key in the first round's chosen bin (rb >> shift1 == value0) into
+        sCand, in no particular order, up to CAND_CAP (sCount[0] counts them all): 8 keys a
+        thread and step by 16-byte loads, one shared atomic per thread that finds any."""
+        T = self.num_threads
+        head, first, n_vec = self.vec_span(sBitsP, Int32(0), n)
+        for v in cutlass.range(tidx, n_vec, 2 * T, unroll=1):
+            keys = []
+            for half in cutlass.range_constexpr(2):
+                vec = cute.make_rmem_tensor(4, Int32)
+                vec.fill(Int32(0))  # (bits 0: weighs nothing, in no bin)
+                if v + half * T < n_vec:
+                    cute.autovec_copy(self.smem_vec4(sBitsP, first + 4 * (v + half * T), Int32),
+                                      vec)
+                keys += [vec[k] for k in range(4)]
+            self.append_bin_keys(keys, shift1, value0, sCand, sCount)
+        edge, has_edge = self.edge_key(Int32(0), n, head, first, n_vec, tidx)
+        if has_edge:
+            self.append_bin_keys([sBitsP[edge]], shift1, value0, sCand, sCount)
+
+    @cute.jit
+    def append_bin_keys(self, keys: list, shift1: Int32, value0: Int32, sCand: cute.Tensor,
+                        sCount: cute.Tensor):
+        """Appends the keys of `keys` (float32 bits) in the first round's chosen bin to sCand
+        (as far as CAND_CAP), with one atomic on sCount[0] for the thread's whole group."""
+        inside = [((b - LOW_BITS) >> shift1) == value0 for b in keys]
+        count = Int32(0)
+        for k in cutlass.range_constexpr(len(keys)):
+            count += Int32(inside[k])
+        if count > 0:
+            slot = cute.arch.atomic_add(sCount.iterator, count)
+            for k in cutlass.range_constexpr(len(keys)):
+                if inside[k]:
+                    if slot < CAND_CAP:
+                        sCand[slot] = keys[k]
+                    slot += 1
+
+    @cute.jit
+    def warp_find_digit(self, sHist, bcast, base: Int32, above: Int64, target: Int64,
+                        shift: Int32, bits: Int32, lane: Int32):
+        """`find_digit` over 256 bins by one warp (lane l holds the 8 bins from the top at
+        8 l), its results into bcast; the bins are left clear."""
+        lowest = 256 - 8 * (lane + 1)
+        units_lo, units_hi = self.take_bins(sHist, lowest, 8)
+        own = Int64(0)
+        for i in cutlass.range_constexpr(8):
+            own += self.bin_weight(units_lo[i], units_hi[i], lowest + i, base, shift, bits)
+        incl = warp_inclusive_sum(own, lane)
+        excl = incl - own
+        need = target - above
+        crosses = (incl >= need) & ((lane == 0) | (excl < need))
+        clamped = (lane == 31) & (incl < need)
+        if crosses | clamped:
+            running = excl
+            pos = Int32(0)
+            bin_w = Int64(0)
+            found = Boolean(False)
+            for i in cutlass.range_constexpr(8):
+                weight = self.bin_weight(units_lo[7 - i], units_hi[7 - i], lowest + 7 - i,
+                                         base, shift, bits)
+                if not found:
+                    if (running + weight >= need) | ((lane == 31) & (i == 7)):
+                        pos = lowest + 7 - i
+                        bin_w = weight
+                        found = Boolean(True)
+                    else:
+                        running += weight
+            value = base + pos
+            bcast[0] = Int64(value)
+            bcast[1] = above + running
+            bcast[3] = bin_w
+            if shift == 0:
+                self.take_at_tau(bcast, value, target, above + running, bin_w)
 
     @cute.jit
     def take_at_tau(self, bcast, tau: Int32, target: Int64, above: Int64, tau_bin_weight: Int64):
