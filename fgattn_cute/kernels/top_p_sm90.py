@@ -26,7 +26,9 @@ that row has usually started already; see ``prefetch_row``):
    32-bit shared-memory atomics (see ``bin_units``) and scanned by the whole CTA; the first
    round's is built by the pass that computes the probabilities, and its scan gives the row's
    total weight (on pooled_top_p's rows with one atomic a key, checked against a float64 sum:
-   ``whole_units``).
+   ``whole_units``). Rows whose first digit leaves more than 12 bits (three rounds) gather the
+   few keys of its chosen bin instead (``gather_bin_keys``), and the rounds below run over
+   them in 8-bit digits, each histogram scanned by one warp (``warp_find_digit``).
 3. the keys above tau, plus the first ``take`` keys equal to tau in index order (ranked only
    when some keys equal to tau are left out), plus the always-keep bits, are written as the
    sorted key list (``KeyIndex`` row format: zeros after the count). Index order comes from
