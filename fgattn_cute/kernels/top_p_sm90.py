@@ -401,21 +401,8 @@ class TopPSelectSm90:
             cute.arch.barrier()
             n_cand = sCount[0]
         if n_cand <= CAND_CAP:
-            cur_shift = shift1
-            for _ in cutlass.range_constexpr(3):  # (shift1 <= 17 < 24)
-                bits_r = cutlass.min(cur_shift, 8)
-                if bits_r > 0:
-                    shift_r = cur_shift - bits_r
-                    for c in cutlass.range(tidx, n_cand, T, unroll=1):
-                        self.weigh_digits(sHist, [sCand[c]], value << bits_r, shift_r, bits_r)
-                    cute.arch.barrier()
-                    if warp == 0:
-                        self.warp_find_digit(sHist, bcast, value << bits_r, above, target,
-                                             shift_r, bits_r, lane)
-                    cute.arch.barrier()
-                    value = Int32(bcast[0])
-                    above = bcast[1]
-                    cur_shift = shift_r
+            value, above = self.rounds_over_keys(sHist, bcast, sCand, Int32(0), tidx, n_cand, T,
+                                                 value, above, target, shift1, warp, lane)
         else:
             for shift, bits in ((shift2, bits2), (Int32(0), shift2)):
                 value, above, tau_bin_weight, target, total = self.radix_round(
@@ -982,6 +969,32 @@ class TopPSelectSm90:
                     if slot < CAND_CAP:
                         sCand[slot] = keys[k]
                     slot += 1
+
+    @cute.jit
+    def rounds_over_keys(self, sHist, bcast, sKeys: cute.Tensor, offset: Int32, start: Int32,
+                         count: Int32, step, value: Int32, above: Int64, target: Int64,
+                         shift1: Int32, warp: Int32, lane: Int32):
+        """The radix rounds below the first (`value`: its chosen bin's rb >> shift1) over the
+        keys that share that bin, sKeys[offset + i] for i = start, start + step, ... < count
+        (each thread its own; together they hold every such key): 8-bit digits, each
+        histogram filled by every thread and scanned by warp 0 (`warp_find_digit`, which also
+        settles `take_at_tau` in the last). Returns tau and the weight above it."""
+        cur_shift = shift1
+        for _ in cutlass.range_constexpr(3):  # (shift1 <= 17 < 24)
+            bits = cutlass.min(cur_shift, 8)
+            if bits > 0:
+                shift = cur_shift - bits
+                for i in cutlass.range(start, count, step, unroll=1):
+                    self.weigh_digits(sHist, [sKeys[offset + i]], value << bits, shift, bits)
+                cute.arch.barrier()
+                if warp == 0:
+                    self.warp_find_digit(sHist, bcast, value << bits, above, target, shift, bits,
+                                         lane)
+                cute.arch.barrier()
+                value = Int32(bcast[0])
+                above = bcast[1]
+                cur_shift = shift
+        return value, above
 
     @cute.jit
     def warp_find_digit(self, sHist, bcast, base: Int32, above: Int64, target: Int64,

@@ -227,23 +227,8 @@ class TopPStreamSm90(TopPSelectSm90):
         # 3. the rounds below b0
         value = value0
         if stored:
-            cur_shift = shift1
-            for _ in cutlass.range_constexpr(3):
-                bits_r = cutlass.min(cur_shift, 8)
-                if bits_r > 0:
-                    shift_r = cur_shift - bits_r
-                    for i in cutlass.range(lane, n_cand, 32, unroll=1):
-                        self.weigh_digits(sHist, [sCand[wbase + i]], value << bits_r, shift_r,
-                                          bits_r)
-                    cute.arch.barrier()
-                    if warp == 0:
-                        self.warp_find_digit(sHist, bcast, value << bits_r, above, target,
-                                             shift_r, bits_r, lane)
-                    cute.arch.barrier()
-                    value = Int32(bcast[0])
-                    above = bcast[1]
-                    tau_bin_weight = bcast[3]
-                    cur_shift = shift_r
+            value, above = self.rounds_over_keys(sHist, bcast, sCand, wbase, lane, n_cand, 32,
+                                                 value, above, target, shift1, warp, lane)
         else:
             bits2 = cutlass.min(shift1, DIGIT_BITS)
             shift2 = shift1 - bits2
