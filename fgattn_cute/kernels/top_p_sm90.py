@@ -453,19 +453,34 @@ class TopPSelectSm90:
                         indices[mine] = j
                     slot += Int32(cute.arch.popc(word))
         else:
-            for c in cutlass.range(c_begin, c_end, unroll=4):
-                word = sWords[c]
-                # (one condition around the store alone, so that it is predicated, not branched)
-                mine = slot + Int32(cute.arch.popc(word & lower_lanes))
-                if (((word >> Uint32(lane)) & Uint32(1)) != Uint32(0)) & (mine < capacity):
-                    indices[mine] = c * 32 + lane
-                slot += Int32(cute.arch.popc(word))
-        for s in cutlass.range(count + tidx, capacity, T, unroll=1):
+            self.list_from_words(sWords, c_begin, c_end, slot, lane, lower_lanes, indices)
+        self.close_list(indices, mCounts, row_idx, count, tidx)
+        if const_expr(self.max_ctas > 0):
+            cute.arch.barrier()  # the list is written from sWords before the next row resets it
+
+    @cute.jit
+    def list_from_words(self, sWords, c_begin: Int32, c_end: Int32, slot: Int32, lane: Int32,
+                        lower_lanes: Uint32, indices: cute.Tensor):
+        """Writes the keys that this warp's keep words (chunks [c_begin, c_end)) keep to
+        indices, in index order from `slot` on: a word a chunk, a popcount for each lane's
+        place."""
+        capacity = cute.size(indices)
+        for c in cutlass.range(c_begin, c_end, unroll=4):
+            word = sWords[c]
+            # (one condition around the store alone, so that it is predicated, not branched)
+            mine = slot + Int32(cute.arch.popc(word & lower_lanes))
+            if (((word >> Uint32(lane)) & Uint32(1)) != Uint32(0)) & (mine < capacity):
+                indices[mine] = c * 32 + lane
+            slot += Int32(cute.arch.popc(word))
+
+    @cute.jit
+    def close_list(self, indices: cute.Tensor, mCounts: cute.Tensor, row_idx: Int32,
+                   count: Int32, tidx: Int32):
+        """The row's list past its count set to 0 (the KeyIndex row format), and its count."""
+        for s in cutlass.range(count + tidx, cute.size(indices), self.num_threads, unroll=1):
             indices[s] = 0
         if tidx == 0:
             mCounts[row_idx] = count
-        if const_expr(self.max_ctas > 0):
-            cute.arch.barrier()  # the list is written from sWords before the next row resets it
 
     @cute.jit
     def combine_stats(self, stats: cute.Tensor, sStats: cute.Tensor, lane: Int32):

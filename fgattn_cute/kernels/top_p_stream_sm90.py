@@ -267,19 +267,9 @@ class TopPStreamSm90(TopPSelectSm90):
         else:
             kept = self.settle(*settle_args, False)
         slot_base, kept_total = self.exclusive_warp_prefix(Int64(kept), red_i, warp, lane)
-        count = Int32(kept_total)
-        capacity = cute.size(indices)
-        slot = Int32(slot_base)
-        for c in cutlass.range(c_begin, c_end, unroll=4):
-            word = sAbove[c]
-            mine = slot + Int32(cute.arch.popc(word & lower_lanes))
-            if (((word >> Uint32(lane)) & Uint32(1)) != Uint32(0)) & (mine < capacity):
-                indices[mine] = c * 32 + lane
-            slot += Int32(cute.arch.popc(word))
-        for s in cutlass.range(count + tidx, capacity, T, unroll=1):
-            indices[s] = 0
-        if tidx == 0:
-            mCounts[row_idx] = count
+        self.list_from_words(sAbove, c_begin, c_end, Int32(slot_base), lane, lower_lanes,
+                             indices)
+        self.close_list(indices, mCounts, row_idx, Int32(kept_total), tidx)
 
     # ------------------------------------------------------------------ passes
     @cute.jit

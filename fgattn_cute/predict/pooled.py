@@ -327,8 +327,8 @@ def pooled_top_p(q, k, q_tile=128, p=0.9, softmax_scale=None, always_keep=None, 
     Cost (R = B * H * n_q_tiles rows of Sk keys, at S = 32,760, H = 24, q_tile 128: R * Sk =
     2.0e8). Kernel path: the tile means (one read of q), 3 x 2 * R * Sk * D tensor-core flops
     with a float32 output (0.8 GB), one read of it by the selection kernel, and the lists (0.8
-    GB); 1.13-1.15 ms per call back to back on an H200 (0.058x FA4 dense,
-    perf/bench_predict.py, sessions 22-23; a single call after a sync adds the host's launch
+    GB); 1.11-1.15 ms per call back to back on an H200 (0.056-0.058x FA4 dense,
+    perf/bench_predict.py, sessions 22-26; a single call after a sync adds the host's launch
     latency, 0.07-0.3 ms in those runs). Its
     scratch besides the lists: the float32 output, at most 1 GiB (or one head's, if larger),
     in one buffer that chunks of heads take in turn (Wan 720p's 40 heads go 6 at a time).
