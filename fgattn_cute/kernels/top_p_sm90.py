@@ -26,9 +26,10 @@ that row has usually started already; see ``prefetch_row``):
    32-bit shared-memory atomics (see ``bin_units``) and scanned by the whole CTA; the first
    round's is built by the pass that computes the probabilities, and its scan gives the row's
    total weight (on pooled_top_p's rows with one atomic a key, checked against a float64 sum:
-   ``whole_units``). Rows whose first digit leaves more than 12 bits (three rounds) gather the
-   few keys of its chosen bin instead (``gather_bin_keys``), and the rounds below run over
-   them in 8-bit digits, each histogram scanned by one warp (``warp_find_digit``).
+   ``whole_units``). The rounds below the first run over the few keys of its chosen bin,
+   gathered by one pass (``gather_bin_keys``): up to 128 of them are ranked against each other
+   directly (``resolve_over_keys``), more in 8-bit digits, each histogram scanned by one warp
+   (``warp_find_digit``); a bin of over 1,024 keys takes the rounds as passes over the row.
 3. the keys above tau, plus the first ``take`` keys equal to tau in index order (ranked only
    when some keys equal to tau are left out), plus the always-keep bits, are written as the
    sorted key list (``KeyIndex`` row format: zeros after the count). Index order comes from
@@ -69,6 +70,9 @@ HIST_BINS = 1 << 12
 # Keys of the first round's chosen bin gathered for the rounds below it when those would be
 # two passes over the row (`gather_bin_keys`); a bin with more keys takes the passes.
 CAND_CAP = 1024
+# Up to this many of them are ranked against each other (`resolve_over_keys`, a loop over them
+# all per key) instead of by radix rounds; 128 keys' units still fit 32 bits.
+RESOLVE_CAP = 128
 DIGIT_BITS = 12  # every round's histogram has 4,096 bins; a round uses at most this many digits
 # Ulps of slack around the row's extreme keys' probabilities when the first digit is placed per
 # row. Only a guard: those probabilities are the extreme keys' own (the same FMA and
@@ -287,6 +291,7 @@ class TopPSelectSm90:
         if tidx == 0:
             bcast[5] = Int64(0)  # set when a key falls outside the first digit's planned range
             sCount[0] = Int32(0)  # keys of the first round's chosen bin (`gather_bin_keys`)
+            sCount[1] = Int32(0)  # set when `resolve_over_keys` finds tau
         cute.arch.barrier()
 
         # 1. Probabilities in shared memory and the first round's histogram of their weights
@@ -388,28 +393,38 @@ class TopPSelectSm90:
                     Int64(0), p_top, shift1, Int32(DIGIT_BITS), True, tidx, warp, lane,
                     red_mass, Boolean(False),
                 )
-        # Rows whose first digit leaves more than 12 bits (video-like rows: their
-        # probabilities span wider than random rows', shift1 15-16) would take two more passes
-        # over the row, though their first bin holds few keys (median 37 at Wan 480p): those
-        # keys are gathered once, and the rounds below run over them in 8-bit digits, each
-        # histogram scanned by one warp (-9% on such rows; rows of two rounds keep their one
-        # pass, which the gathering and two warp rounds would not beat: perf/NOTES.md, top-p
-        # session 26).
+        # The first bin holds few keys (pooled_top_p's rows at Wan 480p: median 18 on random
+        # inputs, 37 on video-like ones, whose first digit leaves 15-16 bits where random
+        # rows' leaves 11-12): one pass gathers them, and up to RESOLVE_CAP of them are ranked
+        # against each other, where radix rounds took a pass over the row and a CTA-wide scan
+        # each (-9% on video-like rows, then -3% on both kinds; perf/NOTES.md, top-p sessions
+        # 26-27). More keys take 8-bit rounds over them, and a bin of over CAND_CAP keys the
+        # rounds as passes over the row. (shift1 = 0: the first digit was the last.)
         n_cand = Int32(CAND_CAP + 1)
-        if shift1 > DIGIT_BITS:
+        if shift1 > 0:
             self.gather_bin_keys(sBitsP, n, shift1, value, sCand, sCount, tidx)
             cute.arch.barrier()
             n_cand = sCount[0]
-        if n_cand <= CAND_CAP:
-            value, above = self.rounds_over_keys(sHist, bcast, sCand, Int32(0), tidx, n_cand, T,
-                                                 value, above, target, shift1, warp, lane)
-        else:
-            for shift, bits in ((shift2, bits2), (Int32(0), shift2)):
-                value, above, tau_bin_weight, target, total = self.radix_round(
-                    sBitsP, n, sHist, red_i, bcast, value << bits, above, tau_bin_weight,
-                    target, total, p_top, shift, bits, False, tidx, warp, lane, red_mass,
-                    Boolean(False),
-                )
+        resolved = Boolean(False)
+        if n_cand <= RESOLVE_CAP:
+            self.resolve_over_keys(bcast, sCand, sCount, n_cand, above, target, tidx)
+            cute.arch.barrier()
+            resolved = sCount[1] != 0
+            if resolved:
+                value = Int32(bcast[0])
+                above = bcast[1]
+        if not resolved:
+            if n_cand <= CAND_CAP:
+                value, above = self.rounds_over_keys(sHist, bcast, sCand, Int32(0), tidx,
+                                                     n_cand, T, value, above, target, shift1,
+                                                     warp, lane)
+            else:
+                for shift, bits in ((shift2, bits2), (Int32(0), shift2)):
+                    value, above, tau_bin_weight, target, total = self.radix_round(
+                        sBitsP, n, sHist, red_i, bcast, value << bits, above, tau_bin_weight,
+                        target, total, p_top, shift, bits, False, tidx, warp, lane, red_mass,
+                        Boolean(False),
+                    )
         tau = value
         any_mass = total > 0
 
@@ -984,6 +999,43 @@ class TopPSelectSm90:
                     if slot < CAND_CAP:
                         sCand[slot] = keys[k]
                     slot += 1
+
+    @cute.jit
+    def resolve_over_keys(self, bcast, sKeys: cute.Tensor, sCount: cute.Tensor, count: Int32,
+                          above: Int64, target: Int64, tidx: Int32):
+        """tau from the keys of the first round's chosen bin, sKeys[0 .. count) (count <=
+        RESOLVE_CAP), without radix rounds: thread i weighs the keys above key i and those
+        equal to it, and tau is the one value whose keys above stay under the target while
+        its own keys reach it. The thread of that key (every thread of a value several keys
+        share, with the same results) leaves in bcast what the last round's scan would
+        (`warp_find_digit`) and sets sCount[1]. None does when the keys cannot reach the
+        target, where the rounds clamp; the caller runs them then."""
+        if tidx < count:
+            mine = sKeys[tidx]
+            # The keys share the bin, hence the exponent: each weighs its units (`bin_units`)
+            # shifted up by the bin's amount (`bin_weight`).
+            exponent = mine >> 23
+            down = cutlass.max(EXACT_EXP - exponent, 0)
+            up = cutlass.max(exponent - EXACT_EXP, 0)
+            greater = Uint32(0)
+            equal = Uint32(0)
+            for j in cutlass.range(count, unroll=4):
+                other = sKeys[j]
+                units = Uint32(self.exact_units(other) >> down)
+                if other > mine:
+                    greater += units
+                if other == mine:
+                    equal += units
+            weight_above = Int64(greater) << up
+            weight_at = Int64(equal) << up
+            need = target - above
+            if (weight_above < need) & (need <= weight_above + weight_at):
+                tau = mine - LOW_BITS
+                bcast[0] = Int64(tau)
+                bcast[1] = above + weight_above
+                bcast[3] = weight_at
+                self.take_at_tau(bcast, tau, target, above + weight_above, weight_at)
+                sCount[1] = Int32(1)
 
     @cute.jit
     def rounds_over_keys(self, sHist, bcast, sKeys: cute.Tensor, offset: Int32, start: Int32,
