@@ -327,9 +327,9 @@ def pooled_top_p(q, k, q_tile=128, p=0.9, softmax_scale=None, always_keep=None, 
     Cost (R = B * H * n_q_tiles rows of Sk keys, at S = 32,760, H = 24, q_tile 128: R * Sk =
     2.0e8). Kernel path: the tile means (one read of q), 3 x 2 * R * Sk * D tensor-core flops
     with a float32 output (0.8 GB), one read of it by the selection kernel, and the lists (0.8
-    GB); 1.11-1.15 ms per call back to back on an H200 (0.056-0.058x FA4 dense,
-    perf/bench_predict.py, sessions 22-26; a single call after a sync adds the host's launch
-    latency, 0.07-0.3 ms in those runs). Its
+    GB); 1.09 ms per call back to back on an H200 on random inputs, 1.17 on video-like ones
+    (0.055x and 0.060x FA4 dense, perf/bench_predict.py, session 27; a single call after a
+    sync adds the host's launch latency, 0.07-0.3 ms in sessions 22-27). Its
     scratch besides the lists: the float32 output, at most 1 GiB (or one head's, if larger),
     in one buffer that chunks of heads take in turn (Wan 720p's 40 heads go 6 at a time).
     Torch path: a float32 [R, D] x [D, Sk] matmul, a softmax, ``top_p_mask`` (three histogram
