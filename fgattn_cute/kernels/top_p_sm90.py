@@ -67,8 +67,8 @@ SLICE_BITS = 12  # a bin sums each key's significand in two 12-bit slices (32-bi
 # its lowest key's, then up to 12 more bits, then the rest (perf/NOTES.md, top-p session 12).
 FIRST_DIGIT = (17, 12)
 HIST_BINS = 1 << 12
-# Keys of the first round's chosen bin gathered for the rounds below it when those would be
-# two passes over the row (`gather_bin_keys`); a bin with more keys takes the passes.
+# Keys of the first round's chosen bin gathered for the rounds below it (`gather_bin_keys`); a
+# bin with more keys takes those rounds as passes over the row.
 CAND_CAP = 1024
 # Up to this many of them are ranked against each other (`resolve_over_keys`, a loop over them
 # all per key) instead of by radix rounds; 128 keys' units still fit 32 bits.
