@@ -296,29 +296,16 @@ class TopPSelectSm90:
 
         # 1. Probabilities in shared memory and the first round's histogram of their weights
         # (the row's total weight comes out of that round's scan).
-        shift1 = Int32(FIRST_DIGIT[0])
-        base1 = Int32(0)
         whole = Boolean(False)  # (whole_units) the first histogram's bins hold whole units
+        offset, p_hi, p_lo = self.probability_range(sP, n, sStats, red_f, tidx, warp, lane, 8)
+        shift1, base1 = self.digit_plan(p_lo, p_hi)
         if const_expr(self.from_probs):
-            local_max = Float32(0.0)
-            local_min = Float32.inf
-            for j in cutlass.range(tidx, n, T, unroll=8):
-                local_max = cute.arch.fmax(local_max, sP[j])
-                local_min = cute.arch.fmin(local_min, sP[j])
-            p_hi, p_lo = self.block_reduce(((local_max, cute.arch.fmax),
-                                            (local_min, cute.arch.fmin)), red_f, warp, lane)
-            shift1, base1 = self.digit_plan(p_lo, p_hi)
             for j in cutlass.range(tidx, n, T, unroll=8):
                 self.weigh_first_digit(sHist, sP[j], shift1, base1, bcast)
         else:
             # One pass: p = exp(x - max) / sum as 2 ** (x log2(e) - offset) (`probability`),
             # stored in place, and the first histogram; each bulk copy's part as soon as it has
             # landed (the few elements outside the copies are in shared memory already).
-            offset = sStats[0] * LOG2_E + cute.math.log2(sStats[1], fastmath=True)
-            # The extreme keys' probabilities, by the very operations their keys go through.
-            p_hi = self.probability(sStats[0], offset)
-            p_lo = self.probability(sStats[2], offset)
-            shift1, base1 = self.digit_plan(p_lo, p_hi)
             outside = Int32(0)  # set where a weighted key missed the planned bins
             mass = Float64(0.0)  # (whole_units, exact rows) this thread's keys' probabilities
             # Every key's probability is at least p_lo (the same monotone operations), so when
@@ -542,6 +529,31 @@ class TopPSelectSm90:
         a key more (perf/NOTES.md, top-p session 17). The exact rule then runs on these
         probabilities."""
         return cute.math.exp2(_fma(x, Float32(LOG2_E), -offset), fastmath=True)
+
+    @cute.jit
+    def probability_range(self, x: cute.Tensor, n: Int32, sStats: cute.Tensor, red_f,
+                          tidx: Int32, warp: Int32, lane: Int32, unroll: cutlass.Constexpr[int]):
+        """(offset, p_hi, p_lo): `probability`'s offset and the row's largest and smallest
+        probabilities, which place the first digit (`digit_plan`). From logits, the extreme
+        keys' probabilities by the very operations their keys go through, from the row's
+        statistics in sStats (no pass over the row); in ``from_probs`` mode a pass over the n
+        entries of x (offset 0, unused)."""
+        offset = Float32(0.0)
+        p_hi = Float32(0.0)
+        p_lo = Float32(0.0)
+        if const_expr(self.from_probs):
+            local_max = Float32(0.0)
+            local_min = Float32.inf
+            for j in cutlass.range(tidx, n, self.num_threads, unroll=unroll):
+                local_max = cute.arch.fmax(local_max, x[j])
+                local_min = cute.arch.fmin(local_min, x[j])
+            p_hi, p_lo = self.block_reduce(((local_max, cute.arch.fmax),
+                                            (local_min, cute.arch.fmin)), red_f, warp, lane)
+        else:
+            offset = sStats[0] * LOG2_E + cute.math.log2(sStats[1], fastmath=True)
+            p_hi = self.probability(sStats[0], offset)
+            p_lo = self.probability(sStats[2], offset)
+        return offset, p_hi, p_lo
 
     @cute.jit
     def probability_parts(self, sP: cute.Tensor, head: Int32, body: Int32, chunk: Int32,

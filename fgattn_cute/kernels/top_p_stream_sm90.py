@@ -36,7 +36,6 @@ from fgattn_cute.kernels.top_p_sm90 import (
     EXACT_EXP,
     FIRST_DIGIT,
     HIST_BINS,
-    LOG2_E,
     LOW_BITS,
     TopPSelectSm90,
     _add,
@@ -141,7 +140,6 @@ class TopPStreamSm90(TopPSelectSm90):
         aligned = x_row.iterator.toint() % 16 == 0
         n_chunks = cute.ceil_div(n, 32)
         n_groups = cute.ceil_div(n, 8)
-        T = THREADS
         if tidx == 0:
             bcast[2] = Int64(0)
             bcast[5] = Int64(0)  # a weighted key outside the planned bins
@@ -153,21 +151,7 @@ class TopPStreamSm90(TopPSelectSm90):
             red_mass[warp] = Float64(0.0)
         cute.arch.barrier()
 
-        offset = Float32(0.0)
-        p_hi = Float32(0.0)
-        p_lo = Float32(0.0)
-        if const_expr(self.from_probs):
-            local_max = Float32(0.0)
-            local_min = Float32.inf
-            for j in cutlass.range(tidx, n, T, unroll=4):
-                local_max = cute.arch.fmax(local_max, x_row[j])
-                local_min = cute.arch.fmin(local_min, x_row[j])
-            p_hi, p_lo = self.block_reduce(((local_max, cute.arch.fmax),
-                                            (local_min, cute.arch.fmin)), red_f, warp, lane)
-        else:
-            offset = sStats[0] * LOG2_E + cute.math.log2(sStats[1], fastmath=True)
-            p_hi = self.probability(sStats[0], offset)
-            p_lo = self.probability(sStats[2], offset)
+        offset, p_hi, p_lo = self.probability_range(x_row, n, sStats, red_f, tidx, warp, lane, 4)
         shift1, base1 = self.digit_plan(p_lo, p_hi)
         exact = p_lo.bitcast(Int32) >= Int32(EXACT_EXP << 23)
         whole = Boolean(False)
